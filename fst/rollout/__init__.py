@@ -1,0 +1,50 @@
+"""Rollout engines: turn prompt token ids into sampled completions with their logprobs.
+
+The slow channel needs, for every completion token, the log-probability the SAMPLER gave it
+(π_old in CISPO's importance ratio ρ = π_θ / π_old). Engines return exactly that, so the
+trainer never has to re-run a forward pass just to recover π_old.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    greedy: bool = False  # argmax decoding (evaluation); logprobs are still of the tempered dist.
+
+
+@dataclass
+class Rollout:
+    """One sampled completion.
+
+    `logprobs[t]` is log π_sampler(completion_ids[t] | prefix) under the temperature-scaled
+    distribution (before top-p truncation). `finished` is False when max_new_tokens cut it.
+    The stop token, when produced, is the last entry of completion_ids (it is trained on: the
+    policy must learn when to stop) but is not part of `text`.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finished: bool
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+    ) -> list[Rollout]:
+        """Sample one completion per prompt (repeat a prompt to get several)."""
+        ...
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the policy's current weights (no-op if shared)."""
+        ...

@@ -1,0 +1,211 @@
+"""Integer arithmetic: evaluate a random expression with nested parentheses.
+
+Expressions are random binary trees with `steps` operations over operands 0..maxOperand. Values
+are computed exactly with Python integers; division ("/") is only generated where it is exact,
+so every answer is an integer.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from fst.config import Schema, TaskConfig
+from fst.tasks import register
+from fst.tasks.base import Problem, Score, Split, extract_boxed
+
+NAME = "arithmetic"
+
+Op = Literal["+", "-", "*", "/"]
+
+
+class ArithmeticParams(Schema):
+    steps: int = Field(3, ge=1, le=32, description="Binary operations per expression.")
+    max_operand: int = Field(20, ge=1, description="Operands are drawn from 0..maxOperand.")
+    ops: list[Op] = Field(
+        default_factory=lambda: ["+", "-", "*"],
+        description="Operators to use; '/' is always exact (the divisor divides the dividend).",
+    )
+    answer_format: Literal["boxed", "last_number"] = Field(
+        "boxed",
+        description="boxed: the answer must be the integer in the last \\boxed{} (a required "
+        "format). last_number: the last integer in the completion counts (lenient; a small "
+        "model then gets enough reward for RL to start from).",
+    )
+
+    @field_validator("ops")
+    @classmethod
+    def _non_empty_unique(cls, ops: list[str]) -> list[str]:
+        if not ops:
+            raise ValueError("at least one operator is required")
+        return list(dict.fromkeys(ops))
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A generated expression: its text, exact value and the worked steps (for feedback)."""
+
+    text: str
+    value: int
+    steps: tuple[str, ...]
+
+
+def _apply(op: str, a: int, b: int) -> int:
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a // b  # only reached with b dividing a exactly
+
+
+def _divisor(rng: random.Random, value: int, max_operand: int) -> int:
+    """A divisor of `value` in 1..max_operand, preferring non-trivial ones."""
+    candidates = [d for d in range(2, max_operand + 1) if value % d == 0]
+    return rng.choice(candidates) if candidates else 1
+
+
+def _wrap(e: Expr, leaf: bool) -> str:
+    return e.text if leaf else f"({e.text})"
+
+
+def make_expr(rng: random.Random, steps: int, max_operand: int, ops: list[str]) -> Expr:
+    """A random expression with exactly `steps` operations; every operation is parenthesised
+    except the outermost, so precedence never matters."""
+    if steps == 0:
+        n = rng.randint(0, max_operand)
+        return Expr(str(n), n, ())
+    op = rng.choice(ops)
+    if op == "/":
+        # The divisor is a leaf chosen to divide the left value, so division is always exact.
+        left = make_expr(rng, steps - 1, max_operand, ops)
+        d = _divisor(rng, left.value, max_operand)
+        right = Expr(str(d), d, ())
+    else:
+        k = rng.randint(0, steps - 1)
+        left = make_expr(rng, k, max_operand, ops)
+        right = make_expr(rng, steps - 1 - k, max_operand, ops)
+    value = _apply(op, left.value, right.value)
+    text = f"{_wrap(left, not left.steps)} {op} {_wrap(right, not right.steps)}"
+    step = f"{left.value} {op} {right.value} = {value}"
+    return Expr(text, value, (*left.steps, *right.steps, step))
+
+
+def format_prompt(expr: Expr, answer_format: str = "boxed") -> str:
+    if answer_format == "last_number":
+        return f"Compute {expr.text}. End your reply with the final answer as an integer."
+    return f"Compute {expr.text}. Give the final answer as an integer inside \\boxed{{}}."
+
+
+_INT = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)")
+
+
+def parse_int(text: str) -> int | None:
+    """An integer written plainly, with optional spaces, a leading + or a thousands comma."""
+    s = text.replace("\u2212", "-")  # a Unicode minus sign, as some tokenizers emit
+    s = re.sub(r"\s+", "", s)
+    if not _INT.fullmatch(s):
+        return None
+    return int(s.replace(",", ""))
+
+
+_LAST_INT = re.compile(r"[+-]?\d[\d,]*")
+
+
+def score_last_number(expected: int, completion: str, steps: tuple[str, ...] = ()) -> Score:
+    """Reward 1 iff the last integer written in the completion is the expected one."""
+    found = _LAST_INT.findall(completion.replace("\u2212", "-"))
+    got = parse_int(found[-1].rstrip(",")) if found else None
+    if got is None:
+        return Score(
+            0.0, f"No integer found in the reply; end it with the answer. Expected {expected}."
+        )
+    if got == expected:
+        return Score(1.0, f"Correct: {expected}.")
+    worked = f" Worked steps: {'; '.join(steps)}." if steps else ""
+    return Score(0.0, f"Wrong value: the reply ends with {got}, expected {expected}.{worked}")
+
+
+def score_value(expected: int, completion: str, steps: tuple[str, ...] = ()) -> Score:
+    """Reward 1 iff the last \\boxed{} holds the expected integer."""
+    boxed = extract_boxed(completion)
+    if boxed is None:
+        return Score(
+            0.0,
+            "No \\boxed{...} answer found; the final answer must be an integer "
+            f"inside \\boxed{{}}, e.g. \\boxed{{{expected}}}. Expected {expected}.",
+        )
+    got = parse_int(boxed)
+    if got is None:
+        return Score(
+            0.0,
+            f"The boxed answer {boxed!r} is not an integer; put only the integer "
+            f"value in the box. Expected {expected}.",
+        )
+    if got == expected:
+        return Score(1.0, f"Correct: {expected}.")
+    worked = f" Worked steps: {'; '.join(steps)}." if steps else ""
+    return Score(0.0, f"Wrong value: expected {expected}, got {got}.{worked}")
+
+
+class ArithmeticTask:
+    """Random integer expressions; deterministic given the TaskConfig."""
+
+    name = NAME
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self.params = ArithmeticParams.model_validate(cfg.params)
+        self._splits: dict[str, list[Problem]] | None = None
+
+    def problems(self, split: Split) -> list[Problem]:
+        if self._splits is None:
+            self._splits = self._generate()
+        return list(self._splits[split])
+
+    def score(self, problem: Problem, completion: str) -> Score:
+        steps = tuple(problem.meta.get("steps", ()))
+        if self.params.answer_format == "last_number":
+            return score_last_number(int(problem.answer), completion, steps)
+        return score_value(int(problem.answer), completion, steps)
+
+    def _generate(self) -> dict[str, list[Problem]]:
+        # Test first, then val, then train, each from its own RNG: the test set depends only on
+        # (seed, testSize, params). Later splits skip prompts already used, so splits are disjoint.
+        p = self.params
+        seen: set[str] = set()
+        out: dict[str, list[Problem]] = {}
+        sizes = {"test": self.cfg.test_size, "val": self.cfg.val_size, "train": self.cfg.train_size}
+        for split, size in sizes.items():
+            rng = random.Random(f"{NAME}:{self.cfg.seed}:{split}")
+            items: list[Problem] = []
+            attempts = 0
+            while len(items) < size:
+                attempts += 1
+                if attempts > 100 * size + 1000:
+                    raise ValueError(
+                        f"{NAME}: could only generate {len(items)} distinct {split} "
+                        f"problems of {size}; lower the split sizes or raise steps "
+                        "or maxOperand"
+                    )
+                expr = make_expr(rng, p.steps, p.max_operand, p.ops)
+                prompt = format_prompt(expr, p.answer_format)
+                if prompt in seen:
+                    continue
+                seen.add(prompt)
+                meta = {"expression": expr.text, "steps": list(expr.steps)}
+                items.append(Problem(f"{NAME}-{split}-{len(items)}", prompt, str(expr.value), meta))
+            out[split] = items
+        return out
+
+
+def build(cfg: TaskConfig) -> ArithmeticTask:
+    return ArithmeticTask(cfg)
+
+
+register(NAME, ArithmeticParams, build)

@@ -1,0 +1,563 @@
+"""Code output prediction: what does a small generated Python function return?
+
+Functions come from templates (loops with accumulators, string edits, filtered comprehensions,
+dict counting, small recursion, sorting with keys, while loops, zips) filled with random
+constants and inputs. The reference answer is never computed by hand-written logic: the
+generated code is executed in `run_sandboxed`, a resource-limited subprocess, and the `repr` of
+the returned value is the answer. Templates only return values whose repr is deterministic (no
+sets, no floats from hashing order), so the same config always yields the same answers.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from fst.config import Schema, TaskConfig
+from fst.tasks import register
+from fst.tasks.base import Problem, Score, Split, extract_boxed
+
+NAME = "codeio"
+
+# ----------------------------------------------------------------------------- sandbox
+
+
+@dataclass(frozen=True)
+class SandboxResult:
+    """Outcome of one sandboxed run. `error` is None when the code exited normally."""
+
+    ok: bool
+    stdout: str
+    error: str | None = None
+
+
+# Runs in the child before the untrusted code. An audit hook cannot be removed once added, so
+# everything after it (the user code included) is subject to it. It refuses network access,
+# process creation, native-code loading, rlimit changes and the gc introspection that could
+# reach the hook's own function object; writes are only allowed under the sandbox directory.
+# This is defence in depth for code we generate ourselves, not a boundary against an attacker.
+_PRELUDE = r"""
+import sys
+
+def _fst_install_guard():
+    import os
+    root = os.path.join(os.getcwd(), "")
+    abspath, fsdecode = os.path.abspath, os.fsdecode
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+    reasons = (
+        ("socket.", "network access is disabled"),
+        ("subprocess.", "process creation is disabled"),
+        ("os.system", "process creation is disabled"),
+        ("os.exec", "process creation is disabled"),
+        ("os.posix_spawn", "process creation is disabled"),
+        ("os.spawn", "process creation is disabled"),
+        ("os.fork", "process creation is disabled"),
+        ("pty.", "process creation is disabled"),
+        ("os.kill", "signalling other processes is disabled"),
+        ("ctypes.", "native code is disabled"),
+        ("resource.setrlimit", "changing resource limits is disabled"),
+        ("resource.prlimit", "changing resource limits is disabled"),
+        ("gc.get_", "heap introspection is disabled"),
+        ("os.remove", "modifying files is disabled"),
+        ("os.rename", "modifying files is disabled"),
+        ("os.rmdir", "modifying files is disabled"),
+        ("shutil.rmtree", "modifying files is disabled"),
+        ("os.chmod", "modifying files is disabled"),
+        ("os.chown", "modifying files is disabled"),
+        ("os.truncate", "modifying files is disabled"),
+        ("os.symlink", "modifying files is disabled"),
+        ("os.link", "modifying files is disabled"),
+    )
+    # Tuples, not dicts: nothing the hook consults can be mutated from inside the sandbox.
+    banned_modules = (
+        ("ctypes", "native code is disabled"),
+        ("_ctypes", "native code is disabled"),
+        ("_posixsubprocess", "process creation is disabled"),
+    )
+
+    def guard(event, args):
+        for prefix, why in reasons:
+            if event.startswith(prefix):
+                raise PermissionError(f"sandbox: {event} blocked ({why})")
+        if event == "import":
+            for module, why in banned_modules:
+                if args[0] == module:
+                    raise PermissionError(f"sandbox: import of {module} blocked ({why})")
+        if event == "open" and not isinstance(args[0], int):
+            mode, flags = args[1], args[2] or 0
+            writes = any(c in mode for c in "wax+") if mode else bool(flags & write_flags)
+            if writes and not abspath(fsdecode(args[0])).startswith(root):
+                raise PermissionError(f"sandbox: writing {args[0]!r} blocked (outside sandbox)")
+
+    sys.addaudithook(guard)
+
+_fst_install_guard()
+del _fst_install_guard
+sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
+_fst_src = sys.stdin.buffer.read().decode("utf-8")
+exec(compile(_fst_src, "<sandbox>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})
+"""
+
+_OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes of stdout/stderr (RLIMIT_FSIZE on their files)
+_SIGNALS = {
+    signal.SIGXCPU: "cpu time limit exceeded",
+    signal.SIGXFSZ: "output limit exceeded",
+    signal.SIGKILL: "killed (SIGKILL)",
+}
+
+
+def _limits(cpu_s: int, memory_bytes: int) -> Callable[[], None]:
+    # Runs between fork and exec: keep it to plain setrlimit calls (no imports, no allocation
+    # of note), because the parent may have threads (torch) holding locks at fork time.
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))
+        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (_OUTPUT_LIMIT, _OUTPUT_LIMIT))
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+    return apply
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def run_sandboxed(code: str, timeout_s: float = 2.0, memory_mb: int = 256) -> SandboxResult:
+    """Run `code` in a fresh, isolated Python subprocess and return what it printed.
+
+    Limits: wall-clock `timeout_s` (the process group is killed on expiry), RLIMIT_CPU, an
+    address-space cap of `memory_mb`, few file descriptors, capped output. The child gets an
+    empty environment, a temporary working directory and an audit hook that blocks network
+    access, process creation and writes outside that directory.
+    """
+    with tempfile.TemporaryDirectory(prefix="fst-sandbox-") as tmp:
+        out_path, err_path = os.path.join(tmp, ".stdout"), os.path.join(tmp, ".stderr")
+        cmd = [sys.executable, "-I", "-S", "-B", "-c", _PRELUDE]
+        cpu_s = int(timeout_s) + 2
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                cwd=tmp,
+                env={"PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                preexec_fn=_limits(cpu_s, memory_mb * 1024 * 1024),
+                start_new_session=True,  # so a timeout can kill anything the child started
+            )
+            timed_out = False
+            try:
+                proc.communicate(code.encode("utf-8"), timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        stdout = _read(out_path)
+        stderr = _read(err_path)
+    if timed_out:
+        return SandboxResult(False, stdout, f"timeout: killed after {timeout_s:g}s")
+    if proc.returncode < 0:
+        sig = -proc.returncode
+        why = _SIGNALS.get(sig, f"killed by signal {sig}")
+        return SandboxResult(False, stdout, why)
+    if proc.returncode != 0:
+        line = _last_line(stderr) or f"exit status {proc.returncode}"
+        if "MemoryError" in line:
+            line = f"memory limit exceeded ({memory_mb} MB): {line}"
+        elif "File too large" in line:  # Python ignores SIGXFSZ, so the write fails instead
+            line = f"output limit exceeded: {line}"
+        return SandboxResult(False, stdout, line)
+    return SandboxResult(True, stdout, None)
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read(_OUTPUT_LIMIT).decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- templates
+
+_WORDS = (
+    "apple",
+    "bird",
+    "cat",
+    "dune",
+    "echo",
+    "fig",
+    "gate",
+    "hill",
+    "iris",
+    "jam",
+    "kite",
+    "lamp",
+    "moon",
+    "nest",
+    "oak",
+    "pear",
+    "quiz",
+    "rose",
+    "sun",
+    "tree",
+    "urn",
+    "vine",
+)
+_FUNC_NAMES = ("f", "g", "solve", "compute", "transform", "mystery")
+
+
+@dataclass(frozen=True)
+class Snippet:
+    """A generated function definition and the call whose value is asked for."""
+
+    template: str
+    code: str
+    call: str
+
+
+def _code(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def _word(rng: random.Random, lo: int = 4, hi: int = 8) -> str:
+    return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
+
+
+def t_accumulate(rng: random.Random, fn: str) -> tuple[str, str]:
+    k = rng.randint(2, 4)
+    code = _code(f"""
+        def {fn}(n):
+            total = {rng.randint(0, 10)}
+            for i in range(n):
+                if i % {k} == {rng.randrange(k)}:
+                    total += i * {rng.randint(1, 5)}
+                else:
+                    total -= {rng.randint(0, 3)}
+            return total
+    """)
+    return code, f"{fn}({rng.randint(3, 12)})"
+
+
+def t_string_ops(rng: random.Random, fn: str) -> tuple[str, str]:
+    vowels = "".join(sorted(rng.sample("aeiou", rng.randint(1, 3))))
+    tail = rng.choice(["", "[::-1]", ".strip('*')"])
+    code = _code(f"""
+        def {fn}(s):
+            out = []
+            for i, ch in enumerate(s):
+                if i % {rng.randint(2, 4)} == 0:
+                    out.append(ch.upper())
+                elif ch in "{vowels}":
+                    out.append("{rng.choice("*#-+")}")
+                else:
+                    out.append(ch)
+            return "".join(out){tail}
+    """)
+    return code, f"{fn}({_word(rng)!r})"
+
+
+def t_comprehension(rng: random.Random, fn: str) -> tuple[str, str]:
+    k = rng.randint(2, 5)
+    expr = f"x {rng.choice('+-*')} {rng.randint(1, 9)}"
+    cond = f"x % {k} {rng.choice(['==', '!='])} {rng.randrange(k)}"
+    code = _code(f"""
+        def {fn}(xs):
+            return [{expr} for x in xs if {cond}]
+    """)
+    xs = [rng.randint(-5, 20) for _ in range(rng.randint(4, 8))]
+    return code, f"{fn}({xs!r})"
+
+
+def t_dict_count(rng: random.Random, fn: str) -> tuple[str, str]:
+    key = rng.choice(["w[0]", "len(w)", "w[-1]", "len(w) % 3"])
+    code = _code(f"""
+        def {fn}(words):
+            counts = {{}}
+            for w in words:
+                key = {key}
+                counts[key] = counts.get(key, 0) + 1
+            return counts
+    """)
+    words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 8))]
+    return code, f"{fn}({words!r})"
+
+
+def t_recursion(rng: random.Random, fn: str) -> tuple[str, str]:
+    if rng.random() < 0.5:
+        base = rng.randint(2, 9)
+        code = _code(f"""
+            def {fn}(n):
+                if n < {base}:
+                    return n
+                return {fn}(n // {base}) + n % {base}
+        """)
+        return code, f"{fn}({rng.randint(10, 999)})"
+    code = _code(f"""
+        def {fn}(n):
+            if n <= 1:
+                return {rng.randint(0, 3)}
+            return {rng.randint(1, 3)} * {fn}(n - 1) + n
+    """)
+    return code, f"{fn}({rng.randint(2, 7)})"
+
+
+def t_sort_key(rng: random.Random, fn: str) -> tuple[str, str]:
+    m = rng.randint(2, 5)
+    key = rng.choice([f"(p[1] % {m}, p[0])", "(len(p[0]), -p[1])", "(p[0][-1], p[1])"])
+    code = _code(f"""
+        def {fn}(items):
+            return sorted(items, key=lambda p: {key}, reverse={rng.choice([False, True])})
+    """)
+    names = rng.sample(_WORDS, rng.randint(3, 5))
+    items = [(w, rng.randint(0, 20)) for w in names]
+    return code, f"{fn}({items!r})"
+
+
+def t_while_loop(rng: random.Random, fn: str) -> tuple[str, str]:
+    cap = rng.randint(5, 15)
+    code = _code(f"""
+        def {fn}(n):
+            steps = 0
+            while n != 1 and steps < {cap}:
+                if n % 2 == 0:
+                    n //= 2
+                else:
+                    n = {rng.choice([3, 5])} * n + 1
+                steps += 1
+            return (n, steps)
+    """)
+    return code, f"{fn}({rng.randint(2, 40)})"
+
+
+def t_zip_pairs(rng: random.Random, fn: str) -> tuple[str, str]:
+    code = _code(f"""
+        def {fn}(a, b):
+            result = []
+            for x, y in zip(a, b):
+                if x > y:
+                    result.append(x - y)
+                else:
+                    result.append(x * y % {rng.randint(3, 11)})
+            return result
+    """)
+    n = rng.randint(3, 6)
+    a = [rng.randint(0, 15) for _ in range(n)]
+    b = [rng.randint(0, 15) for _ in range(n + rng.randint(0, 2))]
+    return code, f"{fn}({a!r}, {b!r})"
+
+
+TEMPLATES: dict[str, Callable[[random.Random, str], tuple[str, str]]] = {
+    "accumulate": t_accumulate,
+    "string_ops": t_string_ops,
+    "comprehension": t_comprehension,
+    "dict_count": t_dict_count,
+    "recursion": t_recursion,
+    "sort_key": t_sort_key,
+    "while_loop": t_while_loop,
+    "zip_pairs": t_zip_pairs,
+}
+
+
+def make_snippet(rng: random.Random, templates: list[str]) -> Snippet:
+    template = rng.choice(templates)
+    code, call = TEMPLATES[template](rng, rng.choice(_FUNC_NAMES))
+    return Snippet(template, code, call)
+
+
+def format_prompt(s: Snippet) -> str:
+    return (
+        "What does the following Python function return for the call below?\n\n"
+        f"```python\n{s.code}```\n\n"
+        f"Call: `{s.call}`\n\n"
+        "Give the exact returned value as a Python literal inside \\boxed{}, e.g. "
+        "\\boxed{[1, 2]} or \\boxed{'abc'}."
+    )
+
+
+# Evaluates a batch of snippets in ONE sandboxed process and prints a JSON list of reprs.
+_BATCH = """
+import json
+_fst_out = []
+for _fst_code, _fst_call in json.loads({payload!r}):
+    _fst_ns = {{"__name__": "__fst_snippet__"}}
+    exec(_fst_code, _fst_ns)
+    _fst_out.append(repr(eval(_fst_call, _fst_ns)))
+print(json.dumps(_fst_out))
+"""
+
+
+def evaluate_snippets(
+    snippets: list[Snippet], timeout_s: float = 2.0, memory_mb: int = 256, batch: int = 64
+) -> list[str]:
+    """The repr of each snippet's call, computed in the sandbox, `batch` snippets per process
+    (each process gets the full `timeout_s`; a snippet runs in microseconds)."""
+    answers: list[str] = []
+    for i in range(0, len(snippets), batch):
+        chunk = snippets[i : i + batch]
+        payload = json.dumps([[s.code, s.call] for s in chunk])
+        res = run_sandboxed(_BATCH.format(payload=payload), timeout_s, memory_mb)
+        if not res.ok:
+            raise RuntimeError(f"{NAME}: evaluating generated code failed: {res.error}")
+        answers.extend(json.loads(res.stdout))
+    return answers
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _literal(text: str) -> tuple[bool, Any]:
+    try:
+        return True, ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return False, None
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal values of the same types, recursively: 1 != 1.0 != True, (1,) != [1]."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+def _clean(text: str) -> str:
+    # Models often wrap the literal in inline-code backticks inside the box.
+    return text.strip().strip("`").strip()
+
+
+def score_output(expected_repr: str, completion: str) -> Score:
+    """Reward 1 iff the boxed literal equals the reference value (types included)."""
+    boxed = extract_boxed(completion)
+    if boxed is None:
+        return Score(
+            0.0,
+            "No \\boxed{...} answer found; the returned value must be given as "
+            "a Python literal inside \\boxed{}. "
+            f"Expected \\boxed{{{expected_repr}}}.",
+        )
+    got = _clean(boxed)
+    ok_exp, exp_val = _literal(expected_repr)
+    ok_got, got_val = _literal(got)
+    if ok_exp and ok_got:
+        if same_value(exp_val, got_val):
+            return Score(1.0, f"Correct: the call returns {expected_repr}.")
+        hint = ""
+        if type(exp_val) is not type(got_val):
+            hint = (
+                f" The value should be a {type(exp_val).__name__}, not a {type(got_val).__name__}."
+            )
+        return Score(0.0, f"Wrong value: expected {expected_repr}, got {got}.{hint}")
+    if " ".join(got.split()) == " ".join(expected_repr.split()):
+        return Score(1.0, f"Correct: the call returns {expected_repr}.")
+    if not ok_got:
+        return Score(
+            0.0,
+            f"The boxed answer {got!r} is not a valid Python literal; write the "
+            f"value exactly as Python would print it. Expected {expected_repr}.",
+        )
+    return Score(0.0, f"Wrong value: expected {expected_repr}, got {got}.")
+
+
+# ----------------------------------------------------------------------------- task
+
+
+class CodeIOParams(Schema):
+    templates: list[str] = Field(
+        default_factory=lambda: list(TEMPLATES),
+        description=f"Function templates to draw from; any of {', '.join(TEMPLATES)}.",
+    )
+    timeout_s: float = Field(2.0, gt=0.0, description="Wall-clock limit per sandbox process.")
+    memory_mb: int = Field(256, ge=64, description="Address-space limit per sandbox process.")
+
+    @field_validator("templates")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        if not names:
+            raise ValueError("at least one template is required")
+        unknown = [n for n in names if n not in TEMPLATES]
+        if unknown:
+            raise ValueError(f"unknown template(s) {unknown}; known: {', '.join(TEMPLATES)}")
+        return list(dict.fromkeys(names))
+
+
+class CodeIOTask:
+    """Predict a generated function's return value; answers come from sandboxed execution."""
+
+    name = NAME
+
+    def __init__(self, cfg: TaskConfig) -> None:
+        self.cfg = cfg
+        self.params = CodeIOParams.model_validate(cfg.params)
+        self._snippets: dict[str, list[Snippet]] | None = None
+        self._problems: dict[str, list[Problem]] = {}
+
+    def problems(self, split: Split) -> list[Problem]:
+        # Prompts for all splits are generated together (disjointness needs all of them), but
+        # only the requested split is executed: `fst eval` never pays for the train split.
+        if split not in self._problems:
+            snippets = self._all_snippets()[split]
+            answers = evaluate_snippets(snippets, self.params.timeout_s, self.params.memory_mb)
+            self._problems[split] = [
+                Problem(
+                    f"{NAME}-{split}-{i}",
+                    format_prompt(s),
+                    ans,
+                    {"template": s.template, "code": s.code, "call": s.call},
+                )
+                for i, (s, ans) in enumerate(zip(snippets, answers, strict=True))
+            ]
+        return list(self._problems[split])
+
+    def score(self, problem: Problem, completion: str) -> Score:
+        return score_output(problem.answer, completion)
+
+    def _all_snippets(self) -> dict[str, list[Snippet]]:
+        if self._snippets is not None:
+            return self._snippets
+        # Test first, then val, then train, each from its own RNG: the test set depends only on
+        # (seed, testSize, params). Later splits skip prompts already used, so splits are disjoint.
+        seen: set[str] = set()
+        out: dict[str, list[Snippet]] = {}
+        sizes = {"test": self.cfg.test_size, "val": self.cfg.val_size, "train": self.cfg.train_size}
+        for split, size in sizes.items():
+            rng = random.Random(f"{NAME}:{self.cfg.seed}:{split}")
+            items: list[Snippet] = []
+            attempts = 0
+            while len(items) < size:
+                attempts += 1
+                if attempts > 100 * size + 1000:
+                    raise ValueError(
+                        f"{NAME}: could only generate {len(items)} distinct {split} "
+                        f"problems of {size}; lower the split sizes"
+                    )
+                snippet = make_snippet(rng, self.params.templates)
+                prompt = format_prompt(snippet)
+                if prompt not in seen:
+                    seen.add(prompt)
+                    items.append(snippet)
+            out[split] = items
+        self._snippets = out
+        return out
+
+
+def build(cfg: TaskConfig) -> CodeIOTask:
+    return CodeIOTask(cfg)
+
+
+register(NAME, CodeIOParams, build)

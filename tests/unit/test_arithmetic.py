@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+from pydantic import ValidationError
+
+from fst.config import TaskConfig
+from fst.tasks import Problem, build_task
+from fst.tasks.arithmetic import ArithmeticTask, parse_int, score_value
+
+
+def make_task(seed: int = 0, sizes: tuple[int, int, int] = (30, 5, 5), **params) -> ArithmeticTask:
+    train, val, test = sizes
+    cfg = TaskConfig(
+        name="arithmetic", seed=seed, train_size=train, val_size=val, test_size=test, params=params
+    )
+    task = build_task(cfg)
+    assert isinstance(task, ArithmeticTask)
+    return task
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"steps": 1},
+        {"steps": 6, "maxOperand": 9},
+        {"steps": 4, "ops": ["+", "-", "*", "/"]},
+        {"steps": 3, "ops": ["/"]},
+    ],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_answers_equal_python_eval(seed: int, params: dict) -> None:
+    task = make_task(seed, **params)
+    steps = params.get("steps", 3)
+    for split in ("train", "val", "test"):
+        for p in task.problems(split):
+            expr = p.meta["expression"]
+            assert expr in p.prompt and "\\boxed{}" in p.prompt
+            assert eval(expr) == int(p.answer)  # '/' is exact, so the float is integral
+            assert len(re.findall(r" [-+*/] ", expr)) == steps
+            assert len(p.meta["steps"]) == steps
+            if steps >= 2:
+                assert "(" in expr
+            assert task.score(p, f"\\boxed{{{p.answer}}}").reward == 1.0
+
+
+def test_nested_parentheses_occur() -> None:
+    exprs = [p.meta["expression"] for p in make_task(steps=4).problems("train")]
+    assert any("((" in e or "))" in e for e in exprs)
+
+
+def problem(answer: int) -> Problem:
+    return Problem(
+        "arithmetic-test-0",
+        "Compute ...",
+        str(answer),
+        {"expression": "6 * 7", "steps": ["6 * 7 = 42"]},
+    )
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "\\boxed{42}",
+        "so \\boxed{ 42 }",
+        "\\boxed{+42}",
+        "\\boxed{4 2}",
+        "\\boxed{1} no, \\boxed{42}",
+    ],
+)
+def test_correct_formats(completion: str) -> None:
+    s = make_task().score(problem(42), completion)
+    assert s == type(s)(1.0, "Correct: 42.")
+
+
+def test_thousands_separator_and_negative() -> None:
+    assert score_value(1234, "\\boxed{1,234}").reward == 1.0
+    assert score_value(-1234567, "\\boxed{-1,234,567}").reward == 1.0
+    assert score_value(-5, "\\boxed{\u22125}").reward == 1.0
+    assert parse_int("12,34") is None
+    assert parse_int("4.0") is None
+
+
+def test_wrong_value_feedback() -> None:
+    s = make_task().score(problem(42), "\\boxed{41}")
+    assert s.reward == 0.0
+    assert "expected 42, got 41" in s.feedback
+    assert "6 * 7 = 42" in s.feedback  # the worked steps show where it went wrong
+
+
+def test_format_failures() -> None:
+    task = make_task()
+    s = task.score(problem(42), "The answer is 42.")
+    assert s.reward == 0.0 and "No \\boxed" in s.feedback and "42" in s.feedback
+    s = task.score(problem(42), "\\boxed{forty-two}")
+    assert s.reward == 0.0 and "not an integer" in s.feedback
+    s = task.score(problem(42), "\\boxed{42.5}")
+    assert s.reward == 0.0 and "not an integer" in s.feedback
+
+
+def test_deterministic_and_disjoint() -> None:
+    a, b = make_task(seed=3), make_task(seed=3)
+    prompts = []
+    for split in ("train", "val", "test"):
+        assert a.problems(split) == b.problems(split) == a.problems(split)
+        prompts += [p.prompt for p in a.problems(split)]
+    assert len(prompts) == len(set(prompts)) == 40
+    assert a.problems("train")[0].id == "arithmetic-train-0"
+    assert make_task(seed=4).problems("val") != a.problems("val")
+
+
+def test_small_space_is_a_clear_error() -> None:
+    task = make_task(sizes=(10, 1, 1), steps=1, max_operand=1, ops=["+"])  # 4 distinct sums
+    with pytest.raises(ValueError, match="distinct"):
+        task.problems("train")
+
+
+def test_params_validation() -> None:
+    with pytest.raises(ValidationError, match=r"params\.ops"):
+        TaskConfig(name="arithmetic", params={"ops": ["%"]})
+    with pytest.raises(ValidationError, match=r"params\.ops"):
+        TaskConfig(name="arithmetic", params={"ops": []})
+    with pytest.raises(ValidationError, match=r"params\.step"):
+        TaskConfig(name="arithmetic", params={"step": 2})
+    cfg = TaskConfig(name="arithmetic", params={"maxOperand": 9})
+    assert cfg.params == {
+        "steps": 3,
+        "maxOperand": 9,
+        "ops": ["+", "-", "*"],
+        "answerFormat": "boxed",
+    }
+
+
+def test_last_number_format_scores_the_final_integer():
+    from fst.config import TaskConfig
+    from fst.tasks import build_task
+
+    task = build_task(TaskConfig(name="arithmetic", params={"answerFormat": "last_number"}))
+    p = task.problems("train")[0]
+    assert "\\boxed" not in p.prompt
+    ans = int(p.answer)
+    assert task.score(p, f"First 3 then 5, so the result is {ans}.").reward == 1.0
+    wrong = task.score(p, f"It is {ans} or maybe {ans + 1}")
+    assert wrong.reward == 0.0 and f"expected {ans}" in wrong.feedback
+    assert task.score(p, "no idea").reward == 0.0
