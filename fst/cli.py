@@ -1,18 +1,21 @@
 """The `fst` command line.
 
 fst train -c CONFIG [--override key=value ...] [--resume]
-fst eval  -c CONFIG [--checkpoint latest|base|PATH] [--split test] [--limit N]
+fst eval  -c CONFIG [--checkpoint latest|PATH] [--split test] [--limit N]
+fst prompts show RUN
+fst prompts diff RUN A B
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from fst.config import ConfigError, load_config
+from fst.config import ConfigError, TrainConfig, load_config
 
 log = logging.getLogger("fst")
 
@@ -29,9 +32,16 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    # transformers is chatty about GGUF de-quantisation and deprecations.
+    # transformers is chatty about GGUF de-quantisation and deprecations; and never reach
+    # for the hub unless the user asks for a hub model.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +56,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# ----------------------------------------------------------------------------- train
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
     from fst.loop import train
@@ -55,40 +68,132 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+
+def _checkpoint_folder(cfg: TrainConfig, which: str) -> Path:
+    from fst.store.checkpoints import latest_step, open_store
+
+    if which != "latest":
+        return Path(which)
+    store = open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
+    step = latest_step(store)
+    if step is None:
+        raise ConfigError(f"no checkpoint found in {store.uri}; train first or use --checkpoint")
+    return store.materialize(step)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
-    from fst.evaluate import evaluate_prompt
+    from fst.evaluate import channel_decomposition
+    from fst.loop import load_task
     from fst.model import load_policy, load_tokenizer, stop_token_ids
     from fst.rollout.hf import HFRolloutEngine
     from fst.run_state import load_weights_into
-    from fst.store.checkpoints import latest_step, open_store
-    from fst.tasks import build_task
 
-    task = build_task(cfg.task)
+    task = load_task(cfg)
+    folder = _checkpoint_folder(cfg, args.checkpoint)
+    state = json.loads((folder / "state.json").read_text())
+    best = state["population"][0]  # the population is kept best first
     tok = load_tokenizer(cfg.model)
-    policy = load_policy(cfg.model)
-    source = "base weights"
-    if args.checkpoint != "base":
-        if args.checkpoint == "latest":
-            store = open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
-            step = latest_step(store)
-            if step is None:
-                raise ConfigError(f"no checkpoint found in {store.uri}; use --checkpoint base")
-            folder = store.materialize(step)
-        else:
-            folder = Path(args.checkpoint)
-        load_weights_into(policy, folder)
-        source = str(folder)
-    engine = HFRolloutEngine(policy, tok, stop_token_ids(tok, policy), cfg.rollout.batch_size)
+    base = load_policy(cfg.model)
+    trained = load_policy(cfg.model)
+    load_weights_into(trained, folder)
+    stop = stop_token_ids(tok, base)
+
+    def engine(model: object) -> HFRolloutEngine:
+        return HFRolloutEngine(model, tok, stop, cfg.rollout.batch_size)
+
     problems = task.problems(args.split)[: args.limit]
-    res = evaluate_prompt(
-        engine, tok, task, problems, cfg.fast.seed_prompt, cfg.rollout.max_new_tokens
-    )
     print(
-        f"{cfg.task.name} [{args.split}, n={res.n}] {source} + seed prompt: "
-        f"pass rate {res.pass_rate:.3f}, mean reward {res.reward_mean:.3f}"
+        f"{cfg.task.name}: {len(problems)} {args.split} problems, greedy decoding; "
+        f"trained weights from {folder}"
     )
+    result = channel_decomposition(
+        engine(base),
+        engine(trained),
+        tok,
+        task,
+        problems,
+        cfg.fast.seed_prompt,
+        best["text"],
+        cfg.rollout.max_new_tokens,
+    )
+    print(result.table())
+    print(f"FST prompt = best of the population ({best['id']}):")
+    print("  " + best["text"].replace("\n", "\n  "))
+    if args.json:
+        rows = {f"{w} weights + {p}": r.__dict__ for w, p, r in result.rows()}
+        Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _run_dir(run: str) -> Path:
+    path = Path(run)
+    if not path.is_dir() and (Path("runs") / run).is_dir():
+        path = Path("runs") / run
+    if not path.is_dir():
+        raise ConfigError(f"{run}: no such run folder (give a path, or a run name under ./runs)")
+    return path
+
+
+def _prompt_history(run_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """(the latest population, every prompt the run has seen, by id) from population.jsonl."""
+    path = run_dir / "population.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir}: no population.jsonl (was the run in mode fst or gepa?)")
+    rounds = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    seen: dict[str, dict] = {}
+    for r in rounds:
+        for p in r.get("candidates", []) + r["members"]:
+            seen[p["id"]] = p
+    return (rounds[-1]["members"] if rounds else []), seen
+
+
+def _lineage(pid: str, seen: dict[str, dict]) -> list[str]:
+    chain = [pid]
+    while seen.get(chain[-1], {}).get("parents") and len(chain) < 100:
+        chain.append(seen[chain[-1]]["parents"][0])
+    return chain
+
+
+def cmd_prompts_show(args: argparse.Namespace) -> int:
+    run_dir = _run_dir(args.run)
+    population, seen = _prompt_history(run_dir)
+    print(f"{run_dir}: population of {len(population)}, best first; val = mean Pareto-set reward")
+    print(f"{'id':<11} {'born':>4} {'val':>6}  parents")
+    for p in population:
+        parents = ", ".join(p["parents"]) or "(seed)"
+        print(f"{p['id']:<11} {p['born_round']:>4} {p['mean_score']:>6.3f}  {parents}")
+    for p in population:
+        print(f"\n--- {p['id']}  lineage: {' <- '.join(_lineage(p['id'], seen))}")
+        print(p["text"])
+    return 0
+
+
+def cmd_prompts_diff(args: argparse.Namespace) -> int:
+    import difflib
+
+    _, seen = _prompt_history(_run_dir(args.run))
+
+    def find(prefix: str) -> dict:
+        hits = [p for pid, p in seen.items() if pid.startswith(prefix)]
+        if len(hits) != 1:
+            raise ConfigError(f"prompt id {prefix!r}: {len(hits)} matches in this run")
+        return hits[0]
+
+    a, b = find(args.a), find(args.b)
+    diff = difflib.unified_diff(
+        a["text"].splitlines(), b["text"].splitlines(), a["id"], b["id"], lineterm=""
+    )
+    print("\n".join(diff) or "(identical)")
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train one run (rl, fst or gepa mode)",
-        description="Train one run. Writes <outputDir>/<run>/metrics.jsonl and "
-        "checkpoints; --resume continues from the latest checkpoint exactly.",
+        help="train one run (mode rl, fst or gepa)",
+        description="Train one run. Writes <outputDir>/<run>/metrics.jsonl, population.jsonl "
+        "(modes fst, gepa) and checkpoints; --resume continues from the latest checkpoint "
+        "exactly (weights, optimizer, RNG, data position, prompt population).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -114,25 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the run's latest checkpoint (starts fresh if none)",
+        help="continue from the run's latest checkpoint (starts fresh if there is none)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "eval",
-        help="pass rate of a checkpoint on a split (greedy)",
-        description="Evaluate weights + the seed prompt on a split with greedy decoding.",
+        help="four-way channel decomposition of a checkpoint (greedy)",
+        description="Evaluate base and trained weights, each with the seed prompt and with the "
+        "best evolved (FST) prompt, on a split with greedy decoding: the channel decomposition "
+        "of the FST paper.",
     )
     _add_config_args(p)
     p.add_argument(
-        "--checkpoint",
-        default="latest",
-        help="'latest' (of the config's run), 'base', or a checkpoint folder",
+        "--checkpoint", default="latest", help="'latest' (of the config's run) or a folder"
     )
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("prompts", help="inspect a run's prompt population")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = actions.add_parser("show", help="the latest population with scores and lineage")
+    q.add_argument("run", help="run folder, or a run name under ./runs")
+    q.set_defaults(func=cmd_prompts_show)
+    q = actions.add_parser("diff", help="unified diff of two prompts (ids or id prefixes)")
+    q.add_argument("run", help="run folder, or a run name under ./runs")
+    q.add_argument("a", help="prompt id (or unique prefix)")
+    q.add_argument("b", help="prompt id (or unique prefix)")
+    q.set_defaults(func=cmd_prompts_diff)
     return parser
 
 
@@ -140,21 +258,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    from fst.loop import RunError
+
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (RunError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted; resume with --resume", file=sys.stderr)
+        print("interrupted; continue with --resume", file=sys.stderr)
         return 130
-    except Exception as e:
-        from fst.loop import RunError
-
-        if isinstance(e, RunError | FileNotFoundError):
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -37,3 +37,48 @@ def evaluate_prompt(
         pass_rate=sum(r >= 1.0 for r in rewards) / n if n else 0.0,
         n=n,
     )
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """The paper's channel decomposition: which channel carries the gain."""
+
+    base_seed: EvalResult  # base weights + seed prompt: where we started
+    base_fst: EvalResult  # base weights + best evolved prompt: the fast channel alone
+    trained_seed: EvalResult  # trained weights + seed prompt: the slow channel alone
+    trained_fst: EvalResult  # trained weights + best evolved prompt: both together
+
+    def rows(self) -> list[tuple[str, str, EvalResult]]:
+        return [
+            ("base", "seed prompt", self.base_seed),
+            ("base", "FST prompt", self.base_fst),
+            ("trained", "seed prompt", self.trained_seed),
+            ("trained", "FST prompt", self.trained_fst),
+        ]
+
+    def table(self) -> str:
+        lines = [f"{'weights':<8} {'prompt':<12} {'pass rate':>9} {'reward':>7}  n"]
+        for w, p, r in self.rows():
+            lines.append(f"{w:<8} {p:<12} {r.pass_rate:>9.3f} {r.reward_mean:>7.3f}  {r.n}")
+        return "\n".join(lines)
+
+
+def channel_decomposition(
+    base_engine: RolloutEngine,
+    trained_engine: RolloutEngine,
+    tokenizer,
+    task: Task,
+    problems: list[Problem],
+    seed_prompt: str,
+    fst_prompt: str,
+    max_new_tokens: int,
+) -> Decomposition:
+    def ev(engine: RolloutEngine, prompt: str) -> EvalResult:
+        return evaluate_prompt(engine, tokenizer, task, problems, prompt, max_new_tokens)
+
+    return Decomposition(
+        base_seed=ev(base_engine, seed_prompt),
+        base_fst=ev(base_engine, fst_prompt),
+        trained_seed=ev(trained_engine, seed_prompt),
+        trained_fst=ev(trained_engine, fst_prompt),
+    )

@@ -7,8 +7,11 @@
         slow step (mode rl/fst): CISPO on all P*G rollouts
         metrics -> metrics.jsonl ; checkpoint every N steps (manifest last)
 
-The fast channel (GEPA rounds every T steps) plugs in through `FastChannel`; in mode `rl` the
-population is the seed prompt alone and never changes.
+    every T steps (modes fst and gepa), BEFORE the step: one GEPA round on the current policy
+        population <- top-K of the Pareto front (fst/fast/gepa_adapter.py)
+
+In mode `rl` the population is the seed prompt alone and never changes; in mode `gepa` the
+weights never change (rollouts are still sampled and scored, to measure the reward).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from fst.config import ConfigError, TrainConfig, dump_config
+from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
+from fst.fast.population import PromptRecord
+from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
 from fst.metrics import MetricsSink, kl_to_base
 from fst.model import chat_prompt_ids, load_policy, load_tokenizer, make_reference, stop_token_ids
 from fst.rollout import Rollout, RolloutEngine, SamplingParams
@@ -101,17 +107,20 @@ class Run:
     generator: torch.Generator
     store: CheckpointStore
     sink: MetricsSink
-    population: list[str]
+    population: list[PromptRecord]
     step: int = 0
     cursor: int = 0
     kl_prompts: list[list[int]] = field(default_factory=list)
+    fast_s: float = 0.0  # wall time spent in GEPA rounds, whole run (resumes included)
+    slow_s: float = 0.0  # wall time spent in RL steps, whole run
+    reflector: Any = None  # GEPA reflection_lm (openai/local) or custom proposer (digest)
 
     @property
     def sampling(self) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(r.temperature, r.top_p, r.max_new_tokens)
 
-    def rollout(self, problems: list[Problem], population: list[str]) -> StepRollouts:
+    def rollout(self, problems: list[Problem], population: list[PromptRecord]) -> StepRollouts:
         G, K = self.cfg.slow.group_size, len(population)
         slots = prompt_assignment(G, K)
         prompts, used = [], []
@@ -119,7 +128,7 @@ class Run:
             for g in range(G):
                 k = (slots[g] + p_idx) % K  # rotate so every prompt is used when K > G
                 used.append(k)
-                prompts.append(chat_prompt_ids(self.tokenizer, population[k], problem.prompt))
+                prompts.append(chat_prompt_ids(self.tokenizer, population[k].text, problem.prompt))
         rollouts = self.engine.generate(prompts, self.sampling, self.generator)
         rewards, feedback = [], []
         for i, r in enumerate(rollouts):
@@ -165,11 +174,82 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
         generator,
         store,
         sink,
-        population=[cfg.fast.seed_prompt],
+        population=[PromptRecord(cfg.fast.seed_prompt)],
     )
+    if cfg.mode != "rl":
+        base = reference if reference is not None else policy
+        run.reflector = make_reflector(cfg, tokenizer, base)
+        log.info(
+            "fast channel: GEPA every %d steps, top-K %d, reflector %s",
+            cfg.fast.every_steps,
+            cfg.fast.top_k,
+            run.reflector.label,
+        )
     held_out = task.problems("test")[: cfg.metrics.kl_prompts]
     run.kl_prompts = [chat_prompt_ids(tokenizer, cfg.fast.seed_prompt, p.prompt) for p in held_out]
     return run
+
+
+def make_reflector(cfg: TrainConfig, tokenizer: Any, base_model: Any) -> Any:
+    r = cfg.fast.reflector
+    if r.kind == "openai":
+        return OpenAIReflector(r)
+    if r.kind == "local":
+        if r.model:
+            from fst.config import ModelConfig
+
+            mcfg = ModelConfig(name=r.model, device=cfg.model.device)
+            return LocalReflector(load_policy(mcfg), load_tokenizer(mcfg), r, cfg.seed)
+        return LocalReflector(base_model, tokenizer, r, cfg.seed)
+    return DigestProposer()
+
+
+def gepa_round(run: Run) -> dict[str, Any]:
+    """One GEPA round before step `run.step + 1`; returns the round's metrics."""
+    cfg = run.cfg
+    round_idx = run.step // cfg.fast.every_steps
+    adapter = PolicyAdapter(
+        run.engine, run.tokenizer, run.task, run.sampling, seed=cfg.seed * 1000 + round_idx
+    )
+    is_proposer = isinstance(run.reflector, DigestProposer)
+    result = run_gepa_round(
+        population=run.population,
+        adapter=adapter,
+        val_problems=run.task.problems("val")[: cfg.fast.pareto_size],
+        train_problems=run.task.problems("train"),
+        round_idx=round_idx,
+        top_k=cfg.fast.top_k,
+        metric_calls=cfg.fast.metric_calls,
+        minibatch_size=cfg.fast.minibatch_size,
+        round_dir=cfg.run_dir / "gepa" / f"round-{round_idx:04d}",
+        seed=cfg.seed * 1000 + round_idx,
+        reflection_lm=None if is_proposer else run.reflector,
+        proposer=run.reflector if is_proposer else None,
+    )
+    run.population = result.population
+    run.fast_s += result.seconds
+    run.sink.write_population(run.step, round_idx, run.population, result.candidates)
+    scores = [p.mean_score for p in run.population]
+    log.info(
+        "GEPA round %d: %d candidates (%d new), population %d, best val %.3f, %.0f s",
+        round_idx,
+        len(result.candidates),
+        result.proposed_accepted,
+        len(scores),
+        max(scores),
+        result.seconds,
+    )
+    return {
+        "round": round_idx,
+        "population_size": len(run.population),
+        "population_best_val": max(scores),
+        "population_mean_val": sum(scores) / len(scores),
+        "population_ids": [p.id for p in run.population],
+        "gepa_candidates": len(result.candidates),
+        "gepa_new_candidates": result.proposed_accepted,
+        "gepa_metric_calls": result.metric_calls,
+        "gepa_s": result.seconds,
+    }
 
 
 def rl_step(run: Run) -> dict[str, Any]:
@@ -220,6 +300,7 @@ def rl_step(run: Run) -> dict[str, Any]:
         )
         record["kl_s"] = time.perf_counter() - t2
     record["step_s"] = time.perf_counter() - t0
+    run.slow_s += record["step_s"]
     return record
 
 
@@ -231,7 +312,9 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
     state = {
         "step": run.step,
         "cursor": run.cursor,
-        "population": run.population,
+        "fast_s": run.fast_s,
+        "slow_s": run.slow_s,
+        "population": [p.to_dict() for p in run.population],
         **(extra_state or {}),
     }
     write_checkpoint_files(
@@ -248,7 +331,9 @@ def restore_latest(run: Run) -> dict[str, Any] | None:
         return None
     folder = run.store.materialize(step)
     state = read_checkpoint_files(folder, run.policy, run.trainer, run.generator)
-    run.step, run.cursor, run.population = state["step"], state["cursor"], state["population"]
+    run.step, run.cursor = state["step"], state["cursor"]
+    run.fast_s, run.slow_s = state.get("fast_s", 0.0), state.get("slow_s", 0.0)
+    run.population = [PromptRecord.from_dict(d) for d in state["population"]]
     return state
 
 
@@ -305,13 +390,22 @@ def _loop(run: Run, progress: bool) -> None:
         unit="step",
         dynamic_ncols=True,
     )
+    last_kl = None
     while run.step < cfg.steps:
-        record = rl_step(run)
+        round_metrics = {}
+        if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
+            bar.set_description(f"{cfg.run} [{cfg.mode}] GEPA round")
+            round_metrics = gepa_round(run)
+            bar.set_description(f"{cfg.run} [{cfg.mode}]")
+        record = {**rl_step(run), **round_metrics}
+        total = run.fast_s + run.slow_s
+        record["fast_time_share"] = run.fast_s / total if total > 0 else 0.0
         run.sink.write(record)
         bar.update(1)
+        last_kl = record.get("kl", last_kl)
         bar.set_postfix(
             reward=f"{record['reward_mean']:.3f}",
-            kl=f"{record.get('kl', 0):.4f}",
+            kl="-" if last_kl is None else f"{last_kl:.4f}",
             s_step=f"{record['step_s']:.1f}",
         )
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:

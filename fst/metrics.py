@@ -81,6 +81,7 @@ class MetricsSink:
 
     def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
         self.path = run_dir / "metrics.jsonl"
+        self.population_path = run_dir / "population.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tb = None
         if tensorboard:
@@ -89,16 +90,22 @@ class MetricsSink:
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        if not self.path.exists():
-            return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        for path in (self.path, self.population_path):
+            _truncate_jsonl(path, step)
+
+    def write_population(
+        self, step: int, round_idx: int, population: list[Any], candidates: list[Any]
+    ) -> None:
+        """Append a GEPA round (run before step `step + 1`): the population it kept and every
+        candidate it saw (so the lineage of each member can be traced)."""
+        record = {
+            "step": step,
+            "round": round_idx,
+            "members": [p.to_dict() for p in population],
+            "candidates": [c.to_dict() for c in candidates],
+        }
+        with self.population_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {
@@ -117,6 +124,17 @@ class MetricsSink:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of steps <= `step`; atomic replace, so a crash loses nothing."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,5 @@
+import sys
+
+from fst.cli import main
+
+sys.exit(main())

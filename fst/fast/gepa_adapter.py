@@ -1,0 +1,235 @@
+"""One GEPA round over the current policy: the fast channel's step.
+
+    population (K prompts, scored under the previous policy)
+      -> re-score every prompt on the Pareto set under the CURRENT policy (the weights moved)
+      -> a GEPA state holding those K candidates (so GEPA continues from the population,
+         not from the seed prompt)
+      -> gepa.optimize with a budget of metric calls: reflect on failures, propose, accept
+         a child only if it beats its parent on a minibatch, score accepted ones on the Pareto set
+      -> per-instance Pareto front over old and new candidates -> top-K by coverage
+
+GEPA's own engine does the search; this module supplies the adapter (how a candidate prompt
+is evaluated with the policy and the task) and the population hand-over between rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gepa
+import torch
+from gepa.core.adapter import EvaluationBatch
+from gepa.core.state import GEPAState, ValsetEvaluation
+from gepa.strategies.eval_policy import FullEvaluationPolicy
+
+from fst.fast.population import PromptRecord, top_k_by_coverage
+from fst.model import chat_prompt_ids
+from fst.rollout import RolloutEngine, SamplingParams
+from fst.tasks import Problem, Task
+
+log = logging.getLogger(__name__)
+
+COMPONENT = "system_prompt"  # the one text component GEPA evolves
+
+
+class PolicyAdapter:
+    """GEPA adapter: evaluate a candidate system prompt with the policy on task problems.
+
+    Each `evaluate` call samples with a generator seeded from (round seed, problem ids), so a
+    parent and its child are compared on the same minibatch with the same sampling noise.
+    """
+
+    propose_new_texts = None  # proposals come from GEPA's reflection_lm or a custom proposer
+
+    def __init__(
+        self, engine: RolloutEngine, tokenizer: Any, task: Task, params: SamplingParams, seed: int
+    ) -> None:
+        self.engine, self.tokenizer, self.task, self.params, self.seed = (
+            engine,
+            tokenizer,
+            task,
+            params,
+            seed,
+        )
+        self.metric_calls = 0
+
+    def evaluate(
+        self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
+    ) -> EvaluationBatch:
+        if not batch:
+            return EvaluationBatch(
+                outputs=[], scores=[], trajectories=[] if capture_traces else None
+            )
+        system = candidate[COMPONENT]
+        prompts = [chat_prompt_ids(self.tokenizer, system, p.prompt) for p in batch]
+        key = sum(int(p.id.encode().hex()[-8:], 16) for p in batch) % 2**31
+        generator = torch.Generator().manual_seed(self.seed * 7919 + key)
+        rollouts = self.engine.generate(prompts, self.params, generator)
+        scores, trajectories = [], []
+        for problem, r in zip(batch, rollouts, strict=True):
+            s = self.task.score(problem, r.text)
+            scores.append(s.reward)
+            trajectories.append(
+                {
+                    "problem": problem,
+                    "completion": r.text,
+                    "feedback": s.feedback,
+                    "reward": s.reward,
+                }
+            )
+        self.metric_calls += len(batch)
+        return EvaluationBatch(
+            outputs=[r.text for r in rollouts],
+            scores=scores,
+            trajectories=trajectories if capture_traces else None,
+        )
+
+    def make_reflective_dataset(
+        self,
+        candidate: dict[str, str],
+        eval_batch: EvaluationBatch,
+        components_to_update: list[str],
+    ) -> dict[str, list[dict]]:
+        records = [
+            {
+                "Inputs": t["problem"].prompt,
+                "Generated Outputs": t["completion"],
+                "Feedback": t["feedback"],
+                "Score": t["reward"],
+            }
+            for t in eval_batch.trajectories or []
+        ]
+        return {name: records for name in components_to_update}
+
+
+class _RoundLog:
+    """GEPA's log lines go to the round folder's gepa.log and to our logger at DEBUG level
+    (GEPA's own file logger would tee everything to stdout, over our progress bar)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def log(self, *parts: object, **_: object) -> None:
+        message = " ".join(str(p) for p in parts)
+        with self.path.open("a") as f:
+            f.write(message + "\n")
+        log.debug("gepa: %s", message)
+
+
+class _ResumeFromPopulation(FullEvaluationPolicy):
+    """Full valset evaluation, except that the seed is not re-scored: the round's GEPA state
+    (with the whole population already scored) is loaded from the round folder instead."""
+
+    def get_seed_eval_batch(self, loader: Any) -> list:
+        return []
+
+
+@dataclass
+class RoundResult:
+    population: list[PromptRecord]
+    candidates: list[PromptRecord]  # every candidate of the round, old and new
+    metric_calls: int
+    seconds: float
+    proposed_accepted: int  # new candidates that made it into GEPA's pool
+
+
+def _initial_state(
+    population: list[PromptRecord], val_ids: Sequence[int], round_idx: int
+) -> GEPAState:
+    def evaluation(rec: PromptRecord) -> ValsetEvaluation:
+        scores = {i: rec.val_scores[str(i)] for i in val_ids}
+        return ValsetEvaluation(
+            outputs_by_val_id={i: "" for i in val_ids},
+            scores_by_val_id=scores,
+            objective_scores_by_val_id=None,
+        )
+
+    state = GEPAState({COMPONENT: population[0].text}, evaluation(population[0]))
+    for rec in population[1:]:
+        state.update_state_with_new_program([], {COMPONENT: rec.text}, evaluation(rec), None, 0)
+    state.num_full_ds_evals = len(population)
+    state.total_num_evals = len(population) * len(val_ids)
+    return state
+
+
+def run_gepa_round(
+    population: list[PromptRecord],
+    adapter: PolicyAdapter,
+    val_problems: list[Problem],
+    train_problems: list[Problem],
+    round_idx: int,
+    top_k: int,
+    metric_calls: int,
+    minibatch_size: int,
+    round_dir: Path,
+    seed: int,
+    reflection_lm: Callable[[str], str] | None = None,
+    proposer: Callable[..., dict[str, str]] | None = None,
+) -> RoundResult:
+    """One GEPA round from `population`; returns the new top-K population (best first)."""
+    t0 = time.perf_counter()
+    calls_before = adapter.metric_calls
+    # 1. Re-score the population under the current policy (GEPA's data ids are list indices).
+    val_ids = list(range(len(val_problems)))
+    for rec in population:
+        batch = adapter.evaluate(val_problems, {COMPONENT: rec.text})
+        rec.val_scores = {str(i): s for i, s in zip(val_ids, batch.scores, strict=True)}
+        rec.scored_round = round_idx
+
+    # 2. Hand GEPA a state that already holds the population, then let it search.
+    if round_dir.exists():
+        shutil.rmtree(round_dir)  # a re-run round (after a resume) starts clean
+    round_dir.mkdir(parents=True)
+    state = _initial_state(population, val_ids, round_idx)
+    state.save(str(round_dir))
+    result = gepa.optimize(
+        seed_candidate={COMPONENT: population[0].text},
+        trainset=train_problems,
+        valset=val_problems,
+        adapter=adapter,
+        reflection_lm=reflection_lm,
+        custom_candidate_proposer=proposer,
+        reflection_minibatch_size=minibatch_size,
+        max_metric_calls=state.total_num_evals + metric_calls,
+        candidate_selection_strategy="pareto",
+        frontier_type="instance",
+        val_evaluation_policy=_ResumeFromPopulation(),
+        run_dir=str(round_dir),
+        logger=_RoundLog(round_dir / "gepa.log"),
+        seed=seed,
+        raise_on_exception=True,
+        display_progress_bar=False,
+    )
+
+    # 3. Map GEPA's candidates back to records with lineage, and keep the top K.
+    by_text = {rec.text: rec for rec in population}
+    candidates: list[PromptRecord] = []
+    for idx, cand in enumerate(result.candidates):
+        text = cand[COMPONENT]
+        scores = {str(k): float(v) for k, v in result.val_subscores[idx].items()}
+        if text in by_text and idx < len(population):
+            rec = by_text[text]
+        else:
+            parent_ids = [candidates[p].id for p in result.parents[idx] if p is not None]
+            rec = PromptRecord(text=text, parents=parent_ids, born_round=round_idx)
+        rec.val_scores, rec.scored_round = scores, round_idx
+        candidates.append(rec)
+    keep = top_k_by_coverage([c.val_scores for c in candidates], top_k)
+    new_population, seen = [], set()
+    for i in keep:
+        if candidates[i].id not in seen:  # the same text proposed twice is one prompt
+            seen.add(candidates[i].id)
+            new_population.append(candidates[i])
+    return RoundResult(
+        population=new_population,
+        candidates=candidates,
+        metric_calls=adapter.metric_calls - calls_before,
+        seconds=time.perf_counter() - t0,
+        proposed_accepted=len(candidates) - len(population),
+    )

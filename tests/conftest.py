@@ -1,0 +1,69 @@
+"""Shared test helpers. Tests that load the real model are marked `slow`; they still run in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Keep runs reproducible and quiet; never reach for a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+TIMING_KEYS = ("_s", "_per_s", "fast_time_share")
+
+
+def tiny_config(tmp_path: Path, **overrides) -> dict:
+    """A run small enough for a test: SmolLM2 on CPU, a few short steps."""
+    cfg = {
+        "run": "t",
+        "mode": "rl",
+        "steps": 4,
+        "seed": 3,
+        "outputDir": str(tmp_path / "runs"),
+        "task": {
+            "name": "arithmetic",
+            "trainSize": 32,
+            "valSize": 4,
+            "testSize": 4,
+            "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
+        },
+        "rollout": {"temperature": 0.8, "maxNewTokens": 12, "batchSize": 16},
+        "slow": {"problemsPerStep": 2, "groupSize": 4, "lr": 1e-5, "microBatchSize": 8},
+        "fast": {"everySteps": 2, "topK": 2, "metricCalls": 8, "minibatchSize": 2, "paretoSize": 4},
+        "metrics": {"klPrompts": 2, "klEvery": 1},
+        "checkpoint": {"every": 2, "keepLast": 3},
+    }
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+def write_config(tmp_path: Path, cfg: dict, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def fst_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fst", *args]
+
+
+def run_fst(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(fst_cmd(*args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(f"fst {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def comparable(record: dict) -> dict:
+    """A metrics record without wall-clock measurements."""
+    return {k: v for k, v in record.items() if not k.endswith(TIMING_KEYS)}

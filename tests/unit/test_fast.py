@@ -1,0 +1,209 @@
+"""The fast channel: Pareto front, top-K, the digest reflector, a GEPA round, and the
+advantage shared across the prompts of one problem.
+
+The policy is replaced by a scripted rollout engine (a stand-in for our own RolloutEngine)
+whose answers depend on the system prompt, so that prompt quality is known exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from fst.config import TaskConfig, TrainConfig
+from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
+from fst.fast.population import PromptRecord, pareto_front, prompt_id, top_k_by_coverage
+from fst.fast.reflectors import DigestProposer, digest_rewrite, lessons_from_feedback
+from fst.loop import Run, prompt_assignment
+from fst.rollout import Rollout, SamplingParams
+from fst.slow.advantages import group_advantages
+from fst.tasks import build_task
+
+
+class CharTokenizer:
+    """A tokenizer stand-in: one id per character, a plain-text chat template."""
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        return "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages) + "<a>"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+class ScriptedEngine:
+    """Answers an arithmetic prompt correctly (boxed) iff the system prompt says BOXED, and
+    except when the answer is a multiple of 3, so a BOXED prompt is good but rarely perfect."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def sync_weights(self) -> None:
+        pass
+
+    def generate(self, prompts, params, generator):
+        self.calls += 1
+        out = []
+        for ids in prompts:
+            text = "".join(chr(i) for i in ids)
+            system = re.search(r"<system>(.*?)</system>", text, re.S)
+            expr = re.search(r"Compute (.*?)\. Give", text).group(1)
+            value = eval(expr)  # our own generated arithmetic
+            good = system and "BOXED" in system.group(1) and value % 3 != 0
+            answer = f"\\boxed{{{value}}}" if good else "I am not sure."
+            out.append(Rollout(list(ids), [1, 2], [-0.1, -0.1], answer, True))
+        return out
+
+
+@pytest.fixture
+def task():
+    return build_task(TaskConfig(name="arithmetic", train_size=64, val_size=12, test_size=4))
+
+
+# ----------------------------------------------------------------------------- pure parts
+
+
+def test_pareto_front_keeps_ties_and_per_instance_bests():
+    scores = [{"a": 1.0, "b": 0.0, "c": 0.5}, {"a": 0.0, "b": 1.0, "c": 0.5}, {"a": 0.0}]
+    assert pareto_front(scores) == {"a": {0}, "b": {1}, "c": {0, 1}}
+
+
+def test_top_k_by_coverage_prefers_unique_solvers_over_mean():
+    scores = [
+        {"1": 1, "2": 1, "3": 0, "4": 0},  # 0: mean .5, front on 1,2
+        {"1": 1, "2": 1, "3": 0, "4": 0},  # 1: same as 0 (tie -> older first)
+        {"1": 0, "2": 0, "3": 1, "4": 0},  # 2: mean .25, the only one solving 3
+        {"1": 0, "2": 0, "3": 0, "4": 0},  # 3: dominated, never on the front (4 is all-0 tie)
+    ]
+    # coverage: 0 -> {1,2,4} = 3, 1 -> 3, 2 -> {3,4} = 2, 3 -> {4} = 1
+    assert top_k_by_coverage(scores, 3) == [0, 1, 2]
+    assert top_k_by_coverage(scores, 1) == [0]
+
+
+def test_prompt_record_round_trip_and_stable_id():
+    rec = PromptRecord("be brief", parents=["abc"], born_round=2, val_scores={"0": 1.0})
+    again = PromptRecord.from_dict(rec.to_dict())
+    assert again == rec and again.id == prompt_id("be brief") and rec.mean_score == 1.0
+
+
+def test_digest_extracts_distinct_instructive_lessons():
+    feedback = [
+        "No \\boxed{...} answer found; the final answer must be an integer inside \\boxed{}. "
+        "Expected 7.",
+        "No \\boxed{...} answer found; the final answer must be an integer inside \\boxed{}. "
+        "Expected 12.",
+        "Wrong value: expected 3, got 4.",
+    ]
+    lessons = lessons_from_feedback(feedback)
+    assert lessons[0] == "The final answer must be an integer inside \\boxed{}."
+    assert not any(lesson.lower().startswith(("expected", "wrong value")) for lesson in lessons)
+    child = digest_rewrite("Be helpful.", feedback)
+    assert child.startswith("Be helpful.") and "must be an integer inside \\boxed{}" in child
+    # Deterministic, and a lesson already stated is not added twice.
+    assert digest_rewrite("Be helpful.", feedback) == child
+    assert digest_rewrite(child, feedback) == child
+
+
+# ----------------------------------------------------------------------------- a GEPA round
+
+
+def test_scripted_reflection_better_prompt_accepted_worse_rejected(task, tmp_path):
+    better = "Solve it. Write the result BOXED: inside \\boxed{}."
+    worse = "Just chat about numbers."
+    proposals = iter([better, worse, worse, worse, worse, worse])
+    asked = []
+
+    def reflection_lm(prompt: str) -> str:
+        asked.append(prompt)
+        return f"```\n{next(proposals)}\n```"
+
+    seed = PromptRecord("You are a helpful assistant.")
+    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+    result = run_gepa_round(
+        population=[seed],
+        adapter=adapter,
+        val_problems=task.problems("val"),
+        train_problems=task.problems("train"),
+        round_idx=1,
+        top_k=4,
+        metric_calls=40,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=reflection_lm,
+    )
+    texts = [c.text for c in result.candidates]
+    assert len(asked) >= 2, "GEPA should have reflected at least twice"
+    assert better in texts, "the better prompt must be accepted into GEPA's pool"
+    assert worse not in texts, "the worse prompt must be rejected"
+    assert result.population[0].text == better  # best first
+    assert result.population[0].parents == [seed.id] and result.population[0].born_round == 1
+    assert result.population[0].mean_score > 0 and seed.mean_score == 0
+    assert result.metric_calls > 0
+
+
+def test_round_continues_from_the_population_not_the_seed(task, tmp_path):
+    """A second round starts with both prompts of the first, re-scored under the policy."""
+    a = PromptRecord("plain prompt")
+    b = PromptRecord("BOXED prompt", parents=[a.id], born_round=1)
+    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+    result = run_gepa_round(
+        population=[b, a],
+        adapter=adapter,
+        val_problems=task.problems("val"),
+        train_problems=task.problems("train"),
+        round_idx=2,
+        top_k=2,
+        metric_calls=8,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        proposer=DigestProposer(),
+    )
+    assert [c.text for c in result.candidates[:2]] == [b.text, a.text]
+    assert all(c.scored_round == 2 for c in result.candidates)
+    assert result.population[0].text == b.text
+
+
+# ----------------------------------------------------------------------------- one advantage group
+
+
+def test_prompt_assignment_round_robin():
+    assert prompt_assignment(8, 4) == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert prompt_assignment(5, 2) == [0, 1, 0, 1, 0]  # K does not divide G: prompt 0 gets 3
+
+
+def test_advantage_is_shared_across_the_prompts_of_one_problem(task):
+    cfg = TrainConfig(
+        task={"name": "arithmetic"}, mode="fst", slow={"groupSize": 4, "problemsPerStep": 2}
+    )
+    population = [PromptRecord("BOXED good prompt"), PromptRecord("plain prompt")]
+    run = Run(
+        cfg,
+        task,
+        CharTokenizer(),
+        None,
+        None,
+        ScriptedEngine(),
+        None,
+        torch.Generator().manual_seed(0),
+        None,
+        None,
+        population,
+    )
+    odd = [p for p in task.problems("train") if int(p.answer) % 3 != 0][:2]
+    out = run.rollout(odd, population)
+    # Each problem: 2 rollouts per prompt; the BOXED prompt's rollouts succeed.
+    assert out.rewards.shape == (2, 4)
+    used = torch.tensor(out.prompt_ids).view(2, 4)
+    assert torch.equal(out.rewards, (used == 0).float())
+    adv = group_advantages(out.rewards)
+    # ONE group per problem: the baseline is the mean over all 4 rollouts (both prompts),
+    # so the good prompt's rollouts get +, the other's -, and they sum to zero per problem.
+    for row, prompts in zip(adv, used, strict=True):
+        assert (row[prompts == 0] > 0).all() and (row[prompts == 1] < 0).all()
+        assert row.sum().abs() < 1e-6
+    # Per-prompt groups would give all-zero advantages here (each prompt's rewards are flat).
+    per_prompt = group_advantages(out.rewards[:, used[0] == 0])
+    assert per_prompt.abs().sum() == 0
