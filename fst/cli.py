@@ -68,6 +68,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- stream, report
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from fst.report import write_report
+    from fst.stream import run_stream
+
+    stream_dir = run_stream(args.file, watch=args.watch, progress=not args.no_progress)
+    page = write_report(stream_dir)
+    print(f"stream finished: {stream_dir}\nreport: {page}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fst.report import write_report
+
+    print(f"report: {write_report(_run_dir(args.path))}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 
 
@@ -224,6 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "stream",
+        help="run a TaskStream manifest's stages in order on this machine",
+        description="Run the stages of a TaskStream (the same file `kubectl apply` takes) one "
+        "after another: each starts from the previous stage's final checkpoint and prompt "
+        "population. Running it again resumes; finished stages are skipped. Writes "
+        "<outputDir>/<stream>/stream.json and report.html.",
+    )
+    p.add_argument("file", type=Path, help="TaskStream YAML")
+    p.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep running: start a new stage when a stage is added to the file or a data "
+        "source changes",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser("report", help="HTML report with plots for a run or a stream")
+    p.add_argument("path", help="a run or stream folder, or a name under ./runs")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "eval",

@@ -58,6 +58,11 @@ class ModelConfig(Schema):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    reference: str | None = Field(
+        None,
+        description="The model KL is measured against (default: `name`). A task stream sets "
+        "it to the stream's base model, so KL stays KL-to-base across stages.",
+    )
 
 
 # ----------------------------------------------------------------------------- task
@@ -155,6 +160,11 @@ class FastConfig(Schema):
     minibatch_size: int = Field(4, gt=0, description="GEPA reflection minibatch.")
     pareto_size: int = Field(16, gt=0, description="Val problems GEPA scores candidates on.")
     reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
+    initial_population: list[str] = Field(
+        default_factory=list,
+        description="Prompts the population starts from, best first (default: [seedPrompt]). "
+        "A task stream hands the previous stage's population over through this field.",
+    )
 
 
 # ----------------------------------------------------------------------------- run plumbing

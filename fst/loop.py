@@ -157,7 +157,7 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
     task = load_task(cfg)
     tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model)
-    reference = make_reference(policy) if cfg.metrics.kl_prompts > 0 else None
+    reference = make_reference(policy, cfg.model) if cfg.metrics.kl_prompts > 0 else None
     stop = stop_token_ids(tokenizer, policy)
     engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
@@ -174,7 +174,8 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
         generator,
         store,
         sink,
-        population=[PromptRecord(cfg.fast.seed_prompt)],
+        population=[PromptRecord(t) for t in cfg.fast.initial_population]
+        or [PromptRecord(cfg.fast.seed_prompt)],
     )
     if cfg.mode != "rl":
         base = reference if reference is not None else policy

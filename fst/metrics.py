@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fst.rollout import Rollout, RolloutEngine, SamplingParams
-from fst.slow.trainer import pack
+from fst.slow.trainer import pack, window_logits
 
 KL_SEED = 20_260_101  # fixed seed of the KL probe's sampler, independent of the training RNG
 
@@ -34,8 +34,8 @@ def _next_token_logprobs(
     model: PreTrainedModel, rollouts: list[Rollout], temperature: float, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     batch = pack(rollouts, [0.0] * len(rollouts), pad_id, model.device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits[:, :-1]
-    return torch.log_softmax(logits.float() / temperature, dim=-1), batch.mask  # (B,L-1,V)
+    logits = window_logits(model, batch)
+    return torch.log_softmax(logits.float() / temperature, dim=-1), batch.mask  # (B, W, V)
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def kl_to_base(
     with ctx:
         logp_base, _ = _next_token_logprobs(base_model, rollouts, params.temperature, pad_id)
     policy.train(was_training)
-    kl = (logp_theta.exp() * (logp_theta - logp_base)).sum(-1)  # (B, L-1)
+    kl = (logp_theta.exp() * (logp_theta - logp_base)).sum(-1)  # (B, W)
     return float((kl * mask).sum() / mask.sum())
 
 

@@ -136,13 +136,20 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
         del model.config.quantization_config
 
 
-def make_reference(policy: PreTrainedModel) -> PreTrainedModel | None:
+def make_reference(policy: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel | None:
     """A frozen copy of the base for KL(pi_theta || pi_base).
 
-    With LoRA the base is the policy with its adapters disabled, so no copy is made (None)."""
-    if hasattr(policy, "disable_adapter"):
+    The base is `cfg.reference` when set (a stream's original model), else the starting
+    weights. With LoRA and no separate reference, the base is the policy with its adapters
+    disabled, so no copy is made (None)."""
+    if cfg.reference and cfg.reference != cfg.name:
+        ref = load_policy(
+            cfg.model_copy(update={"name": cfg.reference, "lora": None, "reference": None})
+        )
+    elif hasattr(policy, "disable_adapter"):
         return None
-    ref = copy.deepcopy(policy)
+    else:
+        ref = copy.deepcopy(policy)
     ref.eval()
     ref.requires_grad_(False)
     return ref

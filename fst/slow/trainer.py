@@ -4,7 +4,7 @@ batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
   -> drop rollouts whose advantage is 0 (they carry no gradient; their tokens still
      count in the token-mean normaliser, so dropping them changes nothing but time)
   -> micro-batches of `micro_batch_size` sequences, right-padded
-  -> forward: logits (B, L, V) -> log π_θ of each completion token (B, L-1)
+  -> forward: logits over the completion window only (B, W, V) -> log π_θ (B, W)
   -> loss (CISPO by default) / normaliser of the whole step, backward, accumulate
   -> clip the global grad norm, AdamW step, LR schedule step
 """
@@ -24,11 +24,17 @@ from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss
 
 @dataclass
 class PackedBatch:
+    """A micro-batch in "window" coordinates: only positions from `start` (the first position
+    that predicts a completion token in any row) are kept, since the prompt's logits are never
+    needed. W = L - 1 - start.
+    """
+
     input_ids: torch.Tensor  # (B, L) prompt + completion, right-padded
     attention: torch.Tensor  # (B, L)
-    targets: torch.Tensor  # (B, L-1) the token each position predicts
-    mask: torch.Tensor  # (B, L-1) 1.0 where the target is a completion token
-    old_logp: torch.Tensor  # (B, L-1) sampler logprobs at completion positions, else 0
+    start: int  # first kept position
+    targets: torch.Tensor  # (B, W) the token each kept position predicts
+    mask: torch.Tensor  # (B, W) 1.0 where the target is a completion token
+    old_logp: torch.Tensor  # (B, W) sampler logprobs at completion positions, else 0
     adv: torch.Tensor  # (B,)
 
 
@@ -37,6 +43,7 @@ def pack(
 ) -> PackedBatch:
     L = max(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     B = len(rollouts)
+    start = min(len(r.prompt_ids) for r in rollouts) - 1
     input_ids = torch.full((B, L), pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
     mask = torch.zeros((B, L - 1))
@@ -51,24 +58,36 @@ def pack(
     return PackedBatch(
         input_ids=input_ids.to(device),
         attention=attention.to(device),
-        targets=input_ids[:, 1:].to(device),
-        mask=mask.to(device),
-        old_logp=old_logp.to(device),
+        start=start,
+        targets=input_ids[:, start + 1 :].to(device),
+        mask=mask[:, start:].to(device),
+        old_logp=old_logp[:, start:].to(device),
         adv=torch.tensor(advantages, dtype=torch.float32, device=device),
     )
+
+
+def window_logits(model: PreTrainedModel, batch: PackedBatch) -> torch.Tensor:
+    """Logits at the kept positions only, (B, W, V): the LM head (49k x 576 for SmolLM2) and
+    the softmax never run over the prompt."""
+    L = batch.input_ids.shape[1]
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention,
+        logits_to_keep=L - batch.start,  # positions start..L-1; the last predicts nothing
+    )
+    return out.logits[:, :-1, :]
 
 
 def token_logprobs(
     model: PreTrainedModel, batch: PackedBatch, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π_θ(target) and the policy's entropy at every position: both (B, L-1).
+    """log π_θ(target) and the policy's entropy at every kept position: both (B, W).
 
     The logits are divided by the sampling temperature so that π_θ and the sampler's π_old
     are the same distribution family (otherwise ρ would be off by the temperature alone).
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention).logits
-    logits = logits[:, :-1, :].float() / temperature  # (B, L-1, V)
-    lse = torch.logsumexp(logits, dim=-1)  # (B, L-1)
+    logits = window_logits(model, batch).float() / temperature  # (B, W, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (B, W)
     logp = logits.gather(-1, batch.targets[..., None]).squeeze(-1) - lse
     with torch.no_grad():
         entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)

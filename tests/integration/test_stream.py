@@ -1,0 +1,198 @@
+"""`fst stream` end to end on the real model: a tiny two-stage stream killed during stage 2
+and run again continues stage 2 from its checkpoint; with --watch, new data starts a new
+stage from the last checkpoint and population; the report is written."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import fst_cmd, run_fst
+
+pytestmark = pytest.mark.slow
+
+QA = [
+    ("France", "Paris"),
+    ("Japan", "Tokyo"),
+    ("Italy", "Rome"),
+    ("Egypt", "Cairo"),
+    ("Spain", "Madrid"),
+    ("Peru", "Lima"),
+    ("Cuba", "Havana"),
+    ("Kenya", "Nairobi"),
+]
+
+
+def write_qa(path: Path, pairs) -> None:
+    path.write_text(
+        "".join(
+            json.dumps({"question": f"What is the capital of {c}?", "answer": a}) + "\n"
+            for c, a in pairs
+        )
+    )
+
+
+def stream_doc(tmp_path: Path, stages: list[dict], **spec) -> Path:
+    doc = {
+        "apiVersion": "fastslow.io/v1alpha1",
+        "kind": "TaskStream",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "outputDir": str(tmp_path / "runs"),
+            "evalProblems": 2,
+            "watchIntervalSeconds": 1,
+            "defaults": {
+                "mode": "fst",
+                "rollout": {"temperature": 0.8, "maxNewTokens": 10, "batchSize": 16},
+                "slow": {"problemsPerStep": 2, "groupSize": 2, "lr": 1e-5},
+                "fast": {
+                    "everySteps": 2,
+                    "topK": 2,
+                    "metricCalls": 4,
+                    "minibatchSize": 2,
+                    "paretoSize": 2,
+                },
+                "metrics": {"klPrompts": 1, "klEvery": 2},
+                "checkpoint": {"every": 1, "keepLast": 3},
+            },
+            "stages": stages,
+            **spec,
+        },
+    }
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+ARITH = {
+    "name": "arithmetic",
+    "trainSize": 16,
+    "valSize": 2,
+    "testSize": 2,
+    "params": {"steps": 1, "answerFormat": "last_number"},
+}
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"fst stream exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("timed out")
+        time.sleep(0.3)
+
+
+def test_killed_in_stage_two_resumes_stage_two(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    write_qa(qa, QA)
+    path = stream_doc(
+        tmp_path,
+        [
+            {"name": "first", "task": ARITH, "steps": 2},
+            {
+                "name": "second",
+                "steps": 3,
+                "task": {"name": "jsonl", "valSize": 2, "testSize": 2, "params": {"path": str(qa)}},
+            },
+        ],
+    )
+    runs = tmp_path / "runs" / "tiny"
+    second_ckpt = runs / "tiny-second" / "checkpoints" / "step-00000001" / "manifest.json"
+    proc = subprocess.Popen(
+        fst_cmd("stream", str(path), "--no-progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(second_ckpt.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+    first_metrics = (runs / "tiny-first" / "metrics.jsonl").read_text()
+    first_ckpt_time = json.loads(
+        (runs / "tiny-first" / "checkpoints" / "step-00000002" / "manifest.json").read_text()
+    )["created"]
+    second_step1 = json.loads(second_ckpt.read_text())["created"]
+    state = json.loads((runs / "stream.json").read_text())["stages"]
+    assert [(e["name"], e["status"]) for e in state] == [
+        ("first", "succeeded"),
+        ("second", "running"),
+    ]
+
+    out = run_fst("stream", str(path), "--no-progress")
+    assert "report:" in out.stdout
+    state = json.loads((runs / "stream.json").read_text())["stages"]
+    assert [(e["name"], e["status"]) for e in state] == [
+        ("first", "succeeded"),
+        ("second", "succeeded"),
+    ]
+    # Stage 1 was not re-run; stage 2 continued from its step-1 checkpoint (not from scratch).
+    assert (runs / "tiny-first" / "metrics.jsonl").read_text() == first_metrics
+    assert (
+        json.loads(
+            (runs / "tiny-first" / "checkpoints" / "step-00000002" / "manifest.json").read_text()
+        )["created"]
+        == first_ckpt_time
+    )
+    assert json.loads(second_ckpt.read_text())["created"] == second_step1
+    assert "resumed tiny-second at step 1" in out.stderr
+    steps = [
+        json.loads(line)["step"]
+        for line in (runs / "tiny-second" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3]
+    # Stage 2 started from stage 1's final checkpoint and population, KL against the base.
+    assert state[1]["start_checkpoint"] == state[0]["checkpoint"]
+    assert state[1]["start_population"] == state[0]["population"]
+    cfg = yaml.safe_load((runs / "tiny-second" / "config.yaml").read_text())
+    assert cfg["model"]["name"] == state[0]["checkpoint"]
+    assert cfg["model"]["reference"] == "smollm2-135m-instruct"
+    assert set(state[1]["evaluation"]["retention"]) == {"first", "second"}
+    assert (runs / "report.html").is_file() and (runs / "reward_per_step.png").is_file()
+
+
+def test_watch_starts_a_new_stage_when_data_changes(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    write_qa(qa, QA[:6])
+    path = stream_doc(
+        tmp_path,
+        [
+            {
+                "name": "facts",
+                "steps": 1,
+                "task": {"name": "jsonl", "valSize": 2, "testSize": 2, "params": {"path": str(qa)}},
+            },
+        ],
+    )
+    runs = tmp_path / "runs" / "tiny"
+    proc = subprocess.Popen(
+        fst_cmd("stream", str(path), "--watch", "--no-progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+
+        def entries() -> list[dict]:
+            f = runs / "stream.json"
+            return json.loads(f.read_text())["stages"] if f.is_file() else []
+
+        wait_for(lambda: [e["status"] for e in entries()] == ["succeeded"], proc)
+        write_qa(qa, QA)  # the customer's data grows
+        wait_for(lambda: len(entries()) == 2 and entries()[1]["status"] == "succeeded", proc)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    first, second = entries()
+    assert second["name"] == "facts-v2" and second["version"] == 2
+    assert second["source"] != first["source"]
+    assert second["start_checkpoint"] == first["checkpoint"]
+    assert second["start_population"] == first["population"]
