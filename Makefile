@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 
 export FST_CACHE
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test test-deps lint format bench clean
 
 install: $(STAMP)
 
@@ -31,7 +31,15 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/fst train -c examples/train-rl.yaml --resume
 
-test: install
+# Test servers: PostgreSQL from Debian's packages (installed if missing), MinIO built from
+# its Go module into $(FST_CACHE)/bin once (about 5 minutes on 2 cores; FST_MINIO_BIN skips it).
+test-deps: install
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "installing PostgreSQL (Debian package postgresql)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
+
+test: test-deps
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as a failure" >&2; exit 1; fi; \
 	exit $$rc

@@ -201,6 +201,12 @@ class TrainConfig(Schema):
     steps: int = Field(20, gt=0, description="RL steps (optimizer steps) in this run.")
     seed: int = 0
     output_dir: str = Field("runs", description="Local folder for run state, metrics, checkpoints.")
+    database: str | None = Field(
+        None,
+        description="Where runs, metrics and prompt populations are recorded: a SQLAlchemy URL "
+        "(postgresql+psycopg://user@host/db) or a SQLite file path. Default: $FST_DATABASE_URL, "
+        "else <outputDir>/fst.db.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     task: TaskConfig
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

@@ -40,6 +40,7 @@ from fst.run_state import read_checkpoint_files, write_checkpoint_files
 from fst.slow.advantages import group_advantages
 from fst.slow.trainer import SlowTrainer
 from fst.store.checkpoints import CheckpointStore, latest_step, open_store, prune
+from fst.store.db import Lease, RunDB, RunLockedError, database_url
 from fst.tasks import Problem, Task, build_task
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def load_task(cfg: TrainConfig) -> Task:
     return task
 
 
-def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
+def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
     generator = seed_everything(cfg.seed)
     task = load_task(cfg)
     tokenizer = load_tokenizer(cfg.model)
@@ -162,7 +163,7 @@ def build_run(cfg: TrainConfig, run_dir: Path) -> Run:
     engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
     store = open_store(cfg.checkpoint.uri or str(run_dir / "checkpoints"))
-    sink = MetricsSink(run_dir, cfg.metrics.tensorboard)
+    sink = MetricsSink(run_dir, cfg.metrics.tensorboard, db, cfg.run)
     run = Run(
         cfg,
         task,
@@ -359,9 +360,16 @@ class RunLock:
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
     """Run `cfg` to `cfg.steps` steps. With `resume`, continue from the latest checkpoint."""
     run_dir = cfg.run_dir
-    lock = RunLock(run_dir)
+    lock = RunLock(run_dir)  # one trainer per run folder on this machine
+    db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
+    lease, finished = None, False
     try:
-        run = build_run(cfg, run_dir)
+        db.upgrade()
+        # One writer per run across machines (pods): a lease in the database, kept alive by a
+        # heartbeat; a second trainer of the same run gets RunLockedError.
+        lease = db.acquire_run(cfg.run, cfg.mode, cfg.model_dump(mode="json", by_alias=True))
+        lease.keep_alive()
+        run = build_run(cfg, run_dir, db)
         existing = latest_step(run.store)
         if existing is not None and not resume:
             raise RunError(
@@ -371,17 +379,27 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             )
         if resume and restore_latest(run) is not None:
             log.info("resumed %s at step %d", cfg.run, run.step)
+            db.log_event(cfg.run, "resumed", f"from step {run.step}")
             run.sink.truncate_after(run.step)
         else:
+            db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
             run.sink.truncate_after(0)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        _loop(run, progress)
+        _loop(run, progress, lease)
+        db.log_event(cfg.run, "finished", f"step {run.step}")
+        lease.release("finished")
+        finished = True
         return run_dir
+    except RunLockedError as e:
+        raise RunError(str(e)) from None
     finally:
+        if lease is not None and not finished:
+            lease.release("failed")
+        db.close()
         lock.release()
 
 
-def _loop(run: Run, progress: bool) -> None:
+def _loop(run: Run, progress: bool, lease: Lease) -> None:
     cfg = run.cfg
     bar = tqdm(
         total=cfg.steps,
@@ -410,6 +428,7 @@ def _loop(run: Run, progress: bool) -> None:
             s_step=f"{record['step_s']:.1f}",
         )
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
+            lease.check()  # never write a checkpoint after losing the run to another writer
             uri = save_checkpoint(run)
             log.info("step %d: checkpoint %s", run.step, uri)
     bar.close()

@@ -79,7 +79,10 @@ class MetricsSink:
     so the file always describes exactly one trajectory of the weights.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False) -> None:
+    def __init__(
+        self, run_dir: Path, tensorboard: bool = False, db: Any = None, run: str = ""
+    ) -> None:
+        self.db, self.run = db, run  # a RunDB (fst/store/db.py): the durable copy on a cluster
         self.path = run_dir / "metrics.jsonl"
         self.population_path = run_dir / "population.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,6 +95,8 @@ class MetricsSink:
     def truncate_after(self, step: int) -> None:
         for path in (self.path, self.population_path):
             _truncate_jsonl(path, step)
+        if self.db is not None:
+            self.db.truncate_after(self.run, step)
 
     def write_population(
         self, step: int, round_idx: int, population: list[Any], candidates: list[Any]
@@ -106,6 +111,8 @@ class MetricsSink:
         }
         with self.population_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.db is not None:
+            self.db.save_population(self.run, round_idx, step, population)
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {
@@ -115,6 +122,8 @@ class MetricsSink:
         with self.path.open("a") as f:
             f.write(json.dumps(clean) + "\n")
             f.flush()
+        if self.db is not None and "step" in record:
+            self.db.log_metrics(self.run, record["step"], record)
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):

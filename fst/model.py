@@ -97,6 +97,8 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     """The trainable model (with LoRA adapters if configured), on cfg.device."""
     src = resolve_source(cfg)
     log.info("loading model %s%s", src.path, f" ({src.gguf_file})" if src.gguf_file else "")
+    if src.gguf_file is not None:
+        _quiet_gguf_progress()
     model = AutoModelForCausalLM.from_pretrained(
         src.path, gguf_file=src.gguf_file, dtype=DTYPES[cfg.dtype]
     )
@@ -124,6 +126,17 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
         )
         assert isinstance(model, PeftModel)
     return model
+
+
+def _quiet_gguf_progress() -> None:
+    """transformers draws a bar per GGUF load with plain tqdm (its progress-bar switch does not
+    reach it); a run loads the model several times and our own bar is the one that matters."""
+    import functools
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_utils.tqdm = functools.partial(tqdm, disable=True)
 
 
 def _forget_gguf_origin(model: PreTrainedModel) -> None:

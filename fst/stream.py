@@ -175,7 +175,7 @@ def source_fingerprint(task: TaskConfig) -> str | None:
     if task.name != "jsonl" or not path:
         return None
     if str(path).startswith("s3://"):
-        from fst.store.checkpoints import s3_prefix_fingerprint
+        from fst.store.s3 import s3_prefix_fingerprint
 
         return s3_prefix_fingerprint(str(path))
     p = Path(path)

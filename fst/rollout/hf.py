@@ -79,7 +79,6 @@ class HFRolloutEngine:
             attention[b, L - len(p) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (B, L): 0 at each row's first token
-        stop = torch.tensor(self.stop_ids, device=device)
 
         out = model(
             input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True
@@ -87,19 +86,31 @@ class HFRolloutEngine:
         cache, logits = out.past_key_values, out.logits[:, -1, :]  # (B, V)
         next_pos = positions[:, -1:] + 1  # (B, 1)
 
-        tokens_t, logprobs_t = [], []  # each (B,)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        # Rows that hit a stop token leave the batch (and the KV cache): a finished sequence
+        # costs nothing more, which matters when completion lengths vary a lot.
+        rows = list(range(B))  # original index of each row still decoding
+        ids: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        finished = [False] * B
+        stop_set = set(self.stop_ids)
         for _ in range(params.max_new_tokens):
-            tok, lp = sample_next(logits, params, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            tokens_t.append(tok)
-            logprobs_t.append(lp)
-            done = done | torch.isin(tok, stop)
-            if bool(done.all()):
+            tok, lp = sample_next(logits, params, generator)  # (b,), (b,)
+            keep = []
+            for i, (t, logp) in enumerate(zip(tok.tolist(), lp.tolist(), strict=True)):
+                ids[rows[i]].append(t)
+                lps[rows[i]].append(logp)
+                if t in stop_set:
+                    finished[rows[i]] = True
+                else:
+                    keep.append(i)
+            if not keep:
                 break
-            attention = torch.cat(
-                [attention, torch.ones((B, 1), dtype=attention.dtype, device=device)], dim=1
-            )
+            if len(keep) < len(rows):
+                idx = torch.tensor(keep, device=device)
+                _select_rows(cache, idx)
+                attention, next_pos, tok = attention[idx], next_pos[idx], tok[idx]
+                rows = [rows[i] for i in keep]
+            attention = torch.cat([attention, attention.new_ones((len(rows), 1))], dim=1)
             out = model(
                 input_ids=tok[:, None],
                 attention_mask=attention,
@@ -110,20 +121,16 @@ class HFRolloutEngine:
             cache, logits = out.past_key_values, out.logits[:, -1, :]
             next_pos = next_pos + 1
 
-        tokens = torch.stack(tokens_t, dim=1).cpu()  # (B, T)
-        logprobs = torch.stack(logprobs_t, dim=1).float().cpu()  # (B, T)
-        stop_set = set(self.stop_ids)
         rollouts = []
         for b in range(B):
-            ids, lps, finished = [], [], False
-            for t in range(tokens.shape[1]):
-                ids.append(int(tokens[b, t]))
-                lps.append(float(logprobs[b, t]))
-                if ids[-1] in stop_set:
-                    finished = True
-                    break
-            body = ids[:-1] if finished else ids
+            body = ids[b][:-1] if finished[b] else ids[b]
             text = self.tokenizer.decode(body, skip_special_tokens=True)
-            rollouts.append(Rollout(list(prompts[b]), ids, lps, text, finished))
+            rollouts.append(Rollout(list(prompts[b]), ids[b], lps[b], text, finished[b]))
         model.train(was_training)
         return rollouts
+
+
+def _select_rows(cache: object, idx: torch.Tensor) -> None:
+    """Keep only the batch rows `idx` of a transformers KV cache (in place)."""
+    for layer in cache.layers:
+        layer.batch_select_indices(idx)

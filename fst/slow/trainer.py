@@ -12,6 +12,7 @@ batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -162,7 +163,11 @@ class SlowTrainer:
             # Every group had zero variance: no gradient. Skipping the update keeps Adam's
             # momentum and weight decay from moving the weights on a step without signal.
             metrics["grad_norm"] = 0.0
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule counts RL steps, updated or not; torch warns when the first step
+            # of a run had no update (every group flat), which is expected here.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            self.scheduler.step()
         metrics["updated"] = 1.0 if active else 0.0
         return metrics
 

@@ -1,6 +1,6 @@
 """Checkpoint stores: a checkpoint is a folder of files, committed atomically.
 
-Layout (local folder or, later, an S3 prefix):
+Layout (a local folder here; an S3 prefix in fst/store/s3.py):
     <root>/step-00000010/manifest.json   written LAST; lists every file with size and sha256
     <root>/step-00000010/model/...       a loadable Hugging Face model folder
     <root>/step-00000010/...             optimizer, RNG, trainer state, config
@@ -34,6 +34,12 @@ class CheckpointError(RuntimeError):
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def parse_step_name(name: str) -> int | None:
+    """`step-00000010` -> 10; anything else -> None."""
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -164,8 +170,14 @@ def _fsync_dir(path: Path) -> None:
 
 
 def open_store(uri: str) -> CheckpointStore:
+    """`s3://bucket/prefix` -> S3CheckpointStore (endpoint and keys from the environment);
+    anything else is a local folder."""
     if uri.startswith("s3://"):
-        raise CheckpointError("s3:// checkpoint stores are not available yet")
+        from fst.store.s3 import S3CheckpointStore
+
+        return S3CheckpointStore(uri)
+    if "://" in uri:
+        raise CheckpointError(f"{uri!r}: unsupported checkpoint URI (use s3:// or a folder)")
     return LocalCheckpointStore(uri)
 
 
@@ -183,6 +195,27 @@ def prune(store: CheckpointStore, keep_last: int, keep: set[int] = frozenset()) 
     return doomed
 
 
+def split_checkpoint_uri(uri: str) -> tuple[str, int | None]:
+    """`s3://b/p/step-00000010` -> ("s3://b/p", 10); a store URI alone -> (uri, None),
+    meaning its latest checkpoint."""
+    head, _, last = uri.rstrip("/").rpartition("/")
+    step = parse_step_name(last)
+    if step is None or head.endswith(":/"):  # "s3://step-00000010" is a bucket, not a step
+        return uri.rstrip("/"), None
+    return head, step
+
+
 def fetch_model_dir(uri: str) -> Path:
-    """Download the model of an s3:// checkpoint URI to a local cache; return its folder."""
-    raise CheckpointError(f"{uri}: loading models from s3:// is not available yet")
+    """The local `model/` folder of a checkpoint URI, downloaded to the cache if remote.
+
+    `uri` names one checkpoint (`.../step-00000010`) or a store (its latest checkpoint)."""
+    store_uri, step = split_checkpoint_uri(uri)
+    store = open_store(store_uri)
+    if step is None:
+        step = latest_step(store)
+        if step is None:
+            raise CheckpointError(f"{store_uri}: no complete checkpoint to load a model from")
+    model = store.materialize(step) / "model"
+    if not model.is_dir():
+        raise CheckpointError(f"{uri}: checkpoint of step {step} has no model/ folder")
+    return model

@@ -50,7 +50,10 @@ class DataError(ValueError):
 
 
 class JsonlParams(Schema):
-    path: str = Field(description="Local path of the .jsonl file.")
+    path: str = Field(
+        description="A local .jsonl file, or s3://bucket/key (an object, or a prefix whose "
+        "objects are read in key order)."
+    )
     format: Literal["auto", "gsm8k", "claims", "qa"] = Field(
         "auto", description="Record format; auto detects it from the first record's keys."
     )
@@ -60,9 +63,19 @@ class JsonlParams(Schema):
 
 
 def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for every non-blank line; DataError on any malformed line."""
+    """(line number, object) for every non-blank line; DataError on any malformed line.
+
+    `path` may be an s3:// object, or a prefix whose objects are read in key order."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
+        if str(path).startswith("s3://"):
+            from fst.store.s3 import fetch_text
+
+            try:
+                text = fetch_text(str(path))
+            except Exception as e:  # minio's errors are not OSErrors
+                raise DataError(f"{path}: cannot read from S3: {e}") from e
+        else:
+            text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:

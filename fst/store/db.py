@@ -1,0 +1,611 @@
+"""Run state that is not a checkpoint: runs and their writer lease, task-stream stages, prompt
+population versions, metrics and events. SQLite on one machine, Postgres in a cluster.
+
+The schema is owned by the Alembic migrations in fst/store/migrations (shipped inside the
+package); `RunDB.upgrade()` applies them. The mappings below must match the latest migration.
+
+One writer per run: `acquire_run` takes a lease with a single conditional UPDATE (free, or its
+holder's heartbeat expired), which the database serializes, so two trainers on one run get a
+`RunLockedError` instead of interleaving their writes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from fst.fast.population import PromptRecord
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+DEFAULT_LEASE_S = 60.0
+MIGRATION_LOCK = 0x46535431  # any fixed number; "FST1"
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run's writer lease."""
+
+
+class UnknownRunError(KeyError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend. SQLite has no time zones: store naive
+    UTC there (its text form then sorts and compares correctly), and re-attach UTC on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+# Constraint names fixed by convention, identical on every backend: migrations can name them.
+NAMING = {
+    "pk": "pk_%(table_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    config: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    writer: Mapped[str | None] = mapped_column(String(200))  # lease token of the live writer
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Stage(Base):
+    __tablename__ = "stages"
+    __table_args__ = (UniqueConstraint("stream", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stream: Mapped[str] = mapped_column(String(63))
+    index: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(63))
+    run_name: Mapped[str] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16))
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text)
+    population_version: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class PromptPopulation(Base):
+    """One version of a run's prompt population; versions are only ever appended (and cut
+    back on resume)."""
+
+    __tablename__ = "prompt_populations"
+    __table_args__ = (UniqueConstraint("run_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    round: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    members: Mapped[list[dict[str, Any]]] = mapped_column(JSONType)
+
+
+class Metric(Base):
+    """One value per (run, step, name); the primary key is also the (run, step) index."""
+
+    __tablename__ = "metrics"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    value: Mapped[float | None] = mapped_column(Float)  # NULL for NaN/inf (SQLite cannot)
+
+
+class Event(Base):
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+
+
+# ----------------------------------------------------------------------------- plain results
+
+
+@dataclass(frozen=True)
+class PopulationVersion:
+    version: int
+    round: int
+    step: int
+    created_at: datetime
+    members: list[PromptRecord]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    stream: str
+    index: int
+    name: str
+    run_name: str
+    status: str
+    checkpoint_uri: str | None
+    population_version: int | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+def member_dict(record: PromptRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "text": record.text,
+        "parents": list(record.parents),
+        "born_round": record.born_round,
+        "val_scores": dict(record.val_scores),
+        "scored_round": record.scored_round,
+    }
+
+
+# ----------------------------------------------------------------------------- connection
+
+
+def database_url(url: str | None = None, default_path: Path | str | None = None) -> str:
+    """The SQLAlchemy URL to use: `url`, else $FST_DATABASE_URL, else SQLite at `default_path`.
+
+    A plain path means a SQLite file; `postgresql://` picks the psycopg 3 driver."""
+    value = url or os.environ.get("FST_DATABASE_URL") or (str(default_path) if default_path else "")
+    if not value:
+        raise ValueError("no database: pass a URL or path, or set FST_DATABASE_URL")
+    if "://" not in value:
+        return f"sqlite:///{Path(value).expanduser().resolve()}"
+    for plain in ("postgresql://", "postgres://"):
+        if value.startswith(plain):
+            return "postgresql+psycopg://" + value[len(plain) :]
+    return value
+
+
+def make_engine(url: str) -> Engine:
+    url = database_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Enforce foreign keys (off by default in SQLite); WAL lets readers run beside the writer.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.close()
+
+
+# ----------------------------------------------------------------------------- API
+
+
+class RunDB:
+    """The run database. Every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = database_url(url)
+        self.engine = make_engine(self.url)
+        self.session = sessionmaker(self.engine, expire_on_commit=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> RunDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ schema
+
+    def alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        # ConfigParser interpolation: a literal % in a password must be doubled.
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Bring the schema to `revision` with the packaged migrations."""
+        self._migrate("upgrade", revision)
+
+    def downgrade(self, revision: str = "base") -> None:
+        self._migrate("downgrade", revision)
+
+    def _migrate(self, direction: str, revision: str) -> None:
+        from alembic import command
+
+        cfg = self.alembic_config()
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Trainer pods starting together all call upgrade(): one migrates, the others
+                # wait here (the lock ends with the transaction), then find nothing to do.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+            cfg.attributes["connection"] = conn
+            getattr(command, direction)(cfg, revision)
+
+    def schema_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # ------------------------------------------------------------------ runs and leases
+
+    def acquire_run(
+        self, name: str, mode: str, config: dict[str, Any], lease_s: float = DEFAULT_LEASE_S
+    ) -> Lease:
+        """Become the run's only writer (creating the run if new). Raises RunLockedError if
+        another writer holds it and its last heartbeat is younger than `lease_s`."""
+        self._ensure_run(name, mode, config)
+        token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        t = now()
+        stale = self._dead_local_writer(name)
+        with self.session.begin() as s:
+            taken = s.execute(
+                update(Run)
+                .where(Run.name == name)
+                .where(
+                    or_(
+                        Run.writer.is_(None),
+                        Run.heartbeat_at.is_(None),
+                        Run.heartbeat_at < t - timedelta(seconds=lease_s),
+                        Run.writer == stale,
+                    )
+                )
+                .values(
+                    writer=token,
+                    heartbeat_at=t,
+                    status="running",
+                    mode=mode,
+                    config=config,
+                    updated_at=t,
+                )
+            ).rowcount
+        if taken != 1:
+            raise RunLockedError(self._locked_message(name, lease_s))
+        return Lease(self, name, token)
+
+    def _ensure_run(self, name: str, mode: str, config: dict[str, Any]) -> None:
+        t = now()
+        try:
+            with self.session.begin() as s:
+                if s.scalar(select(Run.id).where(Run.name == name)) is None:
+                    s.add(
+                        Run(
+                            name=name,
+                            mode=mode,
+                            config=config,
+                            status="created",
+                            created_at=t,
+                            updated_at=t,
+                        )
+                    )
+        except IntegrityError:
+            pass  # created concurrently by another process: fine, it exists now
+
+    def _dead_local_writer(self, name: str) -> str | None:
+        """The run's writer token if that writer was a process on THIS host that no longer
+        exists (killed before it could release): its lease need not be waited out. Writers on
+        other hosts (other pods) are only ever taken over once their heartbeat expires."""
+        with self.session() as s:
+            writer = s.scalar(select(Run.writer).where(Run.name == name))
+        if not writer:
+            return None
+        host, _, rest = writer.partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return None
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return writer
+        except PermissionError:
+            return None  # alive, owned by another user
+        return None
+
+    def _locked_message(self, name: str, lease_s: float) -> str:
+        with self.session() as s:
+            run = s.scalar(select(Run).where(Run.name == name))
+        if run is None or run.heartbeat_at is None:
+            return f"run {name!r} is held by another writer"
+        age = (now() - run.heartbeat_at).total_seconds()
+        return (
+            f"run {name!r} is being written by {run.writer} (last heartbeat {age:.0f}s ago; "
+            f"the lease expires {max(lease_s - age, 0):.0f}s after its heartbeats stop). "
+            "Stop that trainer first: two writers on one run are refused."
+        )
+
+    def run_info(self, name: str) -> dict[str, Any] | None:
+        with self.session() as s:
+            run = s.scalar(select(Run).where(Run.name == name))
+            if run is None:
+                return None
+            cols = ("name", "mode", "config", "status", "created_at", "updated_at", "writer")
+            return {c: getattr(run, c) for c in (*cols, "heartbeat_at")}
+
+    def _run_id(self, s: Session, name: str) -> int:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        if run_id is None:
+            raise UnknownRunError(f"no run named {name!r} in the database")
+        return run_id
+
+    # ------------------------------------------------------------------ metrics
+
+    def log_metrics(self, run: str, step: int, values: dict[str, Any]) -> None:
+        """Record the numeric entries of `values` for `step` (others are skipped)."""
+        with self.session.begin() as s:
+            run_id = self._run_id(s, run)
+            for name, value in values.items():
+                if isinstance(value, bool | int | float):
+                    v = float(value)
+                    s.merge(Metric(run_id=run_id, step=step, name=name, value=_finite(v)))
+
+    def metrics(self, run: str) -> dict[int, dict[str, float | None]]:
+        """step -> {name: value}, steps ascending."""
+        with self.session() as s:
+            rows = s.execute(
+                select(Metric.step, Metric.name, Metric.value)
+                .where(Metric.run_id == self._run_id(s, run))
+                .order_by(Metric.step, Metric.name)
+            ).all()
+        out: dict[int, dict[str, float | None]] = {}
+        for step, name, value in rows:
+            out.setdefault(step, {})[name] = value
+        return out
+
+    def truncate_after(self, run: str, step: int) -> None:
+        """Forget metrics and population versions of steps after `step` (a resume from the
+        checkpoint of `step` will redo them). Events are history and stay."""
+        with self.session.begin() as s:
+            run_id = self._run_id(s, run)
+            s.execute(delete(Metric).where(Metric.run_id == run_id, Metric.step > step))
+            s.execute(
+                delete(PromptPopulation).where(
+                    PromptPopulation.run_id == run_id, PromptPopulation.step > step
+                )
+            )
+
+    # ------------------------------------------------------------------ populations
+
+    def save_population(self, run: str, round: int, step: int, members: list[PromptRecord]) -> int:
+        """Append a new version of the run's population; return its version number."""
+        with self.session.begin() as s:
+            run_id = self._run_id(s, run)
+            last = s.scalar(
+                select(func.max(PromptPopulation.version)).where(PromptPopulation.run_id == run_id)
+            )
+            version = (last or 0) + 1
+            s.add(
+                PromptPopulation(
+                    run_id=run_id,
+                    version=version,
+                    round=round,
+                    step=step,
+                    created_at=now(),
+                    members=[member_dict(m) for m in members],
+                )
+            )
+        return version
+
+    def populations(self, run: str) -> list[PopulationVersion]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(PromptPopulation)
+                .where(PromptPopulation.run_id == self._run_id(s, run))
+                .order_by(PromptPopulation.version)
+            ).all()
+        return [_population(r) for r in rows]
+
+    def latest_population(self, run: str) -> PopulationVersion | None:
+        with self.session() as s:
+            row = s.scalar(
+                select(PromptPopulation)
+                .where(PromptPopulation.run_id == self._run_id(s, run))
+                .order_by(PromptPopulation.version.desc())
+                .limit(1)
+            )
+        return _population(row) if row is not None else None
+
+    # ------------------------------------------------------------------ events
+
+    def log_event(self, run: str, kind: str, message: str) -> None:
+        with self.session.begin() as s:
+            s.add(Event(run_id=self._run_id(s, run), at=now(), kind=kind, message=message))
+
+    def events(self, run: str) -> list[tuple[datetime, str, str]]:
+        with self.session() as s:
+            rows = s.execute(
+                select(Event.at, Event.kind, Event.message)
+                .where(Event.run_id == self._run_id(s, run))
+                .order_by(Event.id)
+            ).all()
+        return [tuple(r) for r in rows]
+
+    # ------------------------------------------------------------------ stages
+
+    def start_stage(self, stream: str, index: int, name: str, run_name: str) -> None:
+        """Mark stage `index` of `stream` running (creating it, or restarting it)."""
+        with self.session.begin() as s:
+            stage = s.scalar(select(Stage).where(Stage.stream == stream, Stage.index == index))
+            if stage is None:
+                stage = Stage(stream=stream, index=index)
+                s.add(stage)
+            stage.name, stage.run_name, stage.status = name, run_name, "running"
+            stage.started_at, stage.finished_at = now(), None
+
+    def finish_stage(
+        self,
+        stream: str,
+        index: int,
+        status: str = "succeeded",
+        checkpoint_uri: str | None = None,
+        population_version: int | None = None,
+    ) -> None:
+        with self.session.begin() as s:
+            stage = s.scalar(select(Stage).where(Stage.stream == stream, Stage.index == index))
+            if stage is None:
+                raise KeyError(f"stream {stream!r} has no stage {index}")
+            stage.status, stage.finished_at = status, now()
+            stage.checkpoint_uri = checkpoint_uri
+            stage.population_version = population_version
+
+    def stages(self, stream: str) -> list[StageInfo]:
+        with self.session() as s:
+            rows = s.scalars(
+                select(Stage).where(Stage.stream == stream).order_by(Stage.index)
+            ).all()
+        return [
+            StageInfo(
+                r.stream,
+                r.index,
+                r.name,
+                r.run_name,
+                r.status,
+                r.checkpoint_uri,
+                r.population_version,
+                r.started_at,
+                r.finished_at,
+            )
+            for r in rows
+        ]
+
+
+class Lease:
+    """The writer lease on one run. Keep it alive with `heartbeat()` (or `keep_alive()`, a
+    background thread) more often than the lease length; `release()` when done."""
+
+    def __init__(self, db: RunDB, run: str, token: str) -> None:
+        self.db, self.run, self.token = db, run, token
+        self.lost: str | None = None  # why the lease was lost, if it was
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def heartbeat(self) -> None:
+        """Refresh the lease; RunLockedError if someone took it over (ours had expired)."""
+        with self.db.session.begin() as s:
+            t = now()
+            n = s.execute(
+                update(Run)
+                .where(Run.name == self.run, Run.writer == self.token)
+                .values(heartbeat_at=t, updated_at=t)
+            ).rowcount
+        if n != 1:
+            self.lost = f"run {self.run!r}: lease {self.token} was lost (it expired and was taken)"
+            raise RunLockedError(self.lost)
+
+    def check(self) -> None:
+        """Raise if the background heartbeat found the lease lost (call before writing)."""
+        if self.lost:
+            raise RunLockedError(self.lost)
+
+    def keep_alive(self, every_s: float = DEFAULT_LEASE_S / 4) -> None:
+        def beat() -> None:
+            while not self._stop.wait(every_s):
+                try:
+                    self.heartbeat()
+                except RunLockedError:
+                    return
+                except Exception:  # a database blip: try again at the next beat
+                    continue
+
+        self._thread = threading.Thread(target=beat, name=f"lease-{self.run}", daemon=True)
+        self._thread.start()
+
+    def release(self, status: str = "stopped") -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self.db.session.begin() as s:
+            s.execute(
+                update(Run)
+                .where(Run.name == self.run, Run.writer == self.token)
+                .values(writer=None, heartbeat_at=None, status=status, updated_at=now())
+            )
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.release("failed" if exc_type else "stopped")
+
+
+def _finite(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def _population(row: PromptPopulation) -> PopulationVersion:
+    return PopulationVersion(
+        row.version,
+        row.round,
+        row.step,
+        row.created_at,
+        [PromptRecord.from_dict(m) for m in row.members],
+    )
