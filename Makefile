@@ -1,6 +1,6 @@
 # fastslow — one entry point for humans and CI.
 #
-#   make run     install, then run the main job (the example task stream) on this machine
+#   make run     install, then run the main job: the example task stream, on this machine
 #   make test    install, then run the whole test suite (what .ci/run calls)
 #
 # Python packages go into a virtualenv OUTSIDE the repo ($(FST_CACHE)/venv), reused across
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 run: install
-	$(VENV)/bin/fst train -c examples/train-rl.yaml --resume
+	$(VENV)/bin/fst stream examples/taskstream.yaml
 
 # Test servers: PostgreSQL from Debian's packages (installed if missing), MinIO built from
 # its Go module into $(FST_CACHE)/bin once (about 5 minutes on 2 cores; FST_MINIO_BIN skips it).

@@ -1,0 +1,82 @@
+"""Save + upload of a real SmolLM2 checkpoint: MinIO (S3) against a local folder, side by side.
+
+    python bench/storage_save.py [--repeats 3]
+
+Starts a MinIO server on loopback (tests/servers.py builds it once into the cache), writes the
+same checkpoint files (model safetensors + tokenizer, optimizer, RNG, state) through both
+stores, alternating, and reports the median wall time of each and their ratio. Also times a
+load (materialize) from each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fst.config import SlowConfig, TrainConfig  # noqa: E402
+from fst.model import load_policy, load_tokenizer  # noqa: E402
+from fst.run_state import write_checkpoint_files  # noqa: E402
+from fst.slow.trainer import SlowTrainer  # noqa: E402
+from fst.store.checkpoints import LocalCheckpointStore  # noqa: E402
+from fst.store.s3 import S3CheckpointStore  # noqa: E402
+from tests.servers import minio_server  # noqa: E402
+
+
+def save(store, step: int, cfg, model, tok, trainer, gen) -> float:
+    t0 = time.perf_counter()
+    staging = store.staging_dir()
+    write_checkpoint_files(staging, cfg, model, tok, trainer, gen, {"step": step})
+    store.commit(step, staging, {})
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    cfg = TrainConfig(task={"name": "arithmetic"})
+    tok, model = load_tokenizer(cfg.model), load_policy(cfg.model)
+    trainer = SlowTrainer(model, SlowConfig(), 1.0, pad_id=0)
+    # One real optimizer step so the AdamW state (2x the weights) is in the checkpoint.
+    for p in trainer.params:
+        p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp, minio_server() as minio:
+        os.environ.update(minio.env())
+        os.environ["FST_CACHE"] = str(Path(tmp) / "cache")
+        local = LocalCheckpointStore(Path(tmp) / "local")
+        s3 = S3CheckpointStore("s3://fst-test/bench")
+        times: dict[str, list[float]] = {"local": [], "s3": []}
+        load: dict[str, list[float]] = {"local": [], "s3": []}
+        for i in range(args.repeats):
+            for name, store in (("local", local), ("s3", s3)):
+                times[name].append(save(store, i + 1, cfg, model, tok, trainer, gen))
+                t0 = time.perf_counter()
+                if name == "s3":
+                    import shutil
+
+                    shutil.rmtree(Path(tmp) / "cache", ignore_errors=True)  # a cold download
+                store.materialize(i + 1)
+                load[name].append(time.perf_counter() - t0)
+        size = sum(f["size"] for f in local.manifest(1)["files"].values())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lmed = {k: statistics.median(v) for k, v in load.items()}
+    print(f"checkpoint size {size / 2**20:.0f} MiB, {args.repeats} saves each, medians:")
+    print(f"  save  local {med['local']:.2f} s   s3 {med['s3']:.2f} s   "
+          f"ratio s3/local {med['s3'] / med['local']:.2f}")
+    print(f"  load  local {lmed['local']:.2f} s   s3 {lmed['s3']:.2f} s   "
+          f"ratio s3/local {lmed['s3'] / lmed['local']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
