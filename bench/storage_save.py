@@ -20,15 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fst.config import SlowConfig, TrainConfig  # noqa: E402
-from fst.model import load_policy, load_tokenizer  # noqa: E402
-from fst.run_state import write_checkpoint_files  # noqa: E402
-from fst.slow.trainer import SlowTrainer  # noqa: E402
-from fst.store.checkpoints import LocalCheckpointStore  # noqa: E402
-from fst.store.s3 import S3CheckpointStore  # noqa: E402
-from tests.servers import minio_server  # noqa: E402
+from fst.config import SlowConfig, TrainConfig
+from fst.model import load_policy, load_tokenizer
+from fst.run_state import write_checkpoint_files
+from fst.slow.trainer import SlowTrainer
+from fst.store.checkpoints import LocalCheckpointStore
+from fst.store.s3 import S3CheckpointStore
+from tests.servers import minio_server
 
 
 def save(store, step: int, cfg, model, tok, trainer, gen) -> float:
@@ -72,10 +72,14 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     lmed = {k: statistics.median(v) for k, v in load.items()}
     print(f"checkpoint size {size / 2**20:.0f} MiB, {args.repeats} saves each, medians:")
-    print(f"  save  local {med['local']:.2f} s   s3 {med['s3']:.2f} s   "
-          f"ratio s3/local {med['s3'] / med['local']:.2f}")
-    print(f"  load  local {lmed['local']:.2f} s   s3 {lmed['s3']:.2f} s   "
-          f"ratio s3/local {lmed['s3'] / lmed['local']:.2f}")
+    print(
+        f"  save  local {med['local']:.2f} s   s3 {med['s3']:.2f} s   "
+        f"ratio s3/local {med['s3'] / med['local']:.2f}"
+    )
+    print(
+        f"  load  local {lmed['local']:.2f} s   s3 {lmed['s3']:.2f} s   "
+        f"ratio s3/local {lmed['s3'] / lmed['local']:.2f}"
+    )
 
 
 if __name__ == "__main__":
