@@ -296,8 +296,16 @@ def score_qa(answers: str | list[str], completion: str) -> Score:
         return Score(
             0.0, f"No answer found; give the final answer inside \\boxed{{}}. Expected {expected}."
         )
-    if normalize_answer(got) in {normalize_answer(a) for a in accepted}:
+    wanted = {normalize_answer(a) for a in accepted}
+    if normalize_answer(got) in wanted:
         return Score(1.0, f"Correct: {got!r}.")
+    # Without a box, a final sentence that ENDS with the answer counts ("The capital of
+    # Portugal is Lisbon."): exact match on an unformatted sentence would score a right
+    # answer as wrong. A boxed answer is held to exact match.
+    if extract_boxed(completion) is None and any(
+        w and (normalize_answer(got) + " ").endswith(" " + w + " ") for w in wanted
+    ):
+        return Score(1.0, f"Correct: {got!r} (put the bare answer in \\boxed{{}} next time).")
     return Score(0.0, f"Wrong answer: expected {expected}, got {got!r}.")
 
 

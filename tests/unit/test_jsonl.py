@@ -179,6 +179,13 @@ def test_score_qa_and_normalize() -> None:
     assert score_qa("Paris", "").reward == 0.0
     assert "No answer found" in score_qa("Paris", "\\boxed{ }").feedback
     assert score_qa(["a", "Rome"], "The answer is \\boxed{rome}").reward == 1.0
+    # An unboxed final sentence ending with the answer counts; one that merely mentions it
+    # elsewhere, or a boxed sentence, does not.
+    assert score_qa("Lisbon", "The capital of Portugal is Lisbon.").reward == 1.0
+    assert score_qa("Lisbon", "Lisbon? No, the capital is Porto.").reward == 0.0
+    assert score_qa("Lisbon", "\\boxed{The capital is Lisbon}").reward == 0.0
+    assert score_qa("New Delhi", "It is New Delhi.").reward == 1.0
+    assert score_qa("Delhi", "It is NewDelhi.").reward == 0.0
 
 
 # ----------------------------------------------------------------------------- errors
