@@ -32,12 +32,16 @@ run: install
 	$(VENV)/bin/fst stream examples/taskstream.yaml
 
 # Test servers: PostgreSQL from Debian's packages (installed if missing), MinIO built from
-# its Go module into $(FST_CACHE)/bin once (about 5 minutes on 2 cores; FST_MINIO_BIN skips it).
+# its Go module into $(FST_CACHE)/bin once (about 5 minutes on 2 cores; FST_MINIO_BIN skips it),
+# and a Kubernetes control plane (docs/testing-k8s.md).
 test-deps: install
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  echo "installing PostgreSQL (Debian package postgresql)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
+	# The test Kubernetes control plane (etcd, kube-apiserver, -controller-manager,
+	# -scheduler, kwok, helm) from Go modules into $(FST_CACHE)/k8s once: ~15 min cold.
+	@$(PY) -m tests.k8s.binaries
 
 test: test-deps
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \

@@ -1,0 +1,63 @@
+"""pytest fixtures for the test Kubernetes control plane (tests/k8s/cluster.py).
+
+Use from a test module with `pytest_plugins = ["tests.k8s.fixtures"]`. A control plane that
+cannot be built or started FAILS the tests that need it, never skips them. When a test that
+used it fails, the tail of every component's log is added to that test's report, and the
+cluster's folder (certs, kubeconfig, full logs) is kept and named at the end of the run.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.k8s.binaries import BinaryUnavailable
+from tests.k8s.cluster import ClusterError, TestCluster, test_cluster
+
+_kept: list[str] = []
+_clusters: list[TestCluster] = []
+
+
+@pytest.fixture(scope="session")
+def k8s_cluster(request: pytest.FixtureRequest) -> Iterator[TestCluster]:
+    manager = test_cluster()
+    try:
+        cluster = manager.__enter__()
+    except (BinaryUnavailable, ClusterError) as e:
+        problem = str(e)
+    else:
+        problem = None
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)  # outside `except`: no chained traceback
+    _clusters.append(cluster)
+    try:
+        yield cluster
+    finally:
+        if request.session.testsfailed:
+            cluster.keep_logs = True
+            _kept.append(str(cluster.root))
+        _clusters.remove(cluster)
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture
+def k8s_namespace(k8s_cluster: TestCluster, request: pytest.FixtureRequest) -> str:
+    """A fresh namespace named after the test (left in place: the cluster is throwaway)."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
+    return k8s_cluster.create_namespace(f"{stem}-{uuid.uuid4().hex[:5]}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    if report.failed and "k8s_cluster" in getattr(item, "fixturenames", ()) and _clusters:
+        report.sections.append(("kubernetes component logs", _clusters[0].describe_failure()))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for root in _kept:
+        terminalreporter.write_line(f"kept test cluster folder (logs, kubeconfig): {root}")
