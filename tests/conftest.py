@@ -17,6 +17,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 TIMING_KEYS = ("_s", "_per_s", "fast_time_share")
 
 
+@pytest.fixture
+def tiny_llama():
+    """A small randomly initialised Llama: the same code path as SmolLM2, in milliseconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
 def tiny_config(tmp_path: Path, **overrides) -> dict:
     """A run small enough for a test: SmolLM2 on CPU, a few short steps."""
     cfg = {

@@ -12,6 +12,7 @@ batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -166,7 +167,7 @@ class SlowTrainer:
         with warnings.catch_warnings():
             # The schedule counts RL steps, updated or not; torch warns when the first step
             # of a run had no update (every group flat), which is expected here.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
         metrics["updated"] = 1.0 if active else 0.0
         return metrics

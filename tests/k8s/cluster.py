@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from kubernetes.client.rest import ApiException
 from tests.k8s import binaries
 from tests.k8s.pki import CertFiles, CertificateAuthority, service_account_keys
 from tests.k8s.process_kubelet import pod_log
+from tests.servers import free_port, log_tail
 
 HERE = Path(__file__).resolve().parent
 KWOK_STAGES = HERE / "kwok-stages.yaml"
@@ -58,19 +58,6 @@ START_TIMEOUT = 120.0
 
 class ClusterError(RuntimeError):
     """The control plane could not start; the message holds the failing component's log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: Path, chars: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-chars:]
-    except OSError:
-        return "(no log)"
 
 
 @dataclass

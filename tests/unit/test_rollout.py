@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fst.metrics import kl_to_base
 from fst.rollout import SamplingParams
@@ -22,18 +21,8 @@ class Tok:
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+def model(tiny_llama):
+    return tiny_llama
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from fst.config import SlowConfig
 from fst.rollout import Rollout
@@ -12,18 +11,8 @@ from fst.slow.trainer import SlowTrainer, pack, token_logprobs
 
 
 @pytest.fixture
-def model():
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=50,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+def model(tiny_llama):
+    return tiny_llama
 
 
 def rollouts_from(model, prompts, completions):
