@@ -230,7 +230,9 @@ def gepa_round(run: Run) -> dict[str, Any]:
     )
     run.population = result.population
     run.fast_s += result.seconds
-    run.sink.write_population(run.step, round_idx, run.population, result.candidates)
+    # Recorded under the step it precedes (run.step + 1): a checkpoint at run.step was saved
+    # BEFORE this round, so a resume from it must drop this record and run the round again.
+    run.sink.write_population(run.step + 1, round_idx, run.population, result.candidates)
     scores = [p.mean_score for p in run.population]
     log.info(
         "GEPA round %d: %d candidates (%d new), population %d, best val %.3f, %.0f s",

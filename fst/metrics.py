@@ -101,7 +101,7 @@ class MetricsSink:
     def write_population(
         self, step: int, round_idx: int, population: list[Any], candidates: list[Any]
     ) -> None:
-        """Append a GEPA round (run before step `step + 1`): the population it kept and every
+        """Append a GEPA round that ran before step `step`: the population it kept and every
         candidate it saw (so the lineage of each member can be traced)."""
         record = {
             "step": step,
