@@ -92,15 +92,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_folder(cfg: TrainConfig, which: str) -> Path:
-    from fst.store.checkpoints import latest_step, open_store
+    from fst.loop import latest_checkpoint
 
     if which != "latest":
         return Path(which)
-    store = open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
-    step = latest_step(store)
-    if step is None:
-        raise ConfigError(f"no checkpoint found in {store.uri}; train first or use --checkpoint")
-    return store.materialize(step)
+    folder = latest_checkpoint(cfg)
+    if folder is None:
+        raise ConfigError(f"run {cfg.run!r} has no checkpoint; train first or use --checkpoint")
+    return folder
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

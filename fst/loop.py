@@ -162,7 +162,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
     stop = stop_token_ids(tokenizer, policy)
     engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
-    store = open_store(cfg.checkpoint.uri or str(run_dir / "checkpoints"))
+    store = checkpoint_store(cfg)
     sink = MetricsSink(run_dir, cfg.metrics.tensorboard, db, cfg.run)
     run = Run(
         cfg,
@@ -327,6 +327,18 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
     uri = run.store.commit(run.step, staging, {"run": run.cfg.run, "mode": run.cfg.mode})
     prune(run.store, run.cfg.checkpoint.keep_last)
     return uri
+
+
+def checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
+    """The run's checkpoint store: `checkpoint.uri`, default <outputDir>/<run>/checkpoints."""
+    return open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
+
+
+def latest_checkpoint(cfg: TrainConfig) -> Path | None:
+    """A local folder with the run's latest complete checkpoint, or None if it has none."""
+    store = checkpoint_store(cfg)
+    step = latest_step(store)
+    return None if step is None else store.materialize(step)
 
 
 def restore_latest(run: Run) -> dict[str, Any] | None:

@@ -304,8 +304,8 @@ class StreamRunner:
         trained = load_policy(spec.model)
         load_weights_into(trained, folder)
         stop = stop_token_ids(tok, trained)
-        max_new = stage_config(self.stream, self._stage(entry["stage"]), entry["run"]).rollout
-        max_new_tokens = max_new.max_new_tokens
+        cfg = stage_config(self.stream, self._stage(entry["stage"]), entry["run"])
+        max_new_tokens = cfg.rollout.max_new_tokens
         best = ckpt_state["population"][0]["text"]
         trained_engine = HFRolloutEngine(trained, tok, stop)
         retention = {}
@@ -314,13 +314,11 @@ class StreamRunner:
             if e["stage"] in seen or (e["status"] != "succeeded" and e is not entry):
                 continue
             seen.append(e["stage"])
-            cfg = stage_config(self.stream, self._stage(e["stage"]), e["run"])
-            task = load_task(cfg)
+            task = load_task(stage_config(self.stream, self._stage(e["stage"]), e["run"]))
             res = evaluate_prompt(
                 trained_engine, tok, task, task.problems("test")[:n], best, max_new_tokens
             )
             retention[e["stage"]] = res.pass_rate
-        cfg = stage_config(self.stream, self._stage(entry["stage"]), entry["run"])
         task = load_task(cfg)
         dec = channel_decomposition(
             HFRolloutEngine(self._base, tok, stop),
@@ -343,13 +341,11 @@ class StreamRunner:
 
 
 def _final_checkpoint(cfg: TrainConfig) -> tuple[Path, dict[str, Any]]:
-    from fst.store.checkpoints import latest_step, open_store
+    from fst.loop import latest_checkpoint
 
-    store = open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
-    step = latest_step(store)
-    if step is None:
-        raise RuntimeError(f"run {cfg.run} finished without a checkpoint in {store.uri}")
-    folder = store.materialize(step)
+    folder = latest_checkpoint(cfg)
+    if folder is None:
+        raise RuntimeError(f"run {cfg.run} finished without a checkpoint")
     return folder, json.loads((folder / "state.json").read_text())
 
 

@@ -61,6 +61,24 @@ def task():
     return build_task(TaskConfig(name="arithmetic", train_size=64, val_size=12, test_size=4))
 
 
+def scripted_round(task, tmp_path, population, round_idx, top_k, metric_calls, **reflector):
+    """One GEPA round of the ScriptedEngine policy; `reflector` is reflection_lm= or proposer=."""
+    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+    return run_gepa_round(
+        population=population,
+        adapter=adapter,
+        val_problems=task.problems("val"),
+        train_problems=task.problems("train"),
+        round_idx=round_idx,
+        top_k=top_k,
+        metric_calls=metric_calls,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        **reflector,
+    )
+
+
 # ----------------------------------------------------------------------------- pure parts
 
 
@@ -119,20 +137,7 @@ def test_scripted_reflection_better_prompt_accepted_worse_rejected(task, tmp_pat
         return f"```\n{next(proposals)}\n```"
 
     seed = PromptRecord("You are a helpful assistant.")
-    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
-    result = run_gepa_round(
-        population=[seed],
-        adapter=adapter,
-        val_problems=task.problems("val"),
-        train_problems=task.problems("train"),
-        round_idx=1,
-        top_k=4,
-        metric_calls=40,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        reflection_lm=reflection_lm,
-    )
+    result = scripted_round(task, tmp_path, [seed], 1, 4, 40, reflection_lm=reflection_lm)
     texts = [c.text for c in result.candidates]
     assert len(asked) >= 2, "GEPA should have reflected at least twice"
     assert better in texts, "the better prompt must be accepted into GEPA's pool"
@@ -147,20 +152,7 @@ def test_round_continues_from_the_population_not_the_seed(task, tmp_path):
     """A second round starts with both prompts of the first, re-scored under the policy."""
     a = PromptRecord("plain prompt")
     b = PromptRecord("BOXED prompt", parents=[a.id], born_round=1)
-    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
-    result = run_gepa_round(
-        population=[b, a],
-        adapter=adapter,
-        val_problems=task.problems("val"),
-        train_problems=task.problems("train"),
-        round_idx=2,
-        top_k=2,
-        metric_calls=8,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        proposer=DigestProposer(),
-    )
+    result = scripted_round(task, tmp_path, [b, a], 2, 2, 8, proposer=DigestProposer())
     assert [c.text for c in result.candidates[:2]] == [b.text, a.text]
     assert all(c.scored_round == 2 for c in result.candidates)
     assert result.population[0].text == b.text

@@ -10,12 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from fst.config import ReflectorConfig, TaskConfig
-from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
 from fst.fast.population import PromptRecord
 from fst.fast.reflectors import OpenAIReflector
-from fst.rollout import SamplingParams
 from fst.tasks import build_task
-from tests.unit.test_fast import CharTokenizer, ScriptedEngine
+from tests.unit.test_fast import scripted_round
 
 
 class ChatServer:
@@ -104,20 +102,7 @@ def test_gepa_round_with_the_openai_reflector(server_factory, tmp_path):
     srv = server_factory([(200, f"Here is the new instruction:\n```\n{better}\n```")] * 8)
     task = build_task(TaskConfig(name="arithmetic", train_size=64, val_size=12, test_size=4))
     seed = PromptRecord("You are a helpful assistant.")
-    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
-    result = run_gepa_round(
-        population=[seed],
-        adapter=adapter,
-        val_problems=task.problems("val"),
-        train_problems=task.problems("train"),
-        round_idx=1,
-        top_k=2,
-        metric_calls=24,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        reflection_lm=reflector(srv.url),
-    )
+    result = scripted_round(task, tmp_path, [seed], 1, 2, 24, reflection_lm=reflector(srv.url))
     assert srv.requests, "GEPA must have asked the reflector"
     prompt_sent = srv.requests[0]["body"]["messages"][0]["content"]
     assert seed.text in prompt_sent  # GEPA's reflection prompt carries the current instruction
