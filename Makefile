@@ -9,7 +9,8 @@
 FST_CACHE ?= $(HOME)/.cache/fastslow
 VENV      ?= $(FST_CACHE)/venv
 PY        := $(VENV)/bin/python
-STAMP     := $(VENV)/.fastslow-$(shell cat pyproject.toml | sha256sum | cut -c1-16)
+# The stamp names pyproject.toml AND this checkout: the editable install must point here.
+STAMP     := $(VENV)/.fastslow-$(shell (cat pyproject.toml; pwd) | sha256sum | cut -c1-16)
 PYTEST_ARGS ?=
 
 export FST_CACHE
