@@ -16,6 +16,7 @@ weights never change (rollouts are still sampled and scored, to measure the rewa
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import random
@@ -399,13 +400,20 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
             run.sink.truncate_after(0)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        _loop(run, progress, lease)
+        _loop(run, progress, lease, db)
         db.log_event(cfg.run, "finished", f"step {run.step}")
         lease.release("finished")
         finished = True
         return run_dir
     except RunLockedError as e:
         raise RunError(str(e)) from None
+    except BaseException as e:
+        # The run's last error, where the operator (and `fst` users) can read it: a pod's
+        # log is gone with the pod, the database row is not.
+        if lease is not None:
+            with contextlib.suppress(Exception):
+                db.log_event(cfg.run, "error", f"{type(e).__name__}: {e}"[:2000])
+        raise
     finally:
         if lease is not None and not finished:
             lease.release("failed")
@@ -413,7 +421,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         lock.release()
 
 
-def _loop(run: Run, progress: bool, lease: Lease) -> None:
+def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
     cfg = run.cfg
     bar = tqdm(
         total=cfg.steps,
@@ -444,6 +452,7 @@ def _loop(run: Run, progress: bool, lease: Lease) -> None:
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
             lease.check()  # never write a checkpoint after losing the run to another writer
             uri = save_checkpoint(run)
+            db.log_event(cfg.run, "checkpoint", uri)  # the operator mirrors it into status
             log.info("step %d: checkpoint %s", run.step, uri)
     bar.close()
     run.sink.close()
