@@ -176,6 +176,14 @@ class MetricsConfig(Schema):
     )
     kl_every: int = Field(1, gt=0, description="Measure KL every N steps.")
     tensorboard: bool = Field(False, description="Also write TensorBoard event files.")
+    eval_every: int = Field(
+        0,
+        ge=0,
+        description="Every N steps (and at step 0), greedy pass rate of the current weights "
+        "with the population's best prompt on held-out test problems: the learning curve. "
+        "0 = off (it costs a greedy generation of evalProblems sequences).",
+    )
+    eval_problems: int = Field(32, gt=0, description="Test problems in that periodic eval.")
 
 
 class CheckpointConfig(Schema):
@@ -214,6 +222,17 @@ class TrainConfig(Schema):
     fast: FastConfig = Field(default_factory=FastConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _k_within_g(self) -> TrainConfig:
+        # Mirrored by a CEL rule in the FastSlowRun CRD (fst/k8s/crd.py TOP_K_RULE).
+        if self.mode == "fst" and self.fast.top_k > self.slow.group_size:
+            raise ValueError(
+                f"fast.topK (K={self.fast.top_k}) must not exceed slow.groupSize "
+                f"(G={self.slow.group_size}) in fst mode: each problem's G rollouts are split "
+                "across the K prompts"
+            )
+        return self
 
     @property
     def run_dir(self) -> Path:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ from fst.config import (
     format_validation_error,
     read_yaml,
 )
+from fst.k8s.api import TrainerSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +77,16 @@ class TaskStreamSpec(Schema):
         16, ge=0, description="Test problems per stage for retention and the decomposition."
     )
     watch_interval_seconds: float = Field(10.0, gt=0)
-    stages: list[StageSpec] = Field(min_length=1)
+    stages: list[StageSpec] = Field(min_length=1, max_length=100)
+    # In a cluster only (the operator); `fst stream` ignores them.
+    trainer: TrainerSpec = Field(
+        default_factory=TrainerSpec,
+        description="Cluster only: where each stage's trainer pod runs (copied into its run).",
+    )
+    backoff_limit: int = Field(
+        2, ge=0, le=100, description="Cluster only: retries of each stage's run."
+    )
+    suspend: bool = Field(False, description="Cluster only: start no new stage while true.")
 
     @field_validator("defaults")
     @classmethod
@@ -206,15 +217,20 @@ class StreamState:
         return done[-1] if done else None
 
 
-def next_stage(stream: TaskStream, state: StreamState) -> tuple[StageSpec, dict[str, Any]] | None:
+def next_stage(
+    stream: TaskStream,
+    state: StreamState,
+    fingerprint_of: Callable[[TaskConfig], str | None] = source_fingerprint,
+) -> tuple[StageSpec, dict[str, Any]] | None:
     """The next stage to run and its state entry (new or an interrupted one); None if none.
 
     In manifest order, a stage needs a run when it never succeeded, or when its data source's
-    fingerprint differs from the one its latest successful run trained on.
+    fingerprint differs from the one its latest successful run trained on. The operator
+    plans a cluster's stream with the same function (operator/fst_operator/handlers.py).
     """
     for stage in stream.spec.stages:
         runs = [e for e in state.entries if e["stage"] == stage.name]
-        fingerprint = source_fingerprint(stage.task)
+        fingerprint = fingerprint_of(stage.task)
         if runs and runs[-1]["status"] != "succeeded":
             return stage, runs[-1]  # interrupted: continue it
         if runs and (fingerprint is None or runs[-1]["source"] == fingerprint):

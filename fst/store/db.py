@@ -171,6 +171,17 @@ class Event(Base):
 
 
 @dataclass(frozen=True)
+class RunProgress:
+    step: int
+    reward: float | None
+    kl: float | None
+    checkpoint_uri: str | None
+    population_version: int | None
+    population: list[str]
+    last_error: str | None
+
+
+@dataclass(frozen=True)
 class PopulationVersion:
     version: int
     round: int
@@ -488,6 +499,58 @@ class RunDB:
                 .order_by(Event.id)
             ).all()
         return [tuple(r) for r in rows]
+
+    def progress(self, run: str) -> RunProgress | None:
+        """What a run's status shows: its last step's reward, the last KL measured, the last
+        checkpoint and population, the last error. Four small indexed queries, cheap enough
+        for an operator to poll for every running run."""
+        with self.session() as s:
+            run_id = s.scalar(select(Run.id).where(Run.name == run))
+            if run_id is None:
+                return None
+            step = s.scalar(select(func.max(Metric.step)).where(Metric.run_id == run_id))
+            values: dict[str, float | None] = {}
+            if step is not None:
+                rows = s.execute(
+                    select(Metric.name, Metric.value).where(
+                        Metric.run_id == run_id,
+                        Metric.step == step,
+                        Metric.name.in_(("reward_mean", "kl")),
+                    )
+                ).all()
+                values = {name: value for name, value in rows}
+            kl = values.get("kl")
+            if kl is None:
+                kl = s.scalar(
+                    select(Metric.value)
+                    .where(Metric.run_id == run_id, Metric.name == "kl")
+                    .order_by(Metric.step.desc())
+                    .limit(1)
+                )
+
+            def last_event(kind: str) -> str | None:
+                return s.scalar(
+                    select(Event.message)
+                    .where(Event.run_id == run_id, Event.kind == kind)
+                    .order_by(Event.id.desc())
+                    .limit(1)
+                )
+
+            population = s.scalar(
+                select(PromptPopulation)
+                .where(PromptPopulation.run_id == run_id)
+                .order_by(PromptPopulation.version.desc())
+                .limit(1)
+            )
+            return RunProgress(
+                step=step or 0,
+                reward=values.get("reward_mean"),
+                kl=kl,
+                checkpoint_uri=last_event("checkpoint"),
+                population_version=population.version if population else None,
+                population=[m["text"] for m in population.members] if population else [],
+                last_error=last_event("error"),
+            )
 
     # ------------------------------------------------------------------ stages
 

@@ -1,0 +1,363 @@
+"""CustomResourceDefinitions generated from the config models: one source of truth.
+
+    python -m fst.k8s.crd crds/        (make crds) writes crds/*.yaml
+    tests/unit/test_crd.py             fails when crds/ differs from what this generates
+
+Pydantic emits JSON Schema 2020-12; the apiserver wants a *structural* OpenAPI v3.0 schema.
+`structural()` translates: $refs inlined, Optional[X] -> X + nullable, numeric
+exclusiveMinimum -> minimum + exclusiveMinimum: true, tuples -> arrays with min/maxItems,
+free-form dicts -> x-kubernetes-preserve-unknown-fields, titles dropped. Rules that span
+fields are CEL (x-kubernetes-validations), each mirrored by a pydantic validator so `fst`
+and the apiserver refuse the same things (tests/unit/test_crd.py checks both).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from fst.k8s.api import GROUP, OPERATOR_OWNED, VERSION, FastSlowRunSpec
+
+# ----------------------------------------------------------------------------- translation
+
+
+def structural(model: type[BaseModel], drop: dict[str, tuple[str, ...]] | None = None) -> dict:
+    """The structural OpenAPI schema of `model` (by alias). `drop` maps a $defs model name to
+    property aliases to leave out (fields the operator owns)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    for name, props in (drop or {}).items():
+        target = defs.get(name) if name in defs else (raw if raw.get("title") == name else None)
+        if target is None:
+            raise KeyError(f"no model {name} in the schema of {model.__name__}")
+        for prop in props:
+            target["properties"].pop(prop, None)
+            if prop in target.get("required", []):
+                target["required"].remove(prop)
+    return _convert(raw, defs)
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").rsplit("/", 1)[-1]]
+        node = {**copy.deepcopy(target), **node}  # keep the field's own description/default
+    out: dict[str, Any] = {}
+    any_of = node.pop("anyOf", None)
+    if any_of is not None:
+        options = [o for o in any_of if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot make a structural schema of a union: {any_of}")
+        out.update(_convert(options[0], defs))
+        if len(options) < len(any_of):
+            out["nullable"] = True
+    for key in ("type", "description", "enum", "pattern", "minLength", "maxLength"):
+        if key in node:
+            out[key] = node[key]
+    for key in ("minimum", "maximum", "minItems", "maxItems"):
+        if key in node:
+            out[key] = node[key]
+    # JSON Schema 2020-12 exclusive bounds are numbers; OpenAPI v3.0's are booleans.
+    if "exclusiveMinimum" in node:
+        out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node:
+        out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    if "default" in node and node["default"] is not None:
+        out["default"] = node["default"]
+    kind = out.get("type")
+    if kind == "array":
+        if "prefixItems" in node:  # a fixed-length tuple of one item type
+            types = {p["type"] for p in node["prefixItems"]}
+            out["items"] = {"type": types.pop()} if len(types) == 1 else {}
+        else:
+            out["items"] = _convert(node.get("items", {}), defs)
+    if kind == "object":
+        props = node.get("properties")
+        extra = node.get("additionalProperties")
+        if props:
+            out["properties"] = {k: _convert(v, defs) for k, v in props.items()}
+            # An omitted section still gets its fields' defaults: the apiserver defaults
+            # an object field only when the object itself is present.
+            for v in out["properties"].values():
+                if (
+                    v.get("type") == "object"
+                    and "properties" in v
+                    and not v.get("required")
+                    and not v.get("nullable")
+                    and "default" not in v
+                ):
+                    v["default"] = {}
+            if node.get("required"):
+                out["required"] = list(node["required"])
+        elif isinstance(extra, dict) and extra.get("type") in ("string", "integer", "number"):
+            out["additionalProperties"] = {"type": extra["type"]}
+        else:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    if "type" not in out and "x-kubernetes-preserve-unknown-fields" not in out:
+        out["x-kubernetes-preserve-unknown-fields"] = True  # Any
+    return out
+
+
+def _add_rules(schema: dict[str, Any], path: tuple[str, ...], rules: list[dict[str, str]]) -> None:
+    node = schema
+    for p in path:
+        node = node["properties"][p]
+    node.setdefault("x-kubernetes-validations", []).extend(rules)
+
+
+# ----------------------------------------------------------------------------- status
+
+CONDITION = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string", "maxLength": 64},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string", "maxLength": 128},
+        "message": {"type": "string", "maxLength": 4096},
+        "observedGeneration": {"type": "integer", "minimum": 0},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+    },
+}
+CONDITIONS = {
+    "type": "array",
+    "maxItems": 16,
+    "items": CONDITION,
+    "x-kubernetes-list-type": "map",
+    "x-kubernetes-list-map-keys": ["type"],
+    "description": "Latest observations: Created, Running, Succeeded, Failed, Suspended.",
+}
+
+RUN_STATUS = {
+    "type": "object",
+    "properties": {
+        "phase": {
+            "type": "string",
+            "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
+        },
+        "observedGeneration": {"type": "integer"},
+        "attempt": {"type": "integer", "description": "1 + failed attempts so far."},
+        "jobName": {"type": "string"},
+        "step": {"type": "integer", "description": "Last completed RL step."},
+        "steps": {"type": "integer", "description": "Steps the run trains for."},
+        "reward": {"type": "number", "description": "Mean reward of the last step."},
+        "kl": {"type": "number", "description": "Last measured KL to the base model."},
+        "checkpointUri": {"type": "string", "description": "The latest checkpoint."},
+        "populationVersion": {"type": "integer"},
+        "population": {
+            "type": "array",
+            "maxItems": 64,
+            "items": {"type": "string"},
+            "description": "The latest prompt population, best first (the next stage's start).",
+        },
+        "lastError": {"type": "string"},
+        "startTime": {"type": "string", "format": "date-time"},
+        "completionTime": {"type": "string", "format": "date-time"},
+        "conditions": CONDITIONS,
+    },
+}
+
+STREAM_STATUS = {
+    "type": "object",
+    "properties": {
+        "phase": {
+            "type": "string",
+            "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
+        },
+        "observedGeneration": {"type": "integer"},
+        "currentStage": {"type": "string"},
+        "stages": {
+            "type": "array",
+            "maxItems": 1000,
+            "description": "Every stage run so far, in order, with its outcome.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "stage": {"type": "string"},
+                    "version": {"type": "integer"},
+                    "run": {"type": "string"},
+                    "source": {"type": "string", "description": "The data's fingerprint."},
+                    "phase": {"type": "string"},
+                    "step": {"type": "integer"},
+                    "reward": {"type": "number"},
+                    "checkpointUri": {"type": "string"},
+                    "startTime": {"type": "string", "format": "date-time"},
+                    "completionTime": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+        "conditions": CONDITIONS,
+    },
+}
+
+# ----------------------------------------------------------------------------- the CRDs
+
+TOP_K_RULE = {
+    "rule": "self.mode != 'fst' || self.fast.topK <= self.slow.groupSize",
+    "message": "fast.topK (K) must not exceed slow.groupSize (G) in fst mode: "
+    "each problem's G rollouts are split across the K prompts",
+    "fieldPath": ".fast.topK",
+}
+
+
+def _printer(name: str, path: str, kind: str = "string", priority: int = 0) -> dict:
+    col = {"name": name, "type": kind, "jsonPath": path}
+    if priority:
+        col["priority"] = priority
+    return col
+
+
+def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, columns: list) -> dict:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": kind.lower(),
+                "shortNames": short,
+                "categories": ["fastslow"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": columns,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec,
+                                "status": status,
+                            },
+                            "x-kubernetes-validations": [
+                                {
+                                    # Job names are <run>-a<attempt> and must fit 63 chars.
+                                    "rule": "self.metadata.name.size() <= 52",
+                                    "message": "metadata.name must be at most 52 characters",
+                                }
+                            ],
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def fastslowrun_crd() -> dict[str, Any]:
+    spec = structural(FastSlowRunSpec, drop={"TrainConfig": _aliases(OPERATOR_OWNED)})
+    spec["description"] = "A training run: what to train (config) and where (trainer)."
+    _add_rules(
+        spec,
+        ("config",),
+        [
+            TOP_K_RULE,
+            {
+                "rule": "self == oldSelf",
+                "message": "spec.config is immutable: create a new FastSlowRun to train "
+                "differently",
+            },
+        ],
+    )
+    columns = [
+        _printer("Phase", ".status.phase"),
+        _printer("Step", ".status.step", "integer"),
+        _printer("Reward", ".status.reward", "number"),
+        _printer("KL", ".status.kl", "number"),
+        _printer("Attempt", ".status.attempt", "integer", priority=1),
+        _printer("Ready", '.status.conditions[?(@.type=="Running")].status'),
+        _printer("Succeeded", '.status.conditions[?(@.type=="Succeeded")].status'),
+        _printer("Age", ".metadata.creationTimestamp", "date"),
+    ]
+    return _crd("FastSlowRun", "fastslowruns", ["fsr"], spec, RUN_STATUS, columns)
+
+
+def taskstream_crd() -> dict[str, Any]:
+    from fst.stream import TaskStreamSpec  # fst.stream imports fst.k8s.api
+
+    spec = structural(TaskStreamSpec)
+    spec["description"] = "One customer's stream of task stages, run in order."
+    spec["properties"]["stages"]["maxItems"] = 100  # bounds the CEL cost of the rule below
+    _add_rules(
+        spec,
+        ("stages",),
+        [
+            {
+                "rule": "self.all(s, self.exists_one(t, t.name == s.name))",
+                "message": "stage names must be unique",
+            }
+        ],
+    )
+    _add_rules(
+        spec,
+        ("model",),
+        [
+            {
+                "rule": "self == oldSelf",
+                "message": "spec.model is immutable: a stream adapts one base model",
+            }
+        ],
+    )
+    columns = [
+        _printer("Phase", ".status.phase"),
+        _printer("Stage", ".status.currentStage"),
+        _printer("Stages", ".status.stages[*].stage", priority=1),
+        _printer("Ready", '.status.conditions[?(@.type=="Running")].status'),
+        _printer("Succeeded", '.status.conditions[?(@.type=="Succeeded")].status'),
+        _printer("Age", ".metadata.creationTimestamp", "date"),
+    ]
+    return _crd("TaskStream", "taskstreams", ["ts"], spec, STREAM_STATUS, columns)
+
+
+def _aliases(fields: tuple[str, ...]) -> tuple[str, ...]:
+    from pydantic.alias_generators import to_camel
+
+    return tuple(to_camel(f) for f in fields)
+
+
+def all_crds() -> dict[str, dict[str, Any]]:
+    """File name -> CRD, as checked in under crds/."""
+    return {
+        f"{GROUP}_fastslowruns.yaml": fastslowrun_crd(),
+        f"{GROUP}_taskstreams.yaml": taskstream_crd(),
+    }
+
+
+HEADER = (
+    "# Generated by `python -m fst.k8s.crd crds/` (make crds) from fst/config.py. Do not edit.\n"
+)
+
+
+def render(crd: dict[str, Any]) -> str:
+    return HEADER + yaml.safe_dump(crd, sort_keys=False, width=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = Path(args[0] if args else "crds")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, crd in all_crds().items():
+        (out / name).write_text(render(crd))
+        print(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

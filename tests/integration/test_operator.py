@@ -1,0 +1,524 @@
+"""The operator (operator/fst_operator) against the real control plane of tests/k8s.
+
+Each test starts its own operator process watching only the test's namespace. Trainer pods
+land either on kwok's fake GPU nodes (their Jobs "succeed" after ~1 s, or fail when the image
+is fst.test/fail: for the operator's bookkeeping) or on the process kubelet's node, where
+`fst train` really runs on CPU with SmolLM2 against the test MinIO and Postgres.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
+
+from fst.store.db import RunDB
+from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
+from tests.k8s.operator_proc import (
+    OperatorProcess,
+    Resources,
+    condition,
+    dump,
+    install_crds,
+    phase,
+)
+
+pytest_plugins = ["tests.k8s.fixtures"]
+pytestmark = pytest.mark.integration
+
+TASK = {
+    "name": "arithmetic",
+    "trainSize": 32,
+    "valSize": 4,
+    "testSize": 4,
+    "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
+}
+
+
+def tiny_config(**over: Any) -> dict[str, Any]:
+    """A run that takes seconds per step on CPU."""
+    cfg = {
+        "mode": "rl",
+        "steps": 4,
+        "seed": 3,
+        "task": TASK,
+        "rollout": {"temperature": 0.8, "maxNewTokens": 8, "batchSize": 16},
+        "slow": {"problemsPerStep": 2, "groupSize": 2, "microBatchSize": 4},
+        "fast": {"everySteps": 2, "topK": 2, "metricCalls": 4, "minibatchSize": 2, "paretoSize": 2},
+        "metrics": {"klPrompts": 1, "klEvery": 1},
+        "checkpoint": {"every": 2, "keepLast": 1},
+    }
+    cfg.update(over)
+    return cfg
+
+
+PROCESS_TRAINER = {
+    "gpus": 0,
+    "image": "fastslow/trainer:cpu",
+    "nodeSelector": PROCESS_NODE_SELECTOR,
+    "tolerations": [PROCESS_NODE_TOLERATION],
+    "s3Secret": "s3",
+    "databaseSecret": {"name": "db", "key": "url"},
+}
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_cluster) -> None:
+    install_crds(k8s_cluster.api())
+
+
+@pytest.fixture
+def res(k8s_cluster, k8s_namespace, crds) -> Resources:
+    return Resources(k8s_cluster.api(), k8s_namespace)
+
+
+@pytest.fixture
+def start_operator(k8s_cluster, k8s_namespace, crds, tmp_path: Path, request):
+    started: list[OperatorProcess] = []
+    log = tmp_path / "operator.log"
+
+    def start(**env: str) -> OperatorProcess:
+        op = OperatorProcess(k8s_cluster.kubeconfig, [k8s_namespace], log, env).start()
+        started.append(op)
+        return op
+
+    yield start
+    for op in started:
+        op.stop()
+    if log.exists():
+        print(f"operator log ({log}):\n{log.read_text()[-6000:]}")  # shown if the test fails
+
+
+def wait(what: str, fn, timeout: float, op: OperatorProcess | None = None, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not after {timeout:.0f}s" + (f"\n{op.tail()}" if op else ""))
+
+
+def wait_phase(res: Resources, name: str, want: str, timeout: float, op: OperatorProcess):
+    def reached() -> dict[str, Any] | None:
+        run = res.run(name)
+        return run if phase(run) == want else None
+
+    return wait(f"run {name} {want}", reached, timeout, op)
+
+
+def job_names(res: Resources) -> list[str]:
+    return sorted(j.metadata.name for j in res.jobs())
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_invalid_resources_are_rejected_with_messages(res: Resources) -> None:
+    def rejected(plural: str, kind: str, name: str, spec: dict) -> str:
+        with pytest.raises(ApiException) as e:
+            res.create(plural, kind, name, spec)
+        assert e.value.status == 422
+        return json.loads(e.value.body)["message"]
+
+    msg = rejected("fastslowruns", "FastSlowRun", "r", {"config": {"task": TASK, "steps": 0}})
+    assert "spec.config.steps" in msg and "greater than 0" in msg
+    msg = rejected("fastslowruns", "FastSlowRun", "r", {"config": {"steps": 3}})
+    assert "spec.config.task" in msg and "Required" in msg
+    msg = rejected(
+        "fastslowruns",
+        "FastSlowRun",
+        "r",
+        {"config": tiny_config(mode="fst", fast={"topK": 4}, slow={"groupSize": 2})},
+    )
+    assert "fast.topK (K) must not exceed slow.groupSize" in msg
+    msg = rejected(
+        "fastslowruns",
+        "FastSlowRun",
+        "r",
+        {"config": tiny_config(), "trainer": {"checkpointUri": "/local/dir"}},
+    )
+    assert "spec.trainer.checkpointUri" in msg
+    msg = rejected("fastslowruns", "FastSlowRun", "r" * 53, {"config": tiny_config()})
+    assert "at most 52 characters" in msg
+    msg = rejected(
+        "fastslowruns",
+        "FastSlowRun",
+        "r",
+        {"config": tiny_config(rollout={"temperature": "hot"})},
+    )
+    assert "spec.config.rollout.temperature" in msg and "number" in msg
+
+    stages = [{"name": "a", "task": TASK, "steps": 2}, {"name": "a", "task": TASK, "steps": 2}]
+    msg = rejected("taskstreams", "TaskStream", "s", {"stages": stages})
+    assert "stage names must be unique" in msg
+    msg = rejected("taskstreams", "TaskStream", "s", {"stages": []})
+    assert "spec.stages" in msg
+
+    # Immutable fields: a run's config, a stream's base model.
+    res.create("fastslowruns", "FastSlowRun", "ok", {"config": tiny_config(), "suspend": True})
+    with pytest.raises(ApiException) as e:
+        res.patch("fastslowruns", "ok", {"spec": {"config": {"steps": 9}}})
+    assert "spec.config is immutable" in json.loads(e.value.body)["message"]
+    res.patch("fastslowruns", "ok", {"spec": {"suspend": False}})  # mutable
+    res.create("taskstreams", "TaskStream", "s", {"stages": stages[:1], "suspend": True})
+    with pytest.raises(ApiException) as e:
+        res.patch("taskstreams", "s", {"spec": {"model": {"name": "other"}}})
+    assert "spec.model is immutable" in json.loads(e.value.body)["message"]
+
+
+def test_spec_the_schema_cannot_check_is_reported_in_status(res: Resources, start_operator) -> None:
+    """Task params are free-form in the CRD; the operator validates them with fst's own
+    models and says which field is wrong."""
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    bad = tiny_config(task={**TASK, "params": {"degre": 3}})
+    res.create("fastslowruns", "FastSlowRun", "bad", {"config": bad})
+    run = wait_phase(res, "bad", "Invalid", 30, op)
+    cond = condition(run, "Failed")
+    assert cond["reason"] == "InvalidSpec" and "degre" in cond["message"], dump(run)
+    assert job_names(res) == []
+    wait("event", lambda: any("InvalidSpec" in e for e in res.events("bad")), 10, op)
+
+
+# ----------------------------------------------------------------------------- runs -> Jobs
+
+
+def test_run_becomes_a_restricted_job_with_the_spec(k8s_cluster, res, start_operator) -> None:
+    core = k8s.CoreV1Api(k8s_cluster.api())
+    # The trainer pod must be admitted where the restricted Pod Security level is enforced.
+    core.patch_namespace(
+        res.ns, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    trainer = {
+        "gpus": 2,
+        "cpu": "8",
+        "memory": "32Gi",
+        "nodeSelector": {"nvidia.com/gpu.present": "true"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "s3Secret": "minio-creds",
+        "databaseSecret": {"name": "pg", "key": "url"},
+        "queueName": "team-a",
+    }
+    res.create("fastslowruns", "FastSlowRun", "acme", {"config": tiny_config(), "trainer": trainer})
+    run = wait_phase(res, "acme", "Succeeded", 60, op)
+
+    job = k8s.BatchV1Api(k8s_cluster.api()).read_namespaced_job("acme-a1", res.ns)
+    assert job.metadata.owner_references[0].kind == "FastSlowRun"
+    assert job.metadata.owner_references[0].controller
+    assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job.spec.backoff_limit == 0
+    pod = job.spec.template.spec
+    c = pod.containers[0]
+    assert c.command == ["fst", "train"] and "--resume" in c.args
+    assert c.resources.limits == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "32Gi"}
+    assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
+    assert pod.tolerations[0].key == "nvidia.com/gpu"
+    assert pod.automount_service_account_token is False
+    assert pod.security_context.run_as_non_root
+    assert pod.security_context.seccomp_profile.type == "RuntimeDefault"
+    assert c.security_context.read_only_root_filesystem
+    assert c.security_context.allow_privilege_escalation is False
+    assert c.security_context.capabilities.drop == ["ALL"]
+    env = {e.name: e for e in c.env}
+    assert env["FST_DATABASE_URL"].value_from.secret_key_ref.name == "pg"
+    assert c.env_from[0].secret_ref.name == "minio-creds"
+    assert all(e.value_from or "secret" not in (e.value or "").lower() for e in c.env)
+    # The config the trainer reads: the operator-owned fields filled in.
+    cm = core.read_namespaced_config_map("acme-config", res.ns)
+    import yaml
+
+    cfg = yaml.safe_load(cm.data["config.yaml"])
+    key = f"{res.ns}-acme"
+    assert cfg["run"] == key and cfg["checkpoint"]["uri"] == f"s3://bucket/runs/{key}"
+    assert "database" not in cfg
+    # A pod was admitted under "restricted" and ran (kwok) to completion.
+    pods = core.list_namespaced_pod(res.ns, label_selector="fastslow.io/run=acme").items
+    assert pods and pods[0].status.phase == "Succeeded"
+    assert condition(run, "Succeeded")["status"] == "True"
+    assert condition(run, "Created")["reason"] == "JobCreated"
+    assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
+    # Operator health and metrics.
+    metrics = op.metrics()
+    assert re.search(r'fastslow_reconciles_total\{kind="fastslowrun"\} [1-9]', metrics)
+    assert 'fastslow_runs{phase="Succeeded"} 1.0' in metrics
+
+
+def test_suspend_creates_a_suspended_job_and_resumes_it(res, start_operator) -> None:
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    res.create("fastslowruns", "FastSlowRun", "later", {"config": tiny_config(), "suspend": True})
+    run = wait_phase(res, "later", "Suspended", 30, op)
+    assert condition(run, "Suspended")["status"] == "True"
+    assert res.jobs()[0].spec.suspend is True
+    res.patch("fastslowruns", "later", {"spec": {"suspend": False}})
+    wait_phase(res, "later", "Succeeded", 60, op)
+    assert job_names(res) == ["later-a1"]
+
+
+def test_failed_attempts_are_retried_then_the_run_fails(res, start_operator) -> None:
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    spec = {"config": tiny_config(), "trainer": {"image": "fst.test/fail"}, "backoffLimit": 1}
+    res.create("fastslowruns", "FastSlowRun", "flaky", spec)
+    run = wait_phase(res, "flaky", "Failed", 90, op)
+    assert job_names(res) == ["flaky-a1", "flaky-a2"]  # 1 + backoffLimit attempts, no more
+    failed = condition(run, "Failed")
+    assert failed["reason"] == "BackoffLimitExceeded" and "2 attempt(s) failed" in failed["message"]
+    assert run["status"]["attempt"] == 2 and run["status"]["lastError"]
+    assert any("Retrying" in e for e in res.events("flaky"))
+
+
+# ----------------------------------------------------------------------------- real trainers
+
+
+@pytest.fixture
+def trainer_secrets(res: Resources, s3_env: dict[str, str], pg_url: str) -> dict[str, str]:
+    s3 = {k: v for k, v in s3_env.items() if k.startswith("AWS_")}
+    res.secret("s3", s3)
+    res.secret("db", {"url": pg_url})
+    # The operator reads progress from the same database and data sources from the same S3.
+    return {"FST_DATABASE_URL": pg_url, **s3}
+
+
+def trainer_pids(namespace: str) -> list[int]:
+    """Processes of `fst train` started by the process kubelet for pods of `namespace`."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "train" in cmd and "--resume" in cmd and f"/pods/{namespace}_" in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
+    res, start_operator, trainer_secrets, s3_uri, pg_url
+) -> None:
+    op = start_operator(**trainer_secrets)
+    trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
+    res.create("fastslowruns", "FastSlowRun", "real", {"config": tiny_config(), "trainer": trainer})
+
+    def after_checkpoint():
+        run = res.run("real")
+        s = run.get("status") or {}
+        return (
+            s.get("phase") == "Running" and s.get("checkpointUri") and s.get("step", 0) >= 2 and run
+        )
+
+    run = wait("step-2 checkpoint in status", after_checkpoint, 300, op, poll=0.2)
+    s = run["status"]
+    assert s["checkpointUri"].startswith(f"{s3_uri}/{res.ns}-real"), dump(s)
+    assert isinstance(s["reward"], float) and isinstance(s["kl"], float)
+    assert condition(run, "Running")["status"] == "True"
+    pids = trainer_pids(res.ns)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)  # the node dies under the trainer
+
+    run = wait_phase(res, "real", "Succeeded", 400, op)
+    s = run["status"]
+    assert s["attempt"] == 2 and job_names(res) == ["real-a1", "real-a2"], dump(s)
+    assert s["step"] == 4 and s["checkpointUri"].endswith("4"), dump(s)
+    with RunDB(pg_url) as db:
+        events = [(kind, msg) for _, kind, msg in db.events(f"{res.ns}-real")]
+        steps = sorted(db.metrics(f"{res.ns}-real"))
+    assert ("resumed", "from step 2") in events or ("resumed", "from step 3") in events, events
+    assert steps == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_a_trainer_error_reaches_the_run_status(res, start_operator, trainer_secrets, s3_uri):
+    op = start_operator(**trainer_secrets)
+    trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
+    cfg = tiny_config(model={"name": f"{s3_uri}/no-such-checkpoint"})
+    spec = {"config": cfg, "trainer": trainer, "backoffLimit": 0}
+    res.create("fastslowruns", "FastSlowRun", "broken", spec)
+    run = wait_phase(res, "broken", "Failed", 240, op)
+    msg = condition(run, "Failed")["message"]
+    assert "no-such-checkpoint" in msg, dump(run["status"])
+    assert job_names(res) == ["broken-a1"]
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+def stream_spec(stages: list[dict[str, Any]], trainer: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "model": {"name": "smollm2-135m-instruct"},
+        "defaults": {k: v for k, v in tiny_config(steps=2).items() if k not in ("steps", "task")},
+        "trainer": trainer,
+        "stages": stages,
+    }
+
+
+def stage_runs(res: Resources) -> list[tuple[str, str]]:
+    runs = sorted(
+        res.runs(), key=lambda r: int(r["metadata"]["annotations"]["fastslow.io/sequence"])
+    )
+    return [(r["metadata"]["labels"]["fastslow.io/stage"], r["metadata"]["name"]) for r in runs]
+
+
+def upload(uri: str, rows: list[dict[str, Any]]) -> None:
+    """Write a jsonl object to the test MinIO (the customer's data pipeline)."""
+    import io
+
+    from fst.store.s3 import DEFAULT_ENDPOINT, make_client, parse_endpoint, parse_s3_uri
+
+    bucket, key = parse_s3_uri(uri)
+    data = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    client = make_client(parse_endpoint(os.environ.get("AWS_ENDPOINT_URL") or DEFAULT_ENDPOINT))
+    client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def test_stream_advances_on_a_spec_change_and_on_new_data(
+    res, start_operator, s3_env, s3_uri
+) -> None:
+    """On kwok GPU nodes (Jobs succeed at once): the stream's bookkeeping. A real hand-over of
+    checkpoint and population is the next test."""
+    data_uri = f"{s3_uri}/data/qa.jsonl"
+    rows = [{"question": f"What is {i}+1?", "answer": str(i + 1)} for i in range(12)]
+    upload(data_uri, rows)
+
+    s3 = {k: v for k, v in s3_env.items() if k.startswith("AWS_")}
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI=f"{s3_uri}/ckpt", **s3)
+    qa_task = {
+        "name": "jsonl",
+        "valSize": 2,
+        "testSize": 2,
+        "params": {"path": data_uri, "format": "qa"},
+    }
+    stages = [
+        {"name": "add", "task": TASK, "steps": 2},
+        {"name": "qa", "task": qa_task, "steps": 2},
+    ]
+    res.create("taskstreams", "TaskStream", "acme", stream_spec(stages, {"gpus": 1}))
+    stream = wait(
+        "2 stages done",
+        lambda: (
+            phase(res.stream("acme")) == "Succeeded"
+            and len(stage_runs(res)) == 2
+            and res.stream("acme")
+        ),
+        90,
+        op,
+    )
+    assert stage_runs(res) == [("add", "acme-add"), ("qa", "acme-qa")]
+    assert [s["stage"] for s in stream["status"]["stages"]] == ["add", "qa"]
+    assert all(s["phase"] == "Succeeded" for s in stream["status"]["stages"])
+    owner = res.run("acme-qa")["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "TaskStream" and owner["name"] == "acme"
+
+    # A stage added to the spec starts a new stage.
+    stages.append({"name": "more", "task": {**TASK, "seed": 1}, "steps": 2})
+    res.patch("taskstreams", "acme", {"spec": {"stages": stages}})
+    wait(
+        "stage 3",
+        lambda: len(stage_runs(res)) == 3 and phase(res.stream("acme")) == "Succeeded",
+        60,
+        op,
+    )
+    assert stage_runs(res)[-1] == ("more", "acme-more")
+
+    # A new version of a data source starts a new version of its stage.
+    rows.append({"question": "What is 99+1?", "answer": "100"})
+    upload(data_uri, rows)
+    wait("qa v2", lambda: len(stage_runs(res)) == 4, 60, op)
+    assert stage_runs(res)[-1] == ("qa", "acme-qa-v2")
+    stream = wait(
+        "done", lambda: phase(res.stream("acme")) == "Succeeded" and res.stream("acme"), 60, op
+    )
+    assert [(s["stage"], s["version"]) for s in stream["status"]["stages"]] == [
+        ("add", 1),
+        ("qa", 1),
+        ("more", 1),
+        ("qa", 2),
+    ]
+    time.sleep(4)  # another data poll: nothing changed, nothing new
+    assert len(stage_runs(res)) == 4
+
+
+@pytest.mark.slow
+def test_stream_hands_checkpoint_and_population_to_the_next_stage(
+    res, start_operator, trainer_secrets, s3_uri
+) -> None:
+    op = start_operator(**trainer_secrets)
+    trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
+    stages = [
+        {"name": "one", "task": TASK, "steps": 2, "mode": "fst"},
+        {"name": "two", "task": {**TASK, "seed": 5}, "steps": 2, "mode": "fst"},
+    ]
+    res.create("taskstreams", "TaskStream", "real", stream_spec(stages, trainer))
+    stream = wait(
+        "both stages",
+        lambda: (
+            phase(res.stream("real")) == "Succeeded"
+            and len(stage_runs(res)) == 2
+            and res.stream("real")
+        ),
+        600,
+        op,
+        poll=1,
+    )
+    one, two = res.run("real-one"), res.run("real-two")
+    assert one["status"]["checkpointUri"].startswith(f"{s3_uri}/{res.ns}-real-one")
+    assert one["status"]["population"], dump(one["status"])
+    cfg = two["spec"]["config"]
+    assert cfg["model"]["name"] == one["status"]["checkpointUri"]
+    assert cfg["model"]["reference"] == "smollm2-135m-instruct"
+    assert cfg["fast"]["initialPopulation"] == one["status"]["population"]
+    assert two["status"]["phase"] == "Succeeded" and two["status"]["step"] == 2
+    assert [s["phase"] for s in stream["status"]["stages"]] == ["Succeeded", "Succeeded"]
+    assert PROCESS_NODE  # the pods ran on the process node (their Jobs completed for real)
+
+
+# ----------------------------------------------------------------------------- restarts
+
+
+def test_operator_killed_mid_reconcile_creates_no_duplicates(
+    res, start_operator, tmp_path: Path
+) -> None:
+    # 1) Killed right after creating a Job, before recording it in status.
+    op = start_operator(
+        FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs",
+        FST_OPERATOR_CRASH_AT="after-job-create",
+        FST_OPERATOR_CRASH_MARKER=str(tmp_path / "crashed"),
+    )
+    res.create("fastslowruns", "FastSlowRun", "once", {"config": tiny_config(), "suspend": True})
+    wait("crash", lambda: op.proc.poll() is not None, 30, op)
+    assert op.proc.returncode == 17
+    assert job_names(res) == ["once-a1"] and "phase" not in (res.run("once").get("status") or {})
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    wait("status after restart", lambda: phase(res.run("once")) == "Suspended", 30, op)
+    assert job_names(res) == ["once-a1"]
+
+    # 2) SIGKILLed while reconciling many runs at once, then restarted.
+    names = [f"many-{i}" for i in range(30)]
+    for name in names:
+        res.create("fastslowruns", "FastSlowRun", name, {"config": tiny_config()})
+    wait("some Jobs", lambda: len(res.jobs()) >= 6, 30, op, poll=0.05)
+    op.kill()
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    wait(
+        "all runs Succeeded",
+        lambda: all(phase(r) == "Succeeded" for r in res.runs() if r["metadata"]["name"] in names),
+        120,
+        op,
+    )
+    jobs = job_names(res)
+    assert sorted(jobs) == sorted(["once-a1", *[f"{n}-a1" for n in names]]), jobs
+    cms = k8s.CoreV1Api(res.api).list_namespaced_config_map(
+        res.ns, label_selector="fastslow.io/run"
+    )
+    assert len(cms.items) == len(names) + 1
