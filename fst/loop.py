@@ -161,7 +161,14 @@ def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
     policy = load_policy(cfg.model)
     reference = make_reference(policy, cfg.model) if cfg.metrics.kl_prompts > 0 else None
     stop = stop_token_ids(tokenizer, policy)
-    engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
+    if cfg.rollout.engine == "vllm":
+        # GPU pods: a colocated vLLM samples, the policy above trains; vLLM is imported only
+        # here, so a CPU install never needs it (fst/rollout/vllm.py).
+        from fst.rollout.vllm import VLLMRolloutEngine
+
+        engine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
+    else:
+        engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
     store = checkpoint_store(cfg)
     sink = MetricsSink(run_dir, cfg.metrics.tensorboard, db, cfg.run)
@@ -274,6 +281,10 @@ def rl_step(run: Run) -> dict[str, Any]:
         train_metrics: dict[str, float] = {"updated": 0.0}
     else:
         train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist())
+        if train_metrics.get("updated"):
+            # A separate sampler (vLLM) holds its own copy of the weights: push the new ones
+            # before the next rollout. A no-op for the HF engine, which samples from the policy.
+            run.engine.sync_weights()
     t_train = time.perf_counter() - t1
     run.cursor += len(problems)
     run.step += 1
@@ -307,6 +318,30 @@ def rl_step(run: Run) -> dict[str, Any]:
     record["step_s"] = time.perf_counter() - t0
     run.slow_s += record["step_s"]
     return record
+
+
+def heldout_eval(run: Run) -> dict[str, float]:
+    """Greedy pass rate of (current weights, best prompt) on the first `evalProblems` test
+    problems. The test split, not val: val is GEPA's Pareto set, which the fast channel selects
+    on, so only test is held out from both channels."""
+    from fst.evaluate import evaluate_prompt
+
+    t0 = time.perf_counter()
+    problems = run.task.problems("test")[: run.cfg.metrics.eval_problems]
+    res = evaluate_prompt(
+        run.engine,
+        run.tokenizer,
+        run.task,
+        problems,
+        run.population[0].text,
+        run.cfg.rollout.max_new_tokens,
+    )
+    return {
+        "eval_pass_rate": res.pass_rate,
+        "eval_reward": res.reward_mean,
+        "eval_n": float(res.n),
+        "eval_s": time.perf_counter() - t0,
+    }
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -351,6 +386,7 @@ def restore_latest(run: Run) -> dict[str, Any] | None:
     run.step, run.cursor = state["step"], state["cursor"]
     run.fast_s, run.slow_s = state.get("fast_s", 0.0), state.get("slow_s", 0.0)
     run.population = [PromptRecord.from_dict(d) for d in state["population"]]
+    run.engine.sync_weights()  # the checkpoint's weights, not the start model's, are sampled
     return state
 
 
@@ -432,6 +468,9 @@ def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
         dynamic_ncols=True,
     )
     last_kl = None
+    every = cfg.metrics.eval_every
+    if every and run.step == 0:
+        run.sink.write({"step": 0, **heldout_eval(run)})  # the base point of the curve
     while run.step < cfg.steps:
         round_metrics = {}
         if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
@@ -439,6 +478,8 @@ def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
             round_metrics = gepa_round(run)
             bar.set_description(f"{cfg.run} [{cfg.mode}]")
         record = {**rl_step(run), **round_metrics}
+        if every and (run.step % every == 0 or run.step == cfg.steps):
+            record.update(heldout_eval(run))
         total = run.fast_s + run.slow_s
         record["fast_time_share"] = run.fast_s / total if total > 0 else 0.0
         run.sink.write(record)

@@ -46,7 +46,7 @@ def load_segments(path: Path) -> tuple[list[Segment], str]:
         segments, offset = [], 0
         for e in entries:
             run_dir = path / e["run"]
-            metrics = read_metrics(run_dir)
+            metrics = _step_records(run_dir)
             segments.append(
                 Segment(
                     e["name"],
@@ -61,9 +61,15 @@ def load_segments(path: Path) -> tuple[list[Segment], str]:
         return segments, "stream"
     if (path / "metrics.jsonl").is_file():
         return [
-            Segment(path.name, path, 0, read_metrics(path), _read_jsonl(path / "population.jsonl"))
+            Segment(path.name, path, 0, _step_records(path), _read_jsonl(path / "population.jsonl"))
         ], "run"
     raise FileNotFoundError(f"{path}: neither a stream (stream.json) nor a run (metrics.jsonl)")
+
+
+def _step_records(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's per-step records; the step-0 held-out eval (metrics.evalEvery) has no rollouts,
+    so it is left out of the reward and KL plots."""
+    return [m for m in read_metrics(run_dir) if "reward_mean" in m]
 
 
 def _smooth(values: list[float], k: int = 5) -> list[float]:
