@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export FST_CACHE
 
-.PHONY: install run test test-deps lint format bench clean
+.PHONY: install run test test-deps lint format bench clean crds operator
 
 install: $(STAMP)
 
@@ -60,6 +60,15 @@ format: install
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@echo "benchmarks: see bench/README.md"
+
+# The CRDs are generated from the config models (fst/k8s/crd.py); tests/unit/test_crd.py fails
+# when crds/ is stale.
+crds: install
+	$(PY) -m fst.k8s.crd crds/
+
+# The operator against the cluster of $$KUBECONFIG (see docs/operator.md).
+operator: install
+	$(PY) -m fst_operator
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,105 @@
+"""How the operator scales: N FastSlowRuns on kwok GPU nodes (a measurement, not a test).
+
+    python -m bench.operator_scale --runs 100 1000
+
+For each N: a fresh test control plane (tests/k8s) with enough fake GPU nodes, the CRDs, one
+operator process; N FastSlowRuns created as fast as the client can; then the time until every
+run has its Job, until every run has a status, and until every run Succeeded (kwok completes
+each trainer pod after ~1 s), and the operator's peak resident memory (VmHWM). Prints one JSON
+line per N and writes bench/results/operator_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from kubernetes import client as k8s
+
+from tests.k8s.cluster import GpuNodes, test_cluster
+from tests.k8s.operator_proc import OperatorProcess, Resources, install_crds
+
+SPEC = {
+    "config": {"task": {"name": "arithmetic"}, "steps": 10},
+    "trainer": {"gpus": 1},
+}
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(n: int, workdir: Path) -> dict:
+    nodes = GpuNodes(count=max(2, (n + 63) // 64), gpus=64, cpu="256")
+    with test_cluster(gpu_nodes=nodes) as cluster:
+        api = cluster.api()
+        install_crds(api)
+        ns = cluster.create_namespace(f"scale-{n}")
+        op = OperatorProcess(
+            cluster.kubeconfig,
+            [ns],
+            workdir / f"operator-{n}.log",
+            {"FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs", "FST_PROGRESS_INTERVAL": "30"},
+        ).start()
+        res = Resources(api, ns)
+        rss_idle = peak_rss_mib(op.proc.pid)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:
+            list(
+                pool.map(
+                    lambda i: res.create("fastslowruns", "FastSlowRun", f"run-{i}", SPEC), range(n)
+                )
+            )
+        created_s = time.monotonic() - t0
+        batch = k8s.BatchV1Api(api)
+        marks: dict[str, float] = {}
+        deadline = t0 + 3600
+        while time.monotonic() < deadline and len(marks) < 3:
+            jobs = len(batch.list_namespaced_job(ns).items)
+            runs = res.runs()
+            with_status = sum(1 for r in runs if (r.get("status") or {}).get("phase"))
+            done = sum(1 for r in runs if (r.get("status") or {}).get("phase") == "Succeeded")
+            now = time.monotonic() - t0
+            if jobs >= n:
+                marks.setdefault("all_jobs_s", now)
+            if with_status >= n:
+                marks.setdefault("all_status_s", now)
+            if done >= n:
+                marks.setdefault("all_succeeded_s", now)
+            time.sleep(1)
+        result = {
+            "runs": n,
+            "gpu_nodes": nodes.count,
+            "create_s": round(created_s, 1),
+            **{k: round(v, 1) for k, v in marks.items()},
+            "operator_rss_idle_mib": round(rss_idle, 1),
+            "operator_rss_peak_mib": round(peak_rss_mib(op.proc.pid), 1),
+        }
+        op.stop()
+        return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/operator_scale.json"))
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.runs:
+            result = measure(n, Path(tmp))
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
