@@ -100,6 +100,7 @@ class SigmoidFit:
     c_mid_se: float
     rmse: float
     n: int
+    a_at_bound: bool = False  # A ended on `a_max`: the data do not show saturation
 
     def predict(self, c: Sequence[float]) -> np.ndarray:
         return sigmoid_curve(np.asarray(c, dtype=float), self.r0, self.a, self.b, self.c_mid)
@@ -127,6 +128,7 @@ def fit_sigmoid(
     c: Sequence[float],
     y: Sequence[float],
     r0: float | None = None,
+    a_max: float | None = None,
     max_iter: int = 200,
 ) -> SigmoidFit:
     """Fit A, B, C_mid of R(C) = R0 + (A − R0)/(1 + (C_mid/C)^B) to points (c, y), c > 0.
@@ -134,6 +136,11 @@ def fit_sigmoid(
     `r0` is the reward at C = 0 (the base model); default: the y of the smallest c. Points with
     c <= 0 are used only for that default. B and C_mid are fitted in log space (kept > 0);
     the grid start makes the result independent of any user-supplied initial guess.
+
+    `a_max` bounds the asymptote (1.0 for a pass rate): a curve still rising at the last point
+    otherwise extrapolates to any A. A fit that ends on the bound has `a_at_bound` set and
+    `a_se` NaN (A is then a constraint, not an estimate); B and C_mid get errors from the
+    remaining two-parameter problem.
     """
     c_all = np.asarray(c, dtype=float)
     y_all = np.asarray(y, dtype=float)
@@ -145,6 +152,9 @@ def fit_sigmoid(
     if n < 3:
         raise ValueError(f"a sigmoid fit needs at least 3 points with C > 0, got {n}")
 
+    def clamp(a: float) -> float:
+        return min(a, a_max) if a_max is not None else a
+
     def sse(a: float, b: float, cm: float) -> float:
         return float(np.sum((ys - sigmoid_curve(cs, r0, a, b, cm)) ** 2))
 
@@ -153,7 +163,7 @@ def fit_sigmoid(
     best = (math.inf, 0.0, 1.0, 1.0)
     for b in np.geomspace(0.3, 8.0, 25):
         for cm in np.geomspace(lo / 4, hi * 4, 40):
-            a = _closed_form_a(cs, ys, r0, b, cm)
+            a = clamp(_closed_form_a(cs, ys, r0, b, cm))
             s = sse(a, b, cm)
             if s < best[0]:
                 best = (s, a, b, cm)
@@ -172,6 +182,7 @@ def fit_sigmoid(
         for _ in range(30):
             step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), jtr)
             cand = theta + step
+            cand[0] = clamp(cand[0])  # projected step: A stays within its bound
             new = sse(cand[0], math.exp(cand[1]), math.exp(cand[2]))
             if new < cur:
                 theta, cur, lam = cand, new, max(lam / 10, 1e-12)
@@ -182,16 +193,21 @@ def fit_sigmoid(
             break
 
     a, b, cm = float(theta[0]), math.exp(theta[1]), math.exp(theta[2])
-    dof = n - 3
+    at_bound = a_max is not None and a >= a_max - 1e-9
+    free = [1, 2] if at_bound else [0, 1, 2]  # a parameter on its bound is not estimated
+    dof = n - len(free)
     sigma2 = cur / dof if dof > 0 else math.nan
     ses = [math.inf] * 3
-    j = _jacobian(cs, r0, a, b, cm)
+    j = _jacobian(cs, r0, a, b, cm)[:, free]
     try:
         cov = sigma2 * np.linalg.inv(j.T @ j)
-        ses = [math.sqrt(v) if v >= 0 and math.isfinite(v) else math.inf for v in np.diag(cov)]
+        for k, v in zip(free, np.diag(cov), strict=True):
+            ses[k] = math.sqrt(v) if v >= 0 and math.isfinite(v) else math.inf
     except np.linalg.LinAlgError:
         pass  # singular: a parameter is not identified by these points
-    return SigmoidFit(r0, a, b, cm, ses[0], ses[1], ses[2], math.sqrt(cur / n), n)
+    if at_bound:
+        ses[0] = math.nan
+    return SigmoidFit(r0, a, b, cm, ses[0], ses[1], ses[2], math.sqrt(cur / n), n, at_bound)
 
 
 # ----------------------------------------------------------------------------- KL at reward

@@ -93,6 +93,21 @@ def test_sigmoid_fit_default_r0_and_step_zero() -> None:
     assert fit.a == pytest.approx(0.6, abs=EXACT_TOL)
 
 
+def test_sigmoid_fit_bounded_asymptote() -> None:
+    # Still steeply rising at the last point, towards A = 1.6: unbounded, the fit extrapolates
+    # past 1; with a_max = 1 (a pass rate) A sits on the bound and is reported as such.
+    c = np.arange(1, 21, dtype=float)
+    y = sigmoid_curve(c, 0.0, 1.6, 2.0, 30.0)
+    free = fit_sigmoid(c, y, r0=0.0)
+    assert free.a == pytest.approx(1.6, abs=1e-3) and not free.a_at_bound
+    bounded = fit_sigmoid(c, y, r0=0.0, a_max=1.0)
+    assert bounded.a == 1.0 and bounded.a_at_bound and math.isnan(bounded.a_se)
+    assert math.isfinite(bounded.b_se) and math.isfinite(bounded.c_mid_se)
+    # A curve that saturates below the bound is unaffected by it.
+    y2 = sigmoid_curve(c, 0.1, 0.6, 2.0, 5.0)
+    assert fit_sigmoid(c, y2, r0=0.1, a_max=1.0).a == pytest.approx(0.6, abs=EXACT_TOL)
+
+
 def test_sigmoid_fit_needs_three_points() -> None:
     with pytest.raises(ValueError, match="at least 3 points"):
         fit_sigmoid([0, 1, 2], [0.1, 0.2, 0.3])
