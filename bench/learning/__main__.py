@@ -1,0 +1,42 @@
+"""python -m bench.learning run|analyze [options] — see bench/learning/README.md."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bench.learning.run import DEFAULT_OUT, run_all
+from bench.learning.spec import STEPS
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.learning")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run (or resume) every job; finished jobs are skipped")
+    r.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    r.add_argument("--steps", type=int, default=STEPS)
+    r.add_argument("--workers", type=int, default=2, help="jobs side by side")
+    r.add_argument("--no-streams", action="store_true")
+    r.add_argument("--only", nargs="+", help="job names, e.g. mul-fst-s0 stream-rl-s0")
+    a = sub.add_parser("analyze", help="tables and plots into docs/")
+    a.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[2] / "docs")
+    args = p.parse_args()
+    if args.cmd == "run":
+        run_all(
+            args.out,
+            tuple(args.seeds),
+            args.steps,
+            args.workers,
+            not args.no_streams,
+            args.only,
+        )
+    else:
+        from bench.learning.analyze import analyze
+
+        analyze(args.out, args.docs)
+
+
+if __name__ == "__main__":
+    main()

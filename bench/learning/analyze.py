@@ -1,0 +1,420 @@
+"""Read the benchmark's outputs, compute the comparisons with fst.analysis, write plots + tables.
+
+Inputs (under --out): runs/<task>-<mode>-s<seed>/{metrics.jsonl, decomposition.json,
+done.json}, streams/stream-<mode>-s0/stream.json and its stage runs. Only finished jobs
+(done.json) are analysed; unfinished ones are listed as such.
+
+Outputs (under --docs): results/*.png, results/summary.json, results/tables.md (the tables
+docs/results.md quotes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from statistics import mean
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+from bench.learning.spec import COMMON, MODES, SEEDS, STEPS, TASKS
+from fst.analysis import (
+    decompose,
+    fit_sigmoid,
+    forgetting,
+    kl_at_reward,
+    running_max,
+    stage_acquisition,
+    steps_to_peak,
+)
+
+COLORS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green"}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def load_run(run_dir: Path) -> dict[str, Any] | None:
+    if not (run_dir / "done.json").is_file():
+        return None
+    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    evals = [(m["step"], m["eval_pass_rate"]) for m in metrics if "eval_pass_rate" in m]
+    steps = [m for m in metrics if "reward_mean" in m]
+    kls = [(0, 0.0)] + [(m["step"], m["kl"]) for m in steps if m.get("kl") is not None]
+    dec_path = run_dir / "decomposition.json"
+    return {
+        "eval_steps": [s for s, _ in evals],
+        "eval": [v for _, v in evals],
+        "train_steps": [m["step"] for m in steps],
+        "train_reward": [m["reward_mean"] for m in steps],
+        "kl_steps": [s for s, _ in kls],
+        "kl": [v for _, v in kls],
+        "gepa_metric_calls": sum(m.get("gepa_metric_calls", 0) for m in steps),
+        "gen_tokens": sum(m.get("gen_tokens", 0) for m in steps),
+        "rollouts": len(steps) * COMMON["slow"]["problemsPerStep"] * COMMON["slow"]["groupSize"],
+        "optimizer_steps": sum(1 for m in steps if m.get("updated", 1.0) and "loss" in m),
+        "steps": len(steps),
+        "done": json.loads((run_dir / "done.json").read_text()),
+        "decomposition": json.loads(dec_path.read_text()) if dec_path.is_file() else None,
+        "final_prompt": _final_prompt(run_dir),
+    }
+
+
+def _final_prompt(run_dir: Path) -> str | None:
+    rounds = _read_jsonl(run_dir / "population.jsonl")
+    return rounds[-1]["members"][0]["text"] if rounds else None
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}f}"
+
+
+def _pm(v: float, se: float, digits: int = 3) -> str:
+    return f"{_fmt(v, digits)} ± {_fmt(se, digits)}"
+
+
+# ----------------------------------------------------------------------------- per task
+
+
+def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir: Path) -> dict:
+    out: dict[str, Any] = {"fits": {}, "peaks": {}, "kl": {}, "decomposition": {}}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for mode in MODES:
+        seeds = [s for s in SEEDS if (mode, s) in runs]
+        if not seeds:
+            continue
+        pooled_c, pooled_y, r0s = [], [], []
+        for s in seeds:
+            r = runs[(mode, s)]
+            ax.plot(r["eval_steps"], r["eval"], color=COLORS[mode], alpha=0.25, lw=1)
+            ax.plot(r["eval_steps"], running_max(r["eval"]), color=COLORS[mode], lw=1, ls=":")
+            pooled_c += [c for c in r["eval_steps"] if c > 0]
+            pooled_y += [y for c, y in zip(r["eval_steps"], r["eval"], strict=True) if c > 0]
+            r0s += [y for c, y in zip(r["eval_steps"], r["eval"], strict=True) if c == 0]
+        steps0 = runs[(mode, seeds[0])]["eval_steps"]
+        mean_curve = [
+            mean(runs[(mode, s)]["eval"][i] for s in seeds)
+            for i in range(min(len(runs[(mode, s)]["eval"]) for s in seeds))
+        ]
+        ax.plot(steps0[: len(mean_curve)], mean_curve, color=COLORS[mode], lw=2, label=mode)
+        r0 = mean(r0s) if r0s else None
+        try:
+            fit = fit_sigmoid(pooled_c, pooled_y, r0=r0, a_max=1.0)
+            xs = np.linspace(0.5, max(pooled_c), 100)
+            ax.plot(xs, fit.predict(xs), color=COLORS[mode], lw=1, ls="--")
+            out["fits"][mode] = {
+                "A": fit.a,
+                "A_se": fit.a_se,
+                "B": fit.b,
+                "B_se": fit.b_se,
+                "C_mid": fit.c_mid,
+                "C_mid_se": fit.c_mid_se,
+                "R0": fit.r0,
+                "rmse": fit.rmse,
+                "n": fit.n,
+                "seeds": seeds,
+                "A_at_bound": fit.a_at_bound,
+                # C_mid beyond the last step: the half-way point is an extrapolation.
+                "C_mid_beyond_data": fit.c_mid > max(pooled_c),
+            }
+        except ValueError as e:
+            out["fits"][mode] = {"error": str(e)}
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out pass rate (greedy, 32 test problems)")
+    ax.set_title(
+        f"{task}: mean over seeds (thick), per seed (thin), running max (dotted), fit (dashed)",
+        fontsize=8,
+    )
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figdir / f"curves-{task}.png", dpi=110)
+    plt.close(fig)
+
+    # Training reward (sampled, the prompts in use) per step.
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for mode in MODES:
+        seeds = [s for s in SEEDS if (mode, s) in runs]
+        if not seeds:
+            continue
+        n = min(len(runs[(mode, s)]["train_reward"]) for s in seeds)
+        ys = [mean(runs[(mode, s)]["train_reward"][i] for s in seeds) for i in range(n)]
+        ax.plot(runs[(mode, seeds[0])]["train_steps"][:n], ys, color=COLORS[mode], label=mode)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training reward (sampled, T=0.7)")
+    ax.set_title(f"{task}: mean training reward over seeds", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figdir / f"train-{task}.png", dpi=110)
+    plt.close(fig)
+
+    # Steps to RL's peak and KL at matched reward, per seed.
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for s in SEEDS:
+        if ("rl", s) not in runs:
+            continue
+        rl = runs[("rl", s)]
+        for mode in ("fst", "gepa"):
+            if (mode, s) not in runs:
+                continue
+            c = runs[(mode, s)]
+            p = steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"])
+            out["peaks"][f"{mode}-s{s}"] = p.__dict__
+        if ("fst", s) in runs:
+            fst = runs[("fst", s)]
+            start = rl["eval"][0]
+            target = min(max(rl["eval"]), max(fst["eval"]))
+            kl_rl = kl_fst = None
+            if target > start:  # a reward neither run gained is no match
+                kl_rl = kl_at_reward(rl["eval_steps"], rl["eval"], rl["kl_steps"], rl["kl"], target)
+                kl_fst = kl_at_reward(
+                    fst["eval_steps"], fst["eval"], fst["kl_steps"], fst["kl"], target
+                )
+            ratio = kl_fst / kl_rl if kl_rl and kl_fst is not None else None
+            out["kl"][f"s{s}"] = {
+                "target": target,
+                "kl_rl": kl_rl,
+                "kl_fst": kl_fst,
+                "ratio": ratio,
+                "final_kl_rl": rl["kl"][-1],
+                "final_kl_fst": fst["kl"][-1],
+            }
+        for mode in ("rl", "fst"):
+            if (mode, s) not in runs:
+                continue
+            r = runs[(mode, s)]
+            kls = [np.interp(x, r["kl_steps"], r["kl"]) for x in r["eval_steps"]]
+            ax.plot(
+                kls,
+                running_max(r["eval"]),
+                "o-",
+                color=COLORS[mode],
+                alpha=0.7,
+                ms=3,
+                label=f"{mode} s{s}",
+            )
+    ax.set_xlabel("KL(π_θ ‖ π_base), nats/token")
+    ax.set_ylabel("running-max held-out pass rate")
+    ax.set_title(f"{task}: reward against KL", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(figdir / f"kl-{task}.png", dpi=110)
+    plt.close(fig)
+
+    for s in SEEDS:
+        r = runs.get(("fst", s))
+        if r and r["decomposition"]:
+            d = r["decomposition"]
+            g = decompose(
+                d["base weights + seed prompt"]["pass_rate"],
+                d["base weights + FST prompt"]["pass_rate"],
+                d["trained weights + seed prompt"]["pass_rate"],
+                d["trained weights + FST prompt"]["pass_rate"],
+            )
+            out["decomposition"][f"s{s}"] = g.__dict__
+    return out
+
+
+# ----------------------------------------------------------------------------- stream
+
+
+def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for mode in ("rl", "fst"):
+        folder = out_dir / "streams" / f"stream-{mode}-s0"
+        state_file = folder / "stream.json"
+        if not state_file.is_file():
+            continue
+        entries = [e for e in json.loads(state_file.read_text())["stages"]]
+        starts, ends, names, retention = [], [], [], []
+        for e in entries:
+            metrics = _read_jsonl(folder / e["run"] / "metrics.jsonl")
+            evals = [m["eval_pass_rate"] for m in metrics if "eval_pass_rate" in m]
+            if e["status"] != "succeeded" or len(evals) < 2:
+                continue
+            names.append(e["stage"])
+            starts.append(evals[0])
+            ends.append(evals[-1])
+            retention.append(e["evaluation"]["retention"])
+        if not names:
+            continue
+        matrix = [[row.get(n) for n in names] for row in retention]
+        result[mode] = {
+            "stages": names,
+            "start": starts,
+            "end": ends,
+            "acquisition": stage_acquisition(starts, ends),
+            "retention": matrix,
+            "forgetting": forgetting(matrix) if len(matrix) == len(names) else None,
+            "finished": bool((folder / "done.json").is_file()),
+        }
+    if result:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        width = 0.38
+        for i, mode in enumerate(m for m in ("rl", "fst") if m in result):
+            r = result[mode]
+            xs = np.arange(len(r["stages"])) + (i - 0.5) * width
+            axes[0].bar(xs, r["acquisition"], width, color=COLORS[mode], label=mode)
+            final = r["retention"][-1]
+            axes[1].bar(
+                xs,
+                [v if v is not None else 0 for v in final],
+                width,
+                color=COLORS[mode],
+                label=mode,
+            )
+        names = next(iter(result.values()))["stages"]
+        for ax, title in zip(
+            axes,
+            ["acquisition per stage (end − start pass rate)", "pass rate on each stage at the end"],
+            strict=True,
+        ):
+            ax.set_xticks(range(len(names)), names)
+            ax.set_title(title, fontsize=9)
+            ax.axhline(0, color="k", lw=0.5)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(figdir / "stream.png", dpi=110)
+        plt.close(fig)
+    return result
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def tables(summary: dict[str, Any]) -> str:
+    lines = ["<!-- written by `python -m bench.learning analyze`; do not edit by hand -->", ""]
+    lines += [
+        "### Runs",
+        "",
+        "| run | steps | optimizer steps | training rollouts | GEPA "
+        "metric calls | generated tokens | wall s | CPU s | final held-out | best held-out |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in sorted(summary["runs"].items()):
+        lines.append(
+            f"| {name} | {r['steps']} | {r['optimizer_steps']} | {r['rollouts']} | "
+            f"{r['gepa_metric_calls']} | {r['gen_tokens']} | {r['done']['wall_s']:.0f} | "
+            f"{r['done'].get('cpu_s', float('nan')):.0f} | {_fmt(r['eval'][-1])} | "
+            f"{_fmt(max(r['eval']))} |"
+        )
+    if summary["unfinished"]:
+        lines += ["", f"Not finished (not analysed): {', '.join(summary['unfinished'])}"]
+    for task, t in summary["tasks"].items():
+        lines += [
+            "",
+            f"### {task}",
+            "",
+            "Sigmoid fit R = R0 + (A − R0)/(1 + (C_mid/C)^B) "
+            "over steps, held-out pass rate, seeds pooled (± = standard error):",
+            "",
+            "| mode | R0 | A | B | C_mid | rmse | points |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for mode, f in t["fits"].items():
+            if "error" in f:
+                lines.append(f"| {mode} | {f['error']} | | | | | |")
+                continue
+            a = "1 (at bound)" if f["A_at_bound"] else _pm(f["A"], f["A_se"])
+            cmid = _pm(f["C_mid"], f["C_mid_se"], 1) + (" (beyond data)" * f["C_mid_beyond_data"])
+            lines.append(
+                f"| {mode} | {_fmt(f['R0'])} | {a} | {_pm(f['B'], f['B_se'], 2)} | {cmid} | "
+                f"{_fmt(f['rmse'])} | {f['n']} |"
+            )
+        lines += [
+            "",
+            "Steps to reach RL's running peak (held-out pass rate, evaluated every "
+            f"{COMMON['metrics']['evalEvery']} steps):",
+            "",
+            "| comparison | RL peak | RL steps to it | steps to RL's peak | ratio | own peak |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for key, p in t["peaks"].items():
+            reached = p["candidate_steps"]
+            lines.append(
+                f"| {key} vs rl | {_fmt(p['reference_peak'])} | "
+                f"{_fmt(p['reference_steps'], 0)} | "
+                f"{'never' if reached is None else _fmt(reached, 0)} | "
+                f"{_fmt(p['ratio'], 2)} | {_fmt(p['candidate_peak'])} |"
+            )
+        lines += [
+            "",
+            "KL to base at matched reward (the highest held-out pass rate both RL and "
+            "FST reached):",
+            "",
+            "| seed | matched pass rate | KL rl | KL fst | FST/RL | final KL rl | final KL fst |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for key, k in t["kl"].items():
+            lines.append(
+                f"| {key} | {_fmt(k['target'])} | {_fmt(k['kl_rl'], 4)} | {_fmt(k['kl_fst'], 4)} "
+                f"| {_fmt(k['ratio'], 2)} | {_fmt(k['final_kl_rl'], 4)} | "
+                f"{_fmt(k['final_kl_fst'], 4)} |"
+            )
+        if t["decomposition"]:
+            lines += [
+                "",
+                "Four-way channel decomposition of the FST run (greedy, 32 test "
+                "problems; gains over base weights + seed prompt):",
+                "",
+                "| seed | base | fast alone | slow alone | both | interaction |",
+                "| --- | --- | --- | --- | --- | --- |",
+            ]
+            for key, g in t["decomposition"].items():
+                lines.append(
+                    f"| {key} | {_fmt(g['base'])} | {g['fast']:+.3f} | {g['slow']:+.3f} | "
+                    f"{g['both']:+.3f} | {g['interaction']:+.3f} |"
+                )
+    if summary["streams"]:
+        lines += [
+            "",
+            "### Continual stream (3 stages, seed 0)",
+            "",
+            "| mode | stage | start | end | acquisition | at stream end | forgetting |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for mode, r in summary["streams"].items():
+            for i, name in enumerate(r["stages"]):
+                fg = r["forgetting"][i] if r["forgetting"] else None
+                lines.append(
+                    f"| {mode} | {name} | {_fmt(r['start'][i])} | {_fmt(r['end'][i])} | "
+                    f"{r['acquisition'][i]:+.3f} | {_fmt(r['retention'][-1][i])} | {_fmt(fg)} |"
+                )
+    return "\n".join(lines) + "\n"
+
+
+def analyze(out_dir: Path, docs: Path) -> dict[str, Any]:
+    figdir = docs / "results"
+    figdir.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"runs": {}, "unfinished": [], "tasks": {}, "streams": {}}
+    for task in TASKS:
+        runs = {}
+        for mode in MODES:
+            for s in SEEDS:
+                name = f"{task}-{mode}-s{s}"
+                r = load_run(out_dir / "runs" / name)
+                if r is None:
+                    summary["unfinished"].append(name)
+                    continue
+                runs[(mode, s)] = r
+                summary["runs"][name] = r
+        if runs:
+            summary["tasks"][task] = analyze_task(task, runs, figdir)
+    summary["streams"] = analyze_streams(out_dir, figdir)
+    summary["steps_per_run"] = STEPS
+    (figdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (figdir / "tables.md").write_text(tables(summary))
+    print(f"wrote {figdir}/tables.md, summary.json and plots")
+    return summary

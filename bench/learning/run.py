@@ -1,0 +1,198 @@
+"""Run the learning benchmark with our own CLI: `fst train` per run, `fst stream` per stream.
+
+Every job is a subprocess of `python -m fst` (this checkout's code, PYTHONPATH=its root), one
+torch thread each, `--resume` always: a killed bench continues where it stopped, and a job
+with a `done.json` is skipped. After a run finishes, an FST run gets its four-way channel
+decomposition (`fst eval`), then its checkpoints are deleted (~1.6 GB each; the metrics,
+populations and decomposition are what the analysis reads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from bench.learning.spec import MODES, STEPS, TASKS, RunSpec, all_runs, run_config, stream_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslow")) / (
+    "bench-runs/learning"
+)
+
+
+@dataclass
+class Job:
+    name: str
+    folder: Path  # where done.json goes
+    commands: list[list[str]]
+    cleanup: Callable[[], None]
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "done.json").is_file()
+
+
+def fst(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fst", *args]
+
+
+def train_job(spec: RunSpec, out: Path, steps: int) -> Job:
+    runs = out / "runs"
+    cfg_path = out / "configs" / f"{spec.name}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(run_config(spec, str(runs), steps), sort_keys=False))
+    run_dir = runs / spec.name
+    commands = [fst("train", "-c", str(cfg_path), "--resume", "--no-progress")]
+    if spec.mode == "fst":
+        # Greedy, on the same 32 test problems as the periodic eval.
+        commands.append(
+            fst(
+                "eval",
+                "-c",
+                str(cfg_path),
+                "--limit",
+                "32",
+                "--json",
+                str(run_dir / "decomposition.json"),
+            )
+        )
+    return Job(spec.name, run_dir, commands, lambda: _rm(run_dir / "checkpoints"))
+
+
+def stream_job(mode: str, out: Path) -> Job:
+    manifest = stream_manifest(mode, str(out / "streams"))
+    name = manifest["metadata"]["name"]
+    path = out / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+    folder = out / "streams" / name
+
+    def cleanup() -> None:
+        for ckpt in folder.glob("*/checkpoints"):
+            _rm(ckpt)
+
+    return Job(name, folder, [fst("stream", str(path), "--no-progress")], cleanup)
+
+
+def _rm(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def plan(out: Path, seeds: tuple[int, ...], steps: int, streams: bool) -> list[Job]:
+    """In order of what a bench stopped early most needs: RL and FST on the first task for
+    every seed, the two streams, then GEPA-only and the other tasks."""
+    first_task = next(iter(TASKS))
+
+    def head(r: RunSpec) -> bool:
+        return r.task == first_task and r.mode != "gepa"
+
+    def rank(r: RunSpec) -> tuple[int, int, int, int]:
+        return (0 if head(r) else 1, 0 if r.task == first_task else 1, r.seed, MODES.index(r.mode))
+
+    runs = sorted(all_runs(seeds), key=rank)
+    mid = [stream_job(m, out) for m in ("rl", "fst")] if streams else []
+    first = [train_job(r, out, steps) for r in runs if head(r)]
+    rest = [train_job(r, out, steps) for r in runs if not head(r)]
+    return first + mid + rest
+
+
+def wait_for_lock(run_dir: Path, poll_s: float = 30.0) -> None:
+    """Wait while another process (an earlier runner's job) holds the run folder's lock, so a
+    restarted runner does not fail on a job that is still running; it then resumes it."""
+    lock = run_dir / ".lock"
+    if not lock.exists():
+        return
+    while True:
+        with lock.open("a") as fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                pass
+        time.sleep(poll_s)
+
+
+def run_job(job: Job, out: Path, lock: threading.Lock) -> bool:
+    log_path = out / "logs" / f"{job.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        # One thread per run: the bench runs two jobs side by side on 2 cores, and one
+        # thread per job avoids the two oversubscribing each other.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
+    wait_for_lock(job.folder)
+    t0, cpu = time.time(), 0.0
+    with log_path.open("a") as log:
+        for cmd in job.commands:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            # wait4 gives this child's own CPU time (two jobs run at once, so the runner's
+            # cumulative children time could not be split between them).
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = rc = os.waitstatus_to_exitcode(status)
+            cpu += usage.ru_utime + usage.ru_stime
+            if rc != 0:
+                with lock:
+                    print(f"FAILED {job.name} (exit {rc}); log: {log_path}", flush=True)
+                return False
+    job.cleanup()
+    job.folder.mkdir(parents=True, exist_ok=True)
+    # Wall and CPU of this invocation only: a resumed job reports the part it ran.
+    (job.folder / "done.json").write_text(
+        json.dumps({"wall_s": time.time() - t0, "cpu_s": cpu, "finished": time.time()})
+    )
+    with lock:
+        print(f"done {job.name}: {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU", flush=True)
+    return True
+
+
+def run_all(
+    out: Path = DEFAULT_OUT,
+    seeds: tuple[int, ...] = (0, 1),
+    steps: int = STEPS,
+    workers: int = 2,
+    streams: bool = True,
+    only: list[str] | None = None,
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [j for j in plan(out, seeds, steps, streams) if not only or j.name in only]
+    todo = [j for j in jobs if not j.done]
+    print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done; output {out}", flush=True)
+    lock = threading.Lock()
+    queue = list(todo)
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if not queue:
+                    return
+                job = queue.pop(0)
+                print(f"start {job.name}", flush=True)
+            run_job(job, out, lock)
+
+    threads = [threading.Thread(target=worker) for _ in range(max(1, workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    t = os.times()
+    print(f"all jobs tried; CPU of children {t.children_user + t.children_system:.0f} s")

@@ -1,0 +1,141 @@
+"""What the learning benchmark runs: tasks x modes x seeds, and the continual stream.
+
+Every run of one (task, seed) shares the same base model, problems (task seed 0: the same
+train/val/test splits and the same batch order), run seed (sampling noise), optimizer steps,
+problems per step and group size, so `rl` and `fst` take the same optimizer steps on the same
+training rollouts; `fst` and `gepa` also spend GEPA evaluation rollouts, which are counted
+(metrics.jsonl `gepa_metric_calls`) and reported beside the results.
+
+Sizing (2-core CPU, SmolLM2-135M-Instruct, one torch thread per run): see README.md here.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("rl", "fst", "gepa")
+SEEDS = (0, 1)
+STEPS = 20
+
+# Tasks where the base model starts low. Both are generated arithmetic because on this CPU a
+# star_graph or codeio prompt is 3-6x longer, and generation dominates the cost.
+TASKS: dict[str, dict[str, Any]] = {
+    # Multiplication, lenient answer format: the base model is right ~10% of the time
+    # (sampled), so RL has some signal from the first step.
+    "mul": {
+        "name": "arithmetic",
+        "trainSize": 160,
+        "valSize": 16,
+        "testSize": 32,
+        "params": {"steps": 1, "maxOperand": 15, "ops": ["*"], "answerFormat": "last_number"},
+    },
+    # Format-constrained addition/subtraction: reward only for the integer inside \boxed{};
+    # the base model almost never writes \boxed{}, so reward starts near 0.
+    "boxed": {
+        "name": "arithmetic",
+        "trainSize": 256,
+        "valSize": 16,
+        "testSize": 32,
+        "params": {"steps": 1, "maxOperand": 20, "ops": ["+", "-"], "answerFormat": "boxed"},
+    },
+}
+
+# Shared by every run (and by the stream's stages).
+COMMON: dict[str, Any] = {
+    "rollout": {"temperature": 0.7, "maxNewTokens": 48, "batchSize": 32},
+    "slow": {
+        "problemsPerStep": 4,
+        "groupSize": 4,
+        "lr": 1.0e-5,
+        "warmupSteps": 1,
+        "microBatchSize": 16,
+    },
+    "fast": {
+        "everySteps": 5,  # GEPA rounds before steps 1, 6, 11, 16
+        "topK": 4,  # K <= G: each problem's 4 rollouts use the 4 prompts
+        "metricCalls": 12,
+        "minibatchSize": 4,
+        "paretoSize": 8,
+        "reflector": {"kind": "digest"},
+    },
+    "metrics": {"klPrompts": 4, "klEvery": 4, "evalEvery": 4, "evalProblems": 32},
+    # One mid-run checkpoint for resumability; keepLast 1 because each is ~1.6 GB.
+    "checkpoint": {"every": 10, "keepLast": 1},
+}
+
+STREAM_STEPS = 6
+STREAM_STAGES: list[dict[str, Any]] = [
+    {
+        "name": "add-sub",
+        "task": {
+            "name": "arithmetic",
+            "trainSize": 256,
+            "valSize": 16,
+            "testSize": 32,
+            "params": {
+                "steps": 1,
+                "maxOperand": 20,
+                "ops": ["+", "-"],
+                "answerFormat": "last_number",
+            },
+        },
+    },
+    {"name": "multiply", "task": TASKS["mul"]},
+    {"name": "boxed", "task": TASKS["boxed"]},
+]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    task: str
+    mode: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}-{self.mode}-s{self.seed}"
+
+
+def run_config(spec: RunSpec, output_dir: str, steps: int = STEPS) -> dict[str, Any]:
+    """The `fst train` config of one run."""
+    cfg = copy.deepcopy(COMMON)
+    cfg.update(
+        run=spec.name,
+        mode=spec.mode,
+        steps=steps,
+        seed=spec.seed,
+        outputDir=output_dir,
+        task=copy.deepcopy(TASKS[spec.task]),
+    )
+    return cfg
+
+
+def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]:
+    """A 3-stage TaskStream, all stages in `mode`; FST and RL streams differ only in mode."""
+    defaults = copy.deepcopy(COMMON)
+    defaults.update(mode=mode, seed=seed)
+    # Stages are short: a GEPA round before steps 1 and 4 of each stage.
+    defaults["fast"]["everySteps"] = 3
+    defaults["checkpoint"] = {"every": STREAM_STEPS, "keepLast": 1}
+    return {
+        "apiVersion": "fastslow.io/v1alpha1",
+        "kind": "TaskStream",
+        "metadata": {"name": f"stream-{mode}-s{seed}"},
+        "spec": {
+            "outputDir": output_dir,
+            # Retention + decomposition after each stage: 16 test problems (cost).
+            "evalProblems": 16,
+            "defaults": defaults,
+            "stages": [
+                {"name": s["name"], "task": copy.deepcopy(s["task"]), "steps": STREAM_STEPS}
+                for s in STREAM_STAGES
+            ],
+        },
+    }
+
+
+def all_runs(seeds: tuple[int, ...] = SEEDS) -> list[RunSpec]:
+    """Seed-major, so that a partial bench has complete (task, seed) triples first."""
+    return [RunSpec(t, m, s) for s in seeds for t in TASKS for m in MODES]
