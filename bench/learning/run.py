@@ -91,21 +91,26 @@ def _rm(path: Path) -> None:
 
 
 def plan(out: Path, seeds: tuple[int, ...], steps: int, streams: bool) -> list[Job]:
-    """In order of what a bench stopped early most needs: RL and FST on the first task for
-    every seed, the two streams, then GEPA-only and the other tasks."""
+    """In order of what a bench stopped early most needs: the first task's three modes on the
+    first seed, RL and FST on its other seeds, the two streams, then the rest."""
     first_task = next(iter(TASKS))
 
-    def head(r: RunSpec) -> bool:
-        return r.task == first_task and r.mode != "gepa"
-
-    def rank(r: RunSpec) -> tuple[int, int, int, int]:
-        return (0 if head(r) else 1, 0 if r.task == first_task else 1, r.seed, MODES.index(r.mode))
+    def rank(r: RunSpec) -> tuple[int, int, int]:
+        if r.task == first_task and r.seed == seeds[0]:
+            group = 0
+        elif r.task == first_task and r.mode != "gepa":
+            group = 1
+        elif r.task == first_task:
+            group = 3
+        else:
+            group = 4
+        return (group, r.seed, MODES.index(r.mode))
 
     runs = sorted(all_runs(seeds), key=rank)
-    mid = [stream_job(m, out) for m in ("rl", "fst")] if streams else []
-    first = [train_job(r, out, steps) for r in runs if head(r)]
-    rest = [train_job(r, out, steps) for r in runs if not head(r)]
-    return first + mid + rest
+    jobs = [train_job(r, out, steps) for r in runs if rank(r)[0] < 2]
+    if streams:
+        jobs += [stream_job(m, out) for m in ("rl", "fst")]
+    return jobs + [train_job(r, out, steps) for r in runs if rank(r)[0] >= 2]
 
 
 def wait_for_lock(run_dir: Path, poll_s: float = 30.0) -> None:
