@@ -56,6 +56,23 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("fastslow operator: %s", SETTINGS.describe(kube.watched_namespaces()))
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """kopf's own connection: the ServiceAccount (kube.service_account) in a pod, else the
+    kubeconfig, as kopf would do by itself."""
+    sa = kube.service_account()
+    if sa is None:
+        return kopf.login_via_client(**kwargs)
+    server, token, ca = sa
+    return kopf.ConnectionInfo(
+        server=server,
+        ca_path=str(ca),
+        scheme="Bearer",
+        token=token.read_text().strip(),
+        expiration=None,
+    )
+
+
 @kopf.on.probe(id="database")
 def database_probe(**_: Any) -> str:
     return "configured" if SETTINGS.database_url else "not configured"

@@ -4,7 +4,9 @@ are sync and kopf runs them in its thread pool)."""
 from __future__ import annotations
 
 import logging
+import os
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
@@ -15,6 +17,7 @@ from fst.k8s.api import GROUP, VERSION
 log = logging.getLogger("fst_operator")
 _api: client.ApiClient | None = None
 _namespaces: list[str] = []
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 
 def watch_namespaces(namespaces: list[str]) -> None:
@@ -25,13 +28,40 @@ def watched_namespaces() -> list[str]:
     return list(_namespaces)
 
 
+def service_account() -> tuple[str, Path, Path] | None:
+    """(server URL, token file, CA file) of the pod's ServiceAccount, or None outside a pod.
+
+    The folder is $FST_SERVICE_ACCOUNT_DIR (the chart sets it to the standard mount path), so
+    a runtime that mounts the token elsewhere (the test harness's process kubelet) still works.
+    """
+    folder = Path(os.environ.get("FST_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT_DIR))
+    host, port = (
+        os.environ.get("KUBERNETES_SERVICE_HOST"),
+        os.environ.get("KUBERNETES_SERVICE_PORT"),
+    )
+    token, ca = folder / "token", folder / "ca.crt"
+    if not (host and port and token.is_file() and ca.is_file()):
+        return None
+    host = f"[{host}]" if ":" in host else host
+    return f"https://{host}:{port}", token, ca
+
+
 def configure(_settings: Any = None) -> None:
     """In a pod: its ServiceAccount. Elsewhere: $KUBECONFIG (or ~/.kube/config)."""
     global _api
-    try:
-        config.load_incluster_config()
-        cfg = client.Configuration.get_default_copy()
-    except config.ConfigException:
+    sa = service_account()
+    if sa is not None:
+        server, token, ca = sa
+        cfg = client.Configuration(host=server)
+        cfg.ssl_ca_cert = str(ca)
+
+        # Bound tokens are rotated by the kubelet: read the file at each request.
+        def refresh(c: client.Configuration) -> None:
+            c.api_key["authorization"] = "Bearer " + token.read_text().strip()
+
+        cfg.refresh_api_key_hook = refresh
+        refresh(cfg)
+    else:
         cfg = client.Configuration()
         config.load_kube_config(client_configuration=cfg)
     cfg.connection_pool_maxsize = 32
