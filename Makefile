@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export FST_CACHE
 
-.PHONY: install run test test-deps lint format bench clean crds operator
+.PHONY: install run test test-deps lint format bench clean crds operator image image-cpu
 
 install: $(STAMP)
 
@@ -69,6 +69,19 @@ crds: install
 # The operator against the cluster of $$KUBECONFIG (see docs/operator.md).
 operator: install
 	$(PY) -m fst_operator
+
+# Trainer images (trainer-image/README.md). They need a Docker engine with BuildKit (for the
+# per-Dockerfile .dockerignore), so neither CI nor `make test` builds them.
+IMAGE     ?= fastslow-trainer
+IMAGE_TAG ?= dev
+
+image:
+	@command -v docker >/dev/null || { echo "make image needs a Docker engine (docker build)" >&2; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f trainer-image/Dockerfile -t $(IMAGE):$(IMAGE_TAG)-gpu .
+
+image-cpu:
+	@command -v docker >/dev/null || { echo "make image-cpu needs a Docker engine (docker build)" >&2; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f trainer-image/Dockerfile.cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

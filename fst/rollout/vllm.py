@@ -244,7 +244,8 @@ def write_model_config(model: torch.nn.Module, folder: Path) -> Path:
 
 def _load_weights(model: Any, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
     """Runs inside vLLM's worker (this process): load, and name vLLM parameters left unset."""
-    loaded = model.load_weights(weights=weights)
+    with torch.no_grad():  # as vLLM's own loaders: plain in-place copies into its parameters
+        loaded = model.load_weights(weights=weights)
     if loaded is None:  # models whose load_weights returns nothing cannot be checked
         return []
     return sorted({name for name, _ in model.named_parameters()} - set(loaded))
