@@ -289,18 +289,33 @@ class VLLMRolloutEngine:
     def from_config(
         cls, cfg: TrainConfig, policy: torch.nn.Module, tokenizer: Any, stop_ids: list[int]
     ) -> VLLMRolloutEngine:
-        """Start vLLM on the policy's device for run `cfg` (rollout.engine: vllm)."""
+        """Start vLLM for run `cfg` (rollout.engine: vllm) on the first visible GPU, which
+        should be the policy's `model.device` (colocated: one GPU per trainer pod)."""
         check_rollout_config(cfg.rollout)
         # In-process engine core: weight syncs and apply_model share tensors with this
         # process instead of pickling them to a subprocess. Set before vLLM reads its env.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm = import_vllm()
-        folder = Path(tempfile.mkdtemp(prefix="fst-vllm-model-"))
-        write_model_config(policy, folder)
         sleep = os.environ.get("FST_VLLM_SLEEP", "1") != "0"
         max_len = os.environ.get("FST_VLLM_MAX_MODEL_LEN")
         log.info("starting vLLM %s (written against %s)", vllm.__version__, TARGET_VLLM)
-        llm = vllm.LLM(
+        folder = Path(tempfile.mkdtemp(prefix="fst-vllm-model-"))
+        cleanup = functools.partial(shutil.rmtree, folder, ignore_errors=True)
+        try:
+            write_model_config(policy, folder)
+            llm = cls._start_llm(vllm, cfg, folder, sleep, int(max_len) if max_len else None)
+            return cls(
+                policy, tokenizer, stop_ids, llm, vllm.SamplingParams, sleep=sleep, cleanup=cleanup
+            )
+        except BaseException:
+            cleanup()
+            raise
+
+    @staticmethod
+    def _start_llm(
+        vllm: ModuleType, cfg: TrainConfig, folder: Path, sleep: bool, max_len: int | None
+    ) -> Any:
+        return vllm.LLM(
             model=str(folder),
             load_format="dummy",  # the real weights are pushed from the policy
             skip_tokenizer_init=True,  # prompts are token ids; text is decoded by us
@@ -308,20 +323,11 @@ class VLLMRolloutEngine:
             dtype=cfg.model.dtype,
             seed=cfg.seed,
             max_num_seqs=cfg.rollout.batch_size,
-            max_model_len=int(max_len) if max_len else None,
+            max_model_len=max_len,
             gpu_memory_utilization=float(os.environ.get("FST_VLLM_GPU_MEMORY_UTILIZATION", "0.3")),
             enable_sleep_mode=sleep,
             enable_prefix_caching=True,  # a problem's G rollouts share their prompt
             logprobs_mode="processed_logprobs",
-        )
-        return cls(
-            policy,
-            tokenizer,
-            stop_ids,
-            llm,
-            vllm.SamplingParams,
-            sleep=sleep,
-            cleanup=functools.partial(shutil.rmtree, folder, ignore_errors=True),
         )
 
     # -- weights

@@ -13,10 +13,13 @@ from __future__ import annotations
 import builtins
 import copy
 import importlib
+import json
+import os
 import random
 import sys
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
@@ -371,3 +374,45 @@ def test_engine_refuses_a_vllm_model_the_policy_does_not_fully_set(tiny_llama):
     names = [n for n, _ in tiny_llama.named_parameters()] + ["model.extra.weight"]
     with pytest.raises(RuntimeError, match=r"model\.extra\.weight"):
         make_engine(tiny_llama, param_names=names)
+
+
+def test_from_config_starts_vllm_in_process_with_the_documented_settings(monkeypatch, tiny_llama):
+    """from_config against a stand-in `vllm` module: what it passes to vllm.LLM, and that the
+    engine it returns works and cleans its scratch folder."""
+    started = {}
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **kwargs):
+            started.update(
+                kwargs, config=json.loads((Path(kwargs["model"]) / "config.json").read_text())
+            )
+            super().__init__([n for n, _ in tiny_llama.named_parameters()])
+
+    fake = types.SimpleNamespace(__version__="0.33.0", LLM=RecordingLLM, SamplingParams=dict)
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
+    monkeypatch.setenv("FST_VLLM_GPU_MEMORY_UTILIZATION", "0.25")
+    monkeypatch.delenv("FST_VLLM_SLEEP", raising=False)
+    c = cfg(batchSize=16).model_copy(update={"seed": 7})
+    eng = VLLMRolloutEngine.from_config(c, tiny_llama, Tok(), STOP)
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    config = started.pop("config")
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == 50
+    folder = Path(started.pop("model"))
+    assert started == {
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "generation_config": "vllm",
+        "dtype": "float32",
+        "seed": 7,
+        "max_num_seqs": 16,
+        "max_model_len": None,
+        "gpu_memory_utilization": 0.25,
+        "enable_sleep_mode": True,
+        "enable_prefix_caching": True,
+        "logprobs_mode": "processed_logprobs",
+    }
+    assert eng.sleep_between_calls and eng.llm.events[-1] == ("sleep", 2)
+    assert len(eng.generate([[3]], SamplingParams(max_new_tokens=2), torch.Generator())) == 1
+    eng.close()
+    assert not folder.exists()
