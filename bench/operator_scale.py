@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kubernetes import client as k8s
+from kubernetes.client.rest import ApiException
 
 from tests.k8s.cluster import GpuNodes, test_cluster
 from tests.k8s.operator_proc import OperatorProcess, Resources, install_crds
@@ -62,8 +64,13 @@ def measure(n: int, workdir: Path) -> dict:
         marks: dict[str, float] = {}
         deadline = t0 + 3600
         while time.monotonic() < deadline and len(marks) < 3:
-            jobs = len(batch.list_namespaced_job(ns).items)
-            runs = res.runs()
+            time.sleep(2)
+            try:
+                jobs = len(batch.list_namespaced_job(ns).items)
+                runs = res.runs()
+            except ApiException as e:  # an overloaded apiserver (504, 429): ask again
+                print(f"poll: {e.status} {e.reason}", file=sys.stderr)
+                continue
             with_status = sum(1 for r in runs if (r.get("status") or {}).get("phase"))
             done = sum(1 for r in runs if (r.get("status") or {}).get("phase") == "Succeeded")
             now = time.monotonic() - t0
@@ -73,7 +80,7 @@ def measure(n: int, workdir: Path) -> dict:
                 marks.setdefault("all_status_s", now)
             if done >= n:
                 marks.setdefault("all_succeeded_s", now)
-            time.sleep(1)
+            print(f"{now:6.0f}s jobs {jobs} status {with_status} done {done}", file=sys.stderr)
         result = {
             "runs": n,
             "gpu_nodes": nodes.count,
