@@ -277,6 +277,7 @@ def fastslowrun_crd() -> dict[str, Any]:
         ],
     )
     columns = [
+        _printer("Stage", ".metadata.labels.fastslow\\.io/stage"),
         _printer("Phase", ".status.phase"),
         _printer("Step", ".status.step", "integer"),
         _printer("Reward", ".status.reward", "number"),

@@ -23,6 +23,8 @@ from kubernetes.client.rest import ApiException
 from fst.store.db import RunDB
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import (
+    GROUP,
+    VERSION,
     OperatorProcess,
     Resources,
     condition,
@@ -114,6 +116,16 @@ def wait_phase(res: Resources, name: str, want: str, timeout: float, op: Operato
         return run if phase(run) == want else None
 
     return wait(f"run {name} {want}", reached, timeout, op)
+
+
+def get_table(cluster, path: str) -> dict[str, Any]:
+    import urllib.request
+
+    req = urllib.request.Request(
+        cluster.server + path, headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"}
+    )
+    with urllib.request.urlopen(req, context=cluster.ssl_context()) as r:
+        return json.loads(r.read())
 
 
 def job_names(res: Resources) -> list[str]:
@@ -247,6 +259,24 @@ def test_run_becomes_a_restricted_job_with_the_spec(k8s_cluster, res, start_oper
     assert condition(run, "Succeeded")["status"] == "True"
     assert condition(run, "Created")["reason"] == "JobCreated"
     assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
+    # What `kubectl get fsr` prints: the CRD's printer columns, as a server-side Table.
+    table = get_table(k8s_cluster, f"/apis/{GROUP}/{VERSION}/namespaces/{res.ns}/fastslowruns")
+    columns = [c["name"] for c in table["columnDefinitions"]]
+    default = [c["name"] for c in table["columnDefinitions"] if not c.get("priority")]
+    assert default == [
+        "Name",
+        "Stage",
+        "Phase",
+        "Step",
+        "Reward",
+        "KL",
+        "Ready",
+        "Succeeded",
+        "Age",
+    ]
+    assert "Attempt" in columns  # kubectl get -o wide
+    row = dict(zip(columns, table["rows"][0]["cells"], strict=False))
+    assert row["Name"] == "acme" and row["Phase"] == "Succeeded" and row["Succeeded"] == "True"
     # Operator health and metrics.
     metrics = op.metrics()
     assert re.search(r'fastslow_reconciles_total\{kind="fastslowrun"\} [1-9]', metrics)
@@ -447,6 +477,22 @@ def test_stream_advances_on_a_spec_change_and_on_new_data(
     ]
     time.sleep(4)  # another data poll: nothing changed, nothing new
     assert len(stage_runs(res)) == 4
+
+    # Deleting the stream deletes its runs, their Jobs and ConfigMaps (owner references).
+    res.custom.delete_namespaced_custom_object(GROUP, VERSION, res.ns, "taskstreams", "acme")
+    wait("cascade", lambda: not res.runs() and not res.jobs(), 60, op)
+    cms = res.core.list_namespaced_config_map(res.ns, label_selector="fastslow.io/run")
+    wait(
+        "config maps",
+        lambda: (
+            not cms.items
+            or not res.core.list_namespaced_config_map(
+                res.ns, label_selector="fastslow.io/run"
+            ).items
+        ),
+        60,
+        op,
+    )
 
 
 @pytest.mark.slow
