@@ -22,6 +22,9 @@ def main() -> None:
     a = sub.add_parser("analyze", help="tables and plots into docs/")
     a.add_argument("--out", type=Path, default=DEFAULT_OUT)
     a.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[2] / "docs")
+    a.add_argument(
+        "--partial", action="store_true", help="also analyse running runs, up to their last step"
+    )
     args = p.parse_args()
     if args.cmd == "run":
         run_all(
@@ -35,7 +38,7 @@ def main() -> None:
     else:
         from bench.learning.analyze import analyze
 
-        analyze(args.out, args.docs)
+        analyze(args.out, args.docs, args.partial)
 
 
 if __name__ == "__main__":

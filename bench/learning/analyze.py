@@ -42,11 +42,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def load_run(run_dir: Path) -> dict[str, Any] | None:
-    if not (run_dir / "done.json").is_file():
-        return None
+def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
+    """A finished run's records; with `partial`, also a running one's (marked running)."""
+    finished = (run_dir / "done.json").is_file()
     metrics = _read_jsonl(run_dir / "metrics.jsonl")
     evals = [(m["step"], m["eval_pass_rate"]) for m in metrics if "eval_pass_rate" in m]
+    if not finished and not (partial and len(evals) >= 2):
+        return None
     steps = [m for m in metrics if "reward_mean" in m]
     kls = [(0, 0.0)] + [(m["step"], m["kl"]) for m in steps if m.get("kl") is not None]
     dec_path = run_dir / "decomposition.json"
@@ -62,7 +64,10 @@ def load_run(run_dir: Path) -> dict[str, Any] | None:
         "rollouts": len(steps) * COMMON["slow"]["problemsPerStep"] * COMMON["slow"]["groupSize"],
         "optimizer_steps": sum(1 for m in steps if m.get("updated", 1.0) and "loss" in m),
         "steps": len(steps),
-        "done": json.loads((run_dir / "done.json").read_text()),
+        "done": json.loads((run_dir / "done.json").read_text())
+        if finished
+        else {"wall_s": math.nan, "cpu_s": math.nan},
+        "running": not finished,
         "decomposition": json.loads(dec_path.read_text()) if dec_path.is_file() else None,
         "final_prompt": _final_prompt(run_dir),
     }
@@ -83,6 +88,24 @@ def _fmt(x: float | None, digits: int = 3) -> str:
 
 def _pm(v: float, se: float, digits: int = 3) -> str:
     return f"{_fmt(v, digits)} ± {_fmt(se, digits)}"
+
+
+def _common_steps(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict, dict]:
+    """Both runs cut to the eval/KL steps up to the last eval step they both reached."""
+    last = min(a["eval_steps"][-1], b["eval_steps"][-1])
+
+    def cut(r: dict[str, Any]) -> dict[str, Any]:
+        ev = [(x, y) for x, y in zip(r["eval_steps"], r["eval"], strict=True) if x <= last]
+        kl = [(x, y) for x, y in zip(r["kl_steps"], r["kl"], strict=True) if x <= last]
+        return {
+            **r,
+            "eval_steps": [x for x, _ in ev],
+            "eval": [y for _, y in ev],
+            "kl_steps": [x for x, _ in kl],
+            "kl": [y for _, y in kl],
+        }
+
+    return cut(a), cut(b)
 
 
 # ----------------------------------------------------------------------------- per task
@@ -165,15 +188,16 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
     for s in SEEDS:
         if ("rl", s) not in runs:
             continue
-        rl = runs[("rl", s)]
+        rl_full = runs[("rl", s)]
         for mode in ("fst", "gepa"):
             if (mode, s) not in runs:
                 continue
-            c = runs[(mode, s)]
+            # Compared on the steps both have (a running run is shorter): equal budgets.
+            rl, c = _common_steps(rl_full, runs[(mode, s)])
             p = steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"])
-            out["peaks"][f"{mode}-s{s}"] = p.__dict__
+            out["peaks"][f"{mode}-s{s}"] = {**p.__dict__, "up_to_step": rl["eval_steps"][-1]}
         if ("fst", s) in runs:
-            fst = runs[("fst", s)]
+            rl, fst = _common_steps(rl_full, runs[("fst", s)])
             start = rl["eval"][0]
             target = min(max(rl["eval"]), max(fst["eval"]))
             kl_rl = kl_fst = None
@@ -184,6 +208,7 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
                 )
             ratio = kl_fst / kl_rl if kl_rl and kl_fst is not None else None
             out["kl"][f"s{s}"] = {
+                "up_to_step": rl["eval_steps"][-1],
                 "target": target,
                 "kl_rl": kl_rl,
                 "kl_fst": kl_fst,
@@ -304,14 +329,19 @@ def tables(summary: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in sorted(summary["runs"].items()):
+        label = f"{name} (running)" if r["running"] else name
         lines.append(
-            f"| {name} | {r['steps']} | {r['optimizer_steps']} | {r['rollouts']} | "
+            f"| {label} | {r['steps']} | {r['optimizer_steps']} | {r['rollouts']} | "
             f"{r['gepa_metric_calls']} | {r['gen_tokens']} | {r['done']['wall_s']:.0f} | "
             f"{r['done'].get('cpu_s', float('nan')):.0f} | {_fmt(r['eval'][-1])} | "
             f"{_fmt(max(r['eval']))} |"
         )
     if summary["unfinished"]:
-        lines += ["", f"Not finished (not analysed): {', '.join(summary['unfinished'])}"]
+        lines += [
+            "",
+            f"Not finished: {', '.join(summary['unfinished'])} (a run marked running above is "
+            "analysed up to the step it reached; comparisons use the steps both runs have).",
+        ]
     for task, t in summary["tasks"].items():
         lines += [
             "",
@@ -338,13 +368,14 @@ def tables(summary: dict[str, Any]) -> str:
             "Steps to reach RL's running peak (held-out pass rate, evaluated every "
             f"{COMMON['metrics']['evalEvery']} steps):",
             "",
-            "| comparison | RL peak | RL steps to it | steps to RL's peak | ratio | own peak |",
-            "| --- | --- | --- | --- | --- | --- |",
+            "| comparison | steps compared | RL peak | RL steps to it | steps to RL's peak | "
+            "ratio | own peak |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, p in t["peaks"].items():
             reached = p["candidate_steps"]
             lines.append(
-                f"| {key} vs rl | {_fmt(p['reference_peak'])} | "
+                f"| {key} vs rl | 0–{p['up_to_step']} | {_fmt(p['reference_peak'])} | "
                 f"{_fmt(p['reference_steps'], 0)} | "
                 f"{'never' if reached is None else _fmt(reached, 0)} | "
                 f"{_fmt(p['ratio'], 2)} | {_fmt(p['candidate_peak'])} |"
@@ -354,12 +385,14 @@ def tables(summary: dict[str, Any]) -> str:
             "KL to base at matched reward (the highest held-out pass rate both RL and "
             "FST reached):",
             "",
-            "| seed | matched pass rate | KL rl | KL fst | FST/RL | final KL rl | final KL fst |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| seed | steps compared | matched pass rate | KL rl | KL fst | FST/RL | last KL rl | "
+            "last KL fst |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for key, k in t["kl"].items():
             lines.append(
-                f"| {key} | {_fmt(k['target'])} | {_fmt(k['kl_rl'], 4)} | {_fmt(k['kl_fst'], 4)} "
+                f"| {key} | 0–{k['up_to_step']} | {_fmt(k['target'])} | {_fmt(k['kl_rl'], 4)} | "
+                f"{_fmt(k['kl_fst'], 4)} "
                 f"| {_fmt(k['ratio'], 2)} | {_fmt(k['final_kl_rl'], 4)} | "
                 f"{_fmt(k['final_kl_fst'], 4)} |"
             )
@@ -395,7 +428,7 @@ def tables(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analyze(out_dir: Path, docs: Path) -> dict[str, Any]:
+def analyze(out_dir: Path, docs: Path, partial: bool = False) -> dict[str, Any]:
     figdir = docs / "results"
     figdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"runs": {}, "unfinished": [], "tasks": {}, "streams": {}}
@@ -404,9 +437,10 @@ def analyze(out_dir: Path, docs: Path) -> dict[str, Any]:
         for mode in MODES:
             for s in SEEDS:
                 name = f"{task}-{mode}-s{s}"
-                r = load_run(out_dir / "runs" / name)
-                if r is None:
+                r = load_run(out_dir / "runs" / name, partial)
+                if r is None or r["running"]:
                     summary["unfinished"].append(name)
+                if r is None:
                     continue
                 runs[(mode, s)] = r
                 summary["runs"][name] = r

@@ -55,7 +55,7 @@ COMMON: dict[str, Any] = {
     "fast": {
         "everySteps": 5,  # GEPA rounds before steps 1, 6, 11, 16
         "topK": 4,  # K <= G: each problem's 4 rollouts use the 4 prompts
-        "metricCalls": 12,
+        "metricCalls": 32,  # ~4 proposals per round; 12 (1-2) got none accepted
         "minibatchSize": 4,
         "paretoSize": 8,
         "reflector": {"kind": "digest"},
