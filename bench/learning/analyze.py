@@ -348,7 +348,7 @@ def tables(summary: dict[str, Any]) -> str:
             f"### {task}",
             "",
             "Sigmoid fit R = R0 + (A − R0)/(1 + (C_mid/C)^B) "
-            "over steps, held-out pass rate, seeds pooled (± = standard error):",
+            "over steps, held-out pass rate, seeds pooled (± = standard error; A ≤ 1):",
             "",
             "| mode | R0 | A | B | C_mid | rmse | points |",
             "| --- | --- | --- | --- | --- | --- | --- |",
