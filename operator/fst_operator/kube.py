@@ -41,6 +41,14 @@ def service_account() -> tuple[str, Path, Path] | None:
     )
     token, ca = folder / "token", folder / "ca.crt"
     if not (host and port and token.is_file() and ca.is_file()):
+        if "FST_SERVICE_ACCOUNT_DIR" in os.environ:  # asked for, and not there: say why
+            log.warning(
+                "no ServiceAccount at %s (KUBERNETES_SERVICE_HOST=%s, token %s, ca.crt %s)",
+                folder,
+                host,
+                token.is_file(),
+                ca.is_file(),
+            )
         return None
     host = f"[{host}]" if ":" in host else host
     return f"https://{host}:{port}", token, ca

@@ -514,11 +514,16 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 def rewrite_paths(text: str, mounts: dict[str, Path]) -> str:
-    """Point every mountPath (followed by / or the end of a path) at its local folder."""
-    for mount_path in sorted(mounts, key=len, reverse=True):
-        pattern = r"(?<![\w./-])" + re.escape(mount_path) + r"(?=/|$|[\s:,;\"'])"
-        text = re.sub(pattern, lambda _m, p=str(mounts[mount_path]): p, text)
-    return text
+    """Point every mountPath (followed by / or the end of a path) at its local folder.
+
+    One pass over the text, longest mountPath first: a folder just put in (itself under
+    /tmp, say) is never rewritten again by a shorter mountPath such as /tmp."""
+    if not mounts:
+        return text
+    paths = sorted(mounts, key=len, reverse=True)
+    alternatives = "|".join(re.escape(p) for p in paths)
+    pattern = r"(?<![\w./-])(" + alternatives + r")(?=/|$|[\s:,;\"'])"
+    return re.sub(pattern, lambda m: str(mounts[m.group(1)]), text)
 
 
 def field_value(pod: dict, path: str) -> str:

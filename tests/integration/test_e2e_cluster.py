@@ -1,0 +1,192 @@
+"""End to end on the test control plane: `helm install` the chart, apply a TaskStream, watch
+real trainer pods train SmolLM2 stage after stage, `helm uninstall`.
+
+The operator runs as the chart's Deployment: its pod lands on the process kubelet's node, which
+runs the pod's command (`python -m fst_operator`) with only what a pod gets — the chart's
+ServiceAccount token (a real TokenRequest token, so RBAC is enforced), the Secrets' values and
+the environment the chart sets; no kubeconfig. The trainer pods it creates land there too and
+run `fst train` against the test MinIO and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes import client as k8s
+
+from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
+from tests.k8s.operator_proc import GROUP, VERSION, Resources, dump, phase
+
+pytest_plugins = ["tests.k8s.fixtures"]
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE = "fastslow"
+TASK = {
+    "name": "arithmetic",
+    "trainSize": 32,
+    "valSize": 4,
+    "testSize": 4,
+    "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
+}
+
+
+def helm(cluster, *args: str, timeout: float = 300) -> str:
+    cmd = [str(cluster.bins["helm"]), "--kubeconfig", str(cluster.kubeconfig), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def wait(what: str, fn, timeout: float, describe=lambda: "", poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"{what}: not after {timeout:.0f}s\n{describe()}")
+
+
+def release_objects(api: k8s.ApiClient, namespace: str) -> list[str]:
+    """Everything in `namespace` labelled as part of the release."""
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    core, apps = k8s.CoreV1Api(api), k8s.AppsV1Api(api)
+    rbac = k8s.RbacAuthorizationV1Api(api)
+    listings = {
+        "Deployment": apps.list_namespaced_deployment,
+        "StatefulSet": apps.list_namespaced_stateful_set,
+        "Service": core.list_namespaced_service,
+        "ConfigMap": core.list_namespaced_config_map,
+        "Secret": core.list_namespaced_secret,
+        "ServiceAccount": core.list_namespaced_service_account,
+        "Pod": core.list_namespaced_pod,
+        "Role": rbac.list_namespaced_role,
+        "RoleBinding": rbac.list_namespaced_role_binding,
+    }
+    return [
+        f"{kind}/{item.metadata.name}"
+        for kind, list_fn in listings.items()
+        for item in list_fn(namespace, label_selector=selector).items
+    ]
+
+
+def test_helm_install_apply_a_stream_and_uninstall(
+    k8s_cluster, k8s_namespace, s3_env, s3_uri, pg_url, tmp_path
+) -> None:
+    api, ns = k8s_cluster.api(), k8s_namespace
+    values = {
+        "operator": {
+            "image": {"repository": "fastslow/operator", "tag": "test"},
+            "nodeSelector": PROCESS_NODE_SELECTOR,
+            "tolerations": [PROCESS_NODE_TOLERATION],
+            "extraEnv": [
+                {"name": "FST_PROGRESS_INTERVAL", "value": "2"},
+                {"name": "FST_STREAM_POLL_INTERVAL", "value": "3"},
+            ],
+        },
+        "s3": {
+            "external": {
+                "endpoint": s3_env["AWS_ENDPOINT_URL"],
+                "accessKey": s3_env["AWS_ACCESS_KEY_ID"],
+                "secretKey": s3_env["AWS_SECRET_ACCESS_KEY"],
+            }
+        },
+        "database": {"external": {"url": pg_url}},
+        "defaults": {"checkpointUri": s3_uri},
+    }
+    values_file = tmp_path / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    helm(
+        k8s_cluster,
+        "install",
+        RELEASE,
+        str(REPO / "helm" / "fastslow"),
+        "-n",
+        ns,
+        "-f",
+        str(values_file),
+    )
+
+    core = k8s.CoreV1Api(api)
+    label = f"app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component=operator"
+
+    def operator_pod():
+        pods = core.list_namespaced_pod(ns, label_selector=label).items
+        running = [p for p in pods if p.status.phase == "Running"]
+        return running[0] if running else None
+
+    pod = wait("operator pod Running", operator_pod, 120)
+    assert pod.spec.node_name == PROCESS_NODE
+    assert pod.spec.service_account_name == f"{RELEASE}-operator"
+    operator_log = k8s_cluster.pod_log(ns, pod.metadata.name)
+
+    def describe() -> str:
+        return operator_log.read_text()[-5000:] if operator_log.exists() else "(no log)"
+
+    wait("operator started", lambda: "fastslow operator:" in describe(), 120, describe)
+
+    # `kubectl apply -f taskstream.yaml`: the stream, with trainer pods on the process node.
+    res = Resources(api, ns)
+    spec = {
+        "model": {"name": "smollm2-135m-instruct"},
+        "defaults": {
+            "mode": "rl",
+            "seed": 1,
+            "rollout": {"temperature": 0.8, "maxNewTokens": 8, "batchSize": 16},
+            "slow": {"problemsPerStep": 2, "groupSize": 2, "microBatchSize": 4},
+            "metrics": {"klPrompts": 1, "klEvery": 1},
+            "checkpoint": {"every": 2, "keepLast": 1},
+        },
+        "trainer": {
+            "gpus": 0,
+            "image": "fastslow/trainer:cpu",
+            "nodeSelector": PROCESS_NODE_SELECTOR,
+            "tolerations": [PROCESS_NODE_TOLERATION],
+        },
+        "stages": [
+            {"name": "add", "task": TASK, "steps": 2},
+            {"name": "add-more", "task": {**TASK, "seed": 7}, "steps": 2},
+        ],
+    }
+    res.create("taskstreams", "TaskStream", "customer", spec)
+
+    def done() -> dict[str, Any] | None:
+        stream = res.stream("customer")
+        stages = (stream.get("status") or {}).get("stages") or []
+        ok = phase(stream) == "Succeeded" and len(stages) == 2
+        return stream if ok else None
+
+    stream = wait("both stages Succeeded", done, 900, describe, poll=2)
+    first, second = res.run("customer-add"), res.run("customer-add-more")
+    for run in (first, second):
+        s = run["status"]
+        assert s["phase"] == "Succeeded" and s["step"] == 2, dump(s)
+        assert s["checkpointUri"].startswith(s3_uri) and "reward" in s and "kl" in s, dump(s)
+    # Stage 2 started from stage 1's final checkpoint; the defaults came from the chart.
+    assert second["spec"]["config"]["model"]["name"] == first["status"]["checkpointUri"]
+    job = k8s.BatchV1Api(api).read_namespaced_job("customer-add-a1", ns)
+    env = {e.name: e for e in job.spec.template.spec.containers[0].env}
+    assert env["FST_DATABASE_URL"].value_from.secret_key_ref.name == f"{RELEASE}-database"
+    assert job.spec.template.spec.containers[0].env_from[0].secret_ref.name == f"{RELEASE}-s3"
+    assert [s["phase"] for s in stream["status"]["stages"]] == ["Succeeded", "Succeeded"]
+
+    # Uninstall: the user's stream first (its runs, Jobs, ConfigMaps go with it), then the
+    # chart; only the CRDs stay (Helm never deletes a chart's crds/).
+    res.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "taskstreams", "customer")
+    wait("stream's objects gone", lambda: not res.runs() and not res.jobs(), 120, describe)
+    helm(k8s_cluster, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s")
+    left = wait(
+        "release objects gone",
+        lambda: release_objects(api, ns) == [] or None,
+        120,
+        lambda: str(release_objects(api, ns)),
+    )
+    assert left is True
+    crds = k8s.ApiextensionsV1Api(api).list_custom_resource_definition().items
+    assert {f"fastslowruns.{GROUP}", f"taskstreams.{GROUP}"} <= {c.metadata.name for c in crds}
