@@ -86,7 +86,10 @@ def steps_to_peak(
 def sigmoid_curve(c: np.ndarray, r0: float, a: float, b: float, c_mid: float) -> np.ndarray:
     """R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B), for C > 0."""
     c = np.asarray(c, dtype=float)
-    return r0 + (a - r0) / (1.0 + (c_mid / c) ** b)
+    # (C_mid / C)^B through exp with a clip: the grid tries steep B with C_mid >> C, where the
+    # power overflows to inf (the limit, R0, is still right; this only avoids the warning).
+    u = np.exp(np.clip(b * np.log(c_mid / c), -700, 700))
+    return r0 + (a - r0) / (1.0 + u)
 
 
 @dataclass(frozen=True)
