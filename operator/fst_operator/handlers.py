@@ -50,6 +50,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.client_timeout = int(SETTINGS.watch_server_timeout) + 30
     settings.watching.connect_timeout = 30
     settings.execution.max_workers = SETTINGS.workers
+    # Namespaced mode (least-privilege RBAC, nothing cluster-wide): kopf must not try to list
+    # namespaces or watch CRDs, which it may not; the resources are known.
+    settings.scanning.disabled = bool(kube.watched_namespaces())
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     kube.configure(SETTINGS)
     metrics.start_server(SETTINGS.metrics_port)

@@ -21,6 +21,7 @@ from kubernetes import client as k8s
 
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import GROUP, VERSION, Resources, dump, phase
+from tests.servers import free_port
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -83,6 +84,9 @@ def test_helm_install_apply_a_stream_and_uninstall(
     values = {
         "operator": {
             "image": {"repository": "fastslow/operator", "tag": "test"},
+            # The process node shares the host's network: ports free on this machine.
+            "metricsPort": free_port(),
+            "livenessPort": free_port(),
             "nodeSelector": PROCESS_NODE_SELECTOR,
             "tolerations": [PROCESS_NODE_TOLERATION],
             "extraEnv": [
