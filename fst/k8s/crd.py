@@ -133,13 +133,19 @@ CONDITIONS = {
     "description": "Latest observations: Created, Running, Succeeded, Failed, Suspended.",
 }
 
+PHASE = {
+    "type": "string",
+    "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
+}
+TIMES = {
+    "startTime": {"type": "string", "format": "date-time"},
+    "completionTime": {"type": "string", "format": "date-time"},
+}
+
 RUN_STATUS = {
     "type": "object",
     "properties": {
-        "phase": {
-            "type": "string",
-            "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
-        },
+        "phase": PHASE,
         "observedGeneration": {"type": "integer"},
         "attempt": {"type": "integer", "description": "1 + failed attempts so far."},
         "jobName": {"type": "string"},
@@ -156,8 +162,7 @@ RUN_STATUS = {
             "description": "The latest prompt population, best first (the next stage's start).",
         },
         "lastError": {"type": "string"},
-        "startTime": {"type": "string", "format": "date-time"},
-        "completionTime": {"type": "string", "format": "date-time"},
+        **TIMES,
         "conditions": CONDITIONS,
     },
 }
@@ -165,10 +170,7 @@ RUN_STATUS = {
 STREAM_STATUS = {
     "type": "object",
     "properties": {
-        "phase": {
-            "type": "string",
-            "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
-        },
+        "phase": PHASE,
         "observedGeneration": {"type": "integer"},
         "currentStage": {"type": "string"},
         "stages": {
@@ -186,8 +188,7 @@ STREAM_STATUS = {
                     "step": {"type": "integer"},
                     "reward": {"type": "number"},
                     "checkpointUri": {"type": "string"},
-                    "startTime": {"type": "string", "format": "date-time"},
-                    "completionTime": {"type": "string", "format": "date-time"},
+                    **TIMES,
                 },
             },
         },

@@ -20,7 +20,7 @@ import yaml
 from kubernetes import client as k8s
 
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
-from tests.k8s.operator_proc import GROUP, VERSION, Resources, dump, phase
+from tests.k8s.operator_proc import GROUP, TINY_TASK, VERSION, Resources, dump, phase
 from tests.servers import free_port
 
 pytest_plugins = ["tests.k8s.fixtures"]
@@ -28,13 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 RELEASE = "fastslow"
-TASK = {
-    "name": "arithmetic",
-    "trainSize": 32,
-    "valSize": 4,
-    "testSize": 4,
-    "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
-}
+TASK = TINY_TASK
 
 
 def helm(cluster, *args: str, timeout: float = 300) -> str:

@@ -24,6 +24,7 @@ from fst.store.db import RunDB
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import (
     GROUP,
+    TINY_TASK,
     VERSION,
     OperatorProcess,
     Resources,
@@ -36,13 +37,7 @@ from tests.k8s.operator_proc import (
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
 
-TASK = {
-    "name": "arithmetic",
-    "trainSize": 32,
-    "valSize": 4,
-    "testSize": 4,
-    "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
-}
+TASK = TINY_TASK
 
 
 def tiny_config(**over: Any) -> dict[str, Any]:

@@ -23,6 +23,14 @@ from tests.servers import free_port, log_tail
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION = "fastslow.io", "v1alpha1"
+# A task small enough for a trainer pod to run a step in seconds on CPU.
+TINY_TASK = {
+    "name": "arithmetic",
+    "trainSize": 32,
+    "valSize": 4,
+    "testSize": 4,
+    "params": {"steps": 1, "maxOperand": 20, "answerFormat": "last_number"},
+}
 
 
 def install_crds(api: k8s.ApiClient) -> None:
