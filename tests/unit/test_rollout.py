@@ -91,3 +91,32 @@ def test_kl_probe_is_zero_for_the_base_and_positive_after_a_change(model):
     kl = kl_to_base(model, ref, eng, PROMPTS, p, pad_id=0)
     assert kl > 1e-3
     assert kl_to_base(model, ref, eng, PROMPTS, p, pad_id=0) == kl  # fixed probe seed
+
+
+def test_shared_prompts_decode_like_distinct_ones(model):
+    """Rows with the same prompt share one prefill; each still decodes like a prompt alone."""
+    eng = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
+    p = SamplingParams(max_new_tokens=7, greedy=True)
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2], PROMPTS[1]]
+    shared = eng.generate(prompts, p, torch.Generator())
+    alone = [eng.generate([q], p, torch.Generator())[0] for q in prompts]
+    assert [r.completion_ids for r in shared] == [r.completion_ids for r in alone]
+    for a, b in zip(shared, alone, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    # Sampled rows with one prompt get their own tokens (the cache rows are copies, not views).
+    sampled = eng.generate([PROMPTS[0]] * 6, SamplingParams(max_new_tokens=6), torch.Generator())
+    assert len({tuple(r.completion_ids) for r in sampled}) > 1
+
+
+def test_sampler_draws_from_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(20000, 1)
+    p = SamplingParams(temperature=0.8)
+    tokens, logprobs = sample_next(logits, p, torch.Generator().manual_seed(0))
+    want = torch.softmax(logits[0] / 0.8, -1)
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert torch.allclose(freq, want, atol=0.015)
+    assert torch.allclose(logprobs, torch.log(want)[tokens], atol=1e-6)
+    # With top-p the truncated tokens are never drawn, and logprobs stay untruncated.
+    tokens, logprobs = sample_next(logits, SamplingParams(top_p=0.8), torch.Generator())
+    assert set(tokens.tolist()) == {0, 1}
+    assert torch.allclose(logprobs, torch.log_softmax(logits[0], -1)[tokens], atol=1e-6)
