@@ -3,10 +3,17 @@
 batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
   -> drop rollouts whose advantage is 0 (they carry no gradient; their tokens still
      count in the token-mean normaliser, so dropping them changes nothing but time)
-  -> micro-batches of `micro_batch_size` sequences, right-padded
-  -> forward: logits over the completion window only (B, W, V) -> log π_θ (B, W)
+  -> micro-batches of `micro_batch_size` sequences
+  -> forward, prompt shared: each DISTINCT prompt of the micro-batch runs once (its KV cache,
+     with gradients, is then copied to every row that uses it), then the completions run on
+     top of it -> logits at completion positions only (B, C, V) -> log π_θ (B, C)
   -> loss (CISPO by default) / normaliser of the whole step, backward, accumulate
   -> clip the global grad norm, AdamW step, LR schedule step
+
+Sharing the prompt computes the same thing as running every row's prompt + completion
+(attention is causal: a prompt's hidden states do not depend on what follows), and the
+gradient through the shared prompt is the sum over its rows, as before. With G rollouts per
+problem it saves (G-1)/G of the prompt's forward and backward work.
 """
 
 from __future__ import annotations
@@ -88,12 +95,122 @@ def token_logprobs(
     The logits are divided by the sampling temperature so that π_θ and the sampler's π_old
     are the same distribution family (otherwise ρ would be off by the temperature alone).
     """
-    logits = window_logits(model, batch).float() / temperature  # (B, W, V)
+    return logp_entropy(window_logits(model, batch), batch.targets, temperature)
+
+
+def logp_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / T) at `targets`, and the entropy of softmax(logits / T): (B, W)."""
+    logits = logits.float()
+    if temperature != 1.0:  # logits / 1.0 == logits exactly: skip a (B, W, V) copy
+        logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)  # (B, W)
-    logp = logits.gather(-1, batch.targets[..., None]).squeeze(-1) - lse
+    logp = logits.gather(-1, targets[..., None]).squeeze(-1) - lse
     with torch.no_grad():
         entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return logp, entropy
+
+
+@dataclass
+class SharedPromptBatch:
+    """A micro-batch whose rows share prompts: U distinct prompts, B completions.
+
+    Completion coordinates: position t of a row is its completion token t, predicted by the
+    prompt's last position (t = 0) or by completion token t - 1.
+    """
+
+    prompt_ids: torch.Tensor  # (U, P) distinct prompts, left-padded
+    prompt_attention: torch.Tensor  # (U, P)
+    prompt_positions: torch.Tensor  # (U, P) 0 at each prompt's first real token
+    row_prompt: torch.Tensor  # (B,) which distinct prompt each row continues
+    completion_ids: torch.Tensor  # (B, C) right-padded
+    completion_attention: torch.Tensor  # (B, C)
+    completion_positions: torch.Tensor  # (B, C) prompt length + t
+    mask: torch.Tensor  # (B, C) 1.0 on real completion tokens
+    old_logp: torch.Tensor  # (B, C) sampler logprobs, 0 on padding
+    adv: torch.Tensor  # (B,)
+
+
+def pack_shared(
+    rollouts: list[Rollout], advantages: list[float], pad_id: int, device: torch.device
+) -> SharedPromptBatch:
+    distinct: dict[tuple[int, ...], int] = {}
+    row_prompt = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
+    U, B = len(distinct), len(rollouts)
+    P = max(len(p) for p in distinct)
+    C = max(len(r.completion_ids) for r in rollouts)
+    prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
+    prompt_attention = torch.zeros((U, P), dtype=torch.long)
+    for u, p in enumerate(distinct):
+        prompt_ids[u, P - len(p) :] = torch.tensor(p)
+        prompt_attention[u, P - len(p) :] = 1
+    completion_ids = torch.full((B, C), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, C))
+    old_logp = torch.zeros((B, C))
+    for b, r in enumerate(rollouts):
+        c = len(r.completion_ids)
+        completion_ids[b, :c] = torch.tensor(r.completion_ids)
+        mask[b, :c] = 1.0
+        old_logp[b, :c] = torch.tensor(r.logprobs)
+    prompt_len = torch.tensor([len(r.prompt_ids) for r in rollouts])
+    return SharedPromptBatch(
+        prompt_ids=prompt_ids.to(device),
+        prompt_attention=prompt_attention.to(device),
+        prompt_positions=(prompt_attention.cumsum(-1) - 1).clamp(min=0).to(device),
+        row_prompt=torch.tensor(row_prompt, device=device),
+        completion_ids=completion_ids.to(device),
+        completion_attention=mask.long().to(device),
+        completion_positions=(prompt_len[:, None] + torch.arange(C)[None, :]).to(device),
+        mask=mask.to(device),
+        old_logp=old_logp.to(device),
+        adv=torch.tensor(advantages, dtype=torch.float32, device=device),
+    )
+
+
+def shared_prompt_logprobs(
+    model: PreTrainedModel, batch: SharedPromptBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ(completion token) and the policy's entropy at every completion position (B, C),
+    with each distinct prompt run once (see the module docstring)."""
+    rows = batch.row_prompt
+    out = model(
+        input_ids=batch.prompt_ids,
+        attention_mask=batch.prompt_attention,
+        position_ids=batch.prompt_positions,
+        use_cache=True,
+        logits_to_keep=1,  # the prompt's last position predicts completion token 0
+    )
+    targets = batch.completion_ids
+    logp0, ent0 = logp_entropy(
+        out.logits[:, -1:, :].index_select(0, rows), targets[:, :1], temperature
+    )
+    if targets.shape[1] == 1:
+        return logp0, ent0
+    cache = out.past_key_values
+    for layer in cache.layers:  # one row per completion; index_select carries the gradient
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+    # Completion tokens 0..C-2 predict tokens 1..C-1 (the last token predicts nothing).
+    attention = torch.cat(
+        [batch.prompt_attention.index_select(0, rows), batch.completion_attention[:, :-1]], dim=1
+    )
+    rest = model(
+        input_ids=targets[:, :-1],
+        attention_mask=attention,
+        position_ids=batch.completion_positions[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+    ).logits  # (B, C-1, V)
+    logp, ent = logp_entropy(rest, targets[:, 1:], temperature)
+    return torch.cat([logp0, logp], dim=1), torch.cat([ent0, ent], dim=1)
+
+
+def _fused_adamw_ok(params: list[torch.Tensor]) -> bool | None:
+    """Whether torch's fused AdamW kernel applies (floating-point parameters on CPU or CUDA)."""
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    ok = all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in params)
+    return True if ok and params else None  # None: torch's own default
 
 
 class SlowTrainer:
@@ -103,7 +220,13 @@ class SlowTrainer:
         self.model, self.cfg, self.temperature, self.pad_id = model, cfg, temperature, pad_id
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
+            self.params,
+            lr=cfg.lr,
+            betas=cfg.betas,
+            weight_decay=cfg.weight_decay,
+            # One fused kernel per parameter instead of ~10 elementwise passes: the same update,
+            # 3-5x faster on CPU (torch's default there is the per-op loop).
+            fused=_fused_adamw_ok(self.params),
         )
         warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -111,7 +234,7 @@ class SlowTrainer:
         )
 
     def _loss(
-        self, logp: torch.Tensor, b: PackedBatch, num_tokens: int, num_seqs: int
+        self, logp: torch.Tensor, b: SharedPromptBatch, num_tokens: int, num_seqs: int
     ) -> LossOutput:
         c = self.cfg
         if c.loss == "cispo":
@@ -122,41 +245,9 @@ class SlowTrainer:
 
     def step(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
         """One optimizer step on the whole batch. Returns the step's training metrics."""
-        num_tokens = sum(len(r.completion_ids) for r in rollouts)
-        num_seqs = len(rollouts)
-        active = [i for i, a in enumerate(advantages) if a != 0.0]
-        stats = {"loss": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
-        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        mbs = self.cfg.micro_batch_size
-        for i in range(0, len(active), mbs):
-            idx = active[i : i + mbs]
-            batch = pack(
-                [rollouts[j] for j in idx],
-                [advantages[j] for j in idx],
-                self.pad_id,
-                self.model.device,
-            )
-            logp, entropy = token_logprobs(self.model, batch, self.temperature)
-            out = self._loss(logp, batch, num_tokens, num_seqs)
-            out.loss.backward()
-            stats["loss"] += float(out.loss.detach())
-            stats["clipped"] += float(out.clipped_tokens)
-            stats["ratio_sum"] += float(out.ratio_sum)
-            stats["entropy_sum"] += float((entropy * batch.mask).sum())
-            stats["tokens"] += float(batch.mask.sum())
-
-        trained = stats["tokens"]
-        metrics = {
-            "loss": stats["loss"],
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "trained_tokens": trained,
-            "trained_seqs": float(len(active)),
-            "clip_frac": stats["clipped"] / trained if trained else 0.0,
-            "ratio_mean": stats["ratio_sum"] / trained if trained else math.nan,
-            "entropy": stats["entropy_sum"] / trained if trained else math.nan,
-        }
-        if active:
+        metrics = self.backward(rollouts, advantages)
+        if metrics["trained_seqs"] > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
             metrics["grad_norm"] = float(norm)
             self.optimizer.step()
@@ -169,8 +260,45 @@ class SlowTrainer:
             # of a run had no update (every group flat), which is expected here.
             warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
             self.scheduler.step()
-        metrics["updated"] = 1.0 if active else 0.0
+        metrics["updated"] = 1.0 if metrics["trained_seqs"] > 0 else 0.0
         return metrics
+
+    def backward(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
+        """The step's loss, backpropagated: gradients accumulate into the parameters' .grad
+        (no optimizer update). Returns the loss and the training metrics."""
+        num_tokens = sum(len(r.completion_ids) for r in rollouts)
+        num_seqs = len(rollouts)
+        active = [i for i, a in enumerate(advantages) if a != 0.0]
+        stats = {"loss": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
+        self.model.train()
+        mbs = self.cfg.micro_batch_size
+        for i in range(0, len(active), mbs):
+            idx = active[i : i + mbs]
+            batch = pack_shared(
+                [rollouts[j] for j in idx],
+                [advantages[j] for j in idx],
+                self.pad_id,
+                self.model.device,
+            )
+            logp, entropy = shared_prompt_logprobs(self.model, batch, self.temperature)
+            out = self._loss(logp, batch, num_tokens, num_seqs)
+            out.loss.backward()
+            stats["loss"] += float(out.loss.detach())
+            stats["clipped"] += float(out.clipped_tokens)
+            stats["ratio_sum"] += float(out.ratio_sum)
+            stats["entropy_sum"] += float((entropy * batch.mask).sum())
+            stats["tokens"] += float(batch.mask.sum())
+
+        trained = stats["tokens"]
+        return {
+            "loss": stats["loss"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "trained_tokens": trained,
+            "trained_seqs": float(len(active)),
+            "clip_frac": stats["clipped"] / trained if trained else 0.0,
+            "ratio_mean": stats["ratio_sum"] / trained if trained else math.nan,
+            "entropy": stats["entropy_sum"] / trained if trained else math.nan,
+        }
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -60,3 +60,51 @@ def test_step_updates_only_with_signal_and_is_micro_batch_invariant(model):
     assert ta2.step(rs, [0.0] * 4)["updated"] == 0.0
     assert all(torch.equal(x, y) for x, y in zip(before, model.parameters(), strict=True))
     assert ma["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and ma["clip_frac"] == 0.0
+
+
+def test_shared_prompt_forward_equals_one_forward_per_row(model):
+    """Running each distinct prompt once (KV cache copied to its rows) gives the same
+    logprobs, and the same gradient, as running every row's prompt + completion."""
+    import copy
+
+    from fst.slow.trainer import pack_shared, shared_prompt_logprobs
+
+    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19], [20, 21]]
+    rs = rollouts_from(model, prompts, completions)
+    adv = [1.0, -0.5, 0.25, 2.0, -1.0]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+
+    shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"))
+    assert shared.prompt_ids.shape[0] == 3  # three distinct prompts for five rows
+    logp_a, _ = shared_prompt_logprobs(a, shared, temperature=0.7)
+    full = pack(rs, adv, pad_id=0, device=torch.device("cpu"))
+    logp_b, _ = token_logprobs(b, full, temperature=0.7)
+    per_row_a = (logp_a * shared.mask).sum(1)
+    per_row_b = (logp_b * full.mask).sum(1)
+    assert torch.allclose(per_row_a, per_row_b, atol=1e-5)
+
+    (per_row_a * shared.adv).sum().backward()
+    (per_row_b * full.adv).sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_sampler_logprobs_with_temperature_give_ratio_one(model):
+    """The trainer's log π_θ at the sampling temperature equals the engine's logprobs."""
+    from fst.rollout import SamplingParams
+    from fst.rollout.hf import HFRolloutEngine
+
+    class Tok:
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    eng = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
+    rs = eng.generate(
+        [[5, 6, 7], [5, 6, 7], [8, 9]], SamplingParams(0.7, 1.0, 6), torch.Generator()
+    )
+    tr = SlowTrainer(model, SlowConfig(micro_batch_size=2), 0.7, pad_id=0)
+    m = tr.backward(rs, [1.0, -1.0, 0.5])
+    assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m["clip_frac"] == 0.0
