@@ -173,6 +173,8 @@ def fit_sigmoid(
     _, a, b, cm = best
 
     # 2. Levenberg–Marquardt on theta = (A, log B, log C_mid).
+    log_b_box = (math.log(0.01), math.log(100.0))
+    log_c_box = (math.log(lo / 100), math.log(hi * 100))
     theta = np.array([a, math.log(b), math.log(cm)])
     lam = 1e-3
     cur = sse(a, b, cm)
@@ -186,6 +188,10 @@ def fit_sigmoid(
             step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), jtr)
             cand = theta + step
             cand[0] = clamp(cand[0])  # projected step: A stays within its bound
+            # B and C_mid stay in a wide box: a flat or step-like curve would otherwise send
+            # them to 0 or infinity (and exp overflow) without improving the fit.
+            cand[1] = min(max(cand[1], log_b_box[0]), log_b_box[1])
+            cand[2] = min(max(cand[2], log_c_box[0]), log_c_box[1])
             new = sse(cand[0], math.exp(cand[1]), math.exp(cand[2]))
             if new < cur:
                 theta, cur, lam = cand, new, max(lam / 10, 1e-12)
