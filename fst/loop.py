@@ -17,6 +17,7 @@ weights never change (rollouts are still sampled and scored, to measure the rewa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import random
@@ -74,6 +75,27 @@ def batch_indices(cursor: int, n: int, pool_size: int, seed: int) -> list[int]:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out.append(order[i])
     return out
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc reuse freed large blocks instead of returning them to the kernel.
+
+    By default glibc serves blocks above a threshold (at most 32 MB) with fresh mmap'd pages
+    and unmaps them on free. A training micro-batch allocates several (B, C, vocab) float
+    tensors of ~200 MB (logits, their softmax, gradients), so every micro-batch paid ~50k page
+    faults per tensor, each one a kernel zero-fill: ~10% of a step's time on SmolLM2 (measured
+    with getrusage: sys time and minor faults went to ~0). With the thresholds raised, the
+    freed blocks stay in the heap and the next micro-batch reuses them. Memory is not given
+    back to the system while the process lives, which for a trainer (whose peak recurs every
+    step) costs nothing. Returns False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30) == 1
+        return libc.mallopt(m_trim_threshold, 2**31 - 1) == 1 and ok
+    except (OSError, AttributeError):
+        return False
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -155,6 +177,7 @@ def load_task(cfg: TrainConfig) -> Task:
 
 
 def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
+    keep_freed_memory()
     generator = seed_everything(cfg.seed)
     task = load_task(cfg)
     tokenizer = load_tokenizer(cfg.model)
