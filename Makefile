@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 
 export FST_CACHE
 
-.PHONY: install run test test-deps lint format bench clean crds operator image image-cpu
+.PHONY: install run test test-deps lint format bench bench-speed clean crds operator image image-cpu
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ format: install
 bench: install
 	$(PY) -m pip install --quiet -e '.[bench]'
 	@echo "benchmarks: see bench/README.md"
+
+# fastslow's RL step against TRL's GRPOTrainer(loss_type="cispo"), alternating steps, equal
+# work checked (docs/performance.md). BENCH_ARGS, e.g. "--measured 10", go to the bench.
+BENCH_ARGS ?=
+bench-speed: bench
+	$(PY) -m bench.speed $(BENCH_ARGS)
 
 # The CRDs are generated from the config models (fst/k8s/crd.py); tests/unit/test_crd.py fails
 # when crds/ is stale. The Helm chart carries a copy (helm package does not follow symlinks);
