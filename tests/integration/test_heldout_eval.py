@@ -21,7 +21,8 @@ def test_eval_every_records_a_learning_curve(tmp_path: Path) -> None:
         **{"metrics.evalEvery": 2, "metrics.evalProblems": 3, "checkpoint.every": 3},
     )
     path = write_config(tmp_path, cfg)
-    run_fst("train", "-c", str(path), "--no-progress")
+    # A GEPA round, 3 steps and 3 evals: ~4 min alone, much longer on a shared CPU.
+    run_fst("train", "-c", str(path), "--no-progress", timeout=1700)
     run_dir = Path(cfg["outputDir"]) / "t"
 
     def records() -> list[dict]:
