@@ -7,7 +7,9 @@ them in turn - fastslow, TRL, TRL, fastslow, ... (the first of each pair alterna
 a drift in the machine's load hits both alike. Only one trainer runs at a time. After `warmup`
 unmeasured steps each, `measured` steps each are recorded. Per step: wall time, generation
 tokens/s (generated tokens / decoding time), training tokens/s (trained tokens / (step time -
-rollout time)), peak RSS during the step, CPU utilisation and load average. Equal work is
+rollout time)), peak RSS during the step, CPU utilisation and load average. A measured pair
+in which either trainer got less than `--min-cpu-share` of its cores (other processes took
+them) is measured again, at most `--contention-retries` times per run. Equal work is
 checked step by step (same prompt token ids, same generated and trained token counts; see
 bench/speed/settings.py). Prints a Markdown table of medians and writes every record to JSON.
 """
@@ -46,6 +48,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, Path]:
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per trainer")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--trl-keep-freed-memory",
+        action="store_true",
+        help="give TRL's process fastslow's malloc setting (fst.loop.keep_freed_memory)",
+    )
+    p.add_argument(
+        "--contention-retries",
+        type=int,
+        default=d.contention_retries,
+        help="measured pairs re-run, at most, when a trainer got too little CPU",
+    )
+    p.add_argument(
+        "--min-cpu-share",
+        type=float,
+        default=d.min_cpu_share,
+        help="a step counts as contended below this share of --threads cores busy",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -150,17 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     workers = start_workers(settings, log_dir)
-    steps: list[dict[str, dict[str, Any]]] = []
+    steps: list[dict[str, Any]] = []
+    discarded: list[dict[str, Any]] = []
     try:
-        for i in range(settings.total_steps):
-            order = TRAINERS if i % 2 == 0 else TRAINERS[::-1]
-            pair = {}
+        attempt, retries_left = 0, settings.contention_retries
+        min_util = settings.min_cpu_share * settings.threads
+        while len(steps) < settings.total_steps:
+            i = len(steps)
+            order = TRAINERS if attempt % 2 == 0 else TRAINERS[::-1]
+            attempt += 1
+            pair: dict[str, Any] = {}
             for kind in order:
                 # A dead worker's pipe is broken; receive() then reports its error.
                 with contextlib.suppress(BrokenPipeError):
                     workers[kind]["conn"].send("step")
                 pair[kind] = derived(receive(kind, workers[kind]))
-            steps.append(pair)
+            contended = [k for k in TRAINERS if pair[k]["cpu_util"] < min_util]
             tag = "warm-up" if i < settings.warmup else "measured"
             print(
                 f"step {i + 1}/{settings.total_steps} ({tag}): "
@@ -171,6 +195,15 @@ def main(argv: list[str] | None = None) -> int:
                 + f", load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
+            if contended and tag == "measured" and retries_left > 0:
+                # Other processes took this pair's cores: measure the pair again (both
+                # trainers, so neither gets a second chance alone). Kept in the JSON.
+                retries_left -= 1
+                discarded.append(pair)
+                print(f"  contended ({', '.join(contended)} below {min_util:.2f}): again")
+                continue
+            pair["contended"] = bool(contended)
+            steps.append(pair)
     finally:
         for w in workers.values():
             if w["proc"].is_alive():
@@ -182,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 w["proc"].terminate()
 
     measured = steps[settings.warmup :]
-    mismatches = equal_work(steps)
+    mismatches = equal_work(steps + discarded)
     ratio = median([s["fastslow"] for s in measured], "step_s") / median(
         [s["trl"] for s in measured], "step_s"
     )
@@ -207,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "mismatches": mismatches,
         "step_time_ratio": ratio,
         "steps": steps,
+        "discarded_contended_pairs": discarded,
     }
     out.write_text(json.dumps(result, indent=1))
     print()
@@ -219,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for m in mismatches:
         print(f"  mismatch: {m}")
+    kept = sum(bool(p["contended"]) for p in measured)
+    print(
+        f"contention: {len(discarded)} measured pair(s) re-run because a trainer got less than "
+        f"{settings.min_cpu_share:.0%} of {settings.threads} cores; {kept} contended pair(s) kept"
+    )
     print(f"fastslow step time / TRL step time (medians): {ratio:.2f}")
     print(f"records: {out}")
     return 0 if not mismatches else 1

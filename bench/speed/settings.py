@@ -48,10 +48,23 @@ class BenchSettings:
     warmup: int = 1  # steps per trainer not measured (first step: allocator, caches, setup)
     measured: int = 5  # measured steps per trainer
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # On a shared machine another process may take the cores for part of a step. A measured
+    # pair in which either trainer averaged fewer than min_cpu_share * threads busy cores is
+    # measured again, at most contention_retries times over the run (see __main__).
+    contention_retries: int = 3
+    min_cpu_share: float = 0.8
+    # fastslow sets glibc's malloc to keep freed large blocks (fst.loop.keep_freed_memory);
+    # TRL does not. True gives TRL's process the same setting, to see what it is worth there.
+    trl_keep_freed_memory: bool = False
 
     @property
     def total_steps(self) -> int:
         return self.warmup + self.measured
+
+    @property
+    def max_steps(self) -> int:
+        """Steps a trainer may be asked for, re-run pairs included."""
+        return self.total_steps + self.contention_retries
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,7 +77,7 @@ def train_config(s: BenchSettings, output_dir: Path) -> TrainConfig:
         {
             "run": "bench-speed",
             "mode": "rl",
-            "steps": s.total_steps + 1,
+            "steps": s.max_steps + 1,
             "seed": s.seed,
             "outputDir": str(output_dir),
             "model": {"name": s.model},

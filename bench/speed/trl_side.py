@@ -41,10 +41,14 @@ class TrlSide:
         from bench.speed.settings import train_config
 
         self.settings = s = settings
+        if s.trl_keep_freed_memory:
+            from fst.loop import keep_freed_memory
+
+            keep_freed_memory()
         self.tmp = Path(tempfile.mkdtemp(prefix="trl-bench-speed-"))
         self.task = load_task(train_config(s, self.tmp))
         train = self.task.problems("train")
-        order = problem_sequence(s, self.task, s.total_steps + 1)
+        order = problem_sequence(s, self.task, s.max_steps + 1)
         dataset = Dataset.from_list(
             [
                 {
@@ -94,7 +98,7 @@ class TrlSide:
             adam_beta1=0.9,
             adam_beta2=0.999,
             max_grad_norm=1.0,
-            max_steps=s.total_steps + 1,
+            max_steps=s.max_steps + 1,
             shuffle_dataset=False,
             gradient_checkpointing=False,
             bf16=False,
