@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
+from pydantic.alias_generators import to_camel
 
 from fst.config import Schema, TrainConfig
 
@@ -28,6 +29,7 @@ DEFAULT_IMAGE = "ghcr.io/fastslow/trainer:0.1.0"
 # the run's name is the FastSlowRun's, its scratch folder is the pod's, and the database URL
 # comes from a Secret (spec.trainer.databaseSecret), never from the spec in clear text.
 OPERATOR_OWNED = ("run", "output_dir", "database")
+OPERATOR_OWNED_KEYS = tuple(to_camel(f) for f in OPERATOR_OWNED)  # as written in YAML
 
 
 class SecretKeyRef(Schema):
@@ -113,8 +115,8 @@ class FastSlowRunSpec(Schema):
     def _no_operator_owned(cls, data: Any) -> Any:
         config = data.get("config") if isinstance(data, dict) else None
         if isinstance(config, dict):
-            camel = {"run": "run", "output_dir": "outputDir", "database": "database"}
-            owned = [c for f, c in camel.items() if f in config or c in config]
+            pairs = zip(OPERATOR_OWNED, OPERATOR_OWNED_KEYS, strict=True)
+            owned = [key for f, key in pairs if f in config or key in config]
             if owned:
                 raise ValueError(
                     f"config.{owned[0]} is set by the operator (the run's name, the pod's scratch "

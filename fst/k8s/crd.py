@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from fst.k8s.api import GROUP, OPERATOR_OWNED, VERSION, FastSlowRunSpec
+from fst.k8s.api import GROUP, OPERATOR_OWNED_KEYS, VERSION, FastSlowRunSpec
 
 # ----------------------------------------------------------------------------- translation
 
@@ -263,7 +263,7 @@ def _crd(kind: str, plural: str, short: list[str], spec: dict, status: dict, col
 
 
 def fastslowrun_crd() -> dict[str, Any]:
-    spec = structural(FastSlowRunSpec, drop={"TrainConfig": _aliases(OPERATOR_OWNED)})
+    spec = structural(FastSlowRunSpec, drop={"TrainConfig": OPERATOR_OWNED_KEYS})
     spec["description"] = "A training run: what to train (config) and where (trainer)."
     _add_rules(
         spec,
@@ -326,12 +326,6 @@ def taskstream_crd() -> dict[str, Any]:
         _printer("Age", ".metadata.creationTimestamp", "date"),
     ]
     return _crd("TaskStream", "taskstreams", ["ts"], spec, STREAM_STATUS, columns)
-
-
-def _aliases(fields: tuple[str, ...]) -> tuple[str, ...]:
-    from pydantic.alias_generators import to_camel
-
-    return tuple(to_camel(f) for f in fields)
 
 
 def all_crds() -> dict[str, dict[str, Any]]:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from fst.config import TrainConfig
-from fst.k8s.api import API_VERSION, OPERATOR_OWNED, FastSlowRunSpec
+from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec
 from fst.store.db import RunProgress
 from fst.stream import TaskStream, stage_config
 
@@ -326,7 +326,8 @@ def decide_run(
     old = run.get("status") or {}
     gen = run["metadata"].get("generation")
     status = copy.deepcopy(old)
-    status.pop("lastError", None) if old.get("phase") != "Failed" else None
+    if old.get("phase") != "Failed":
+        status.pop("lastError", None)
     attempt = int(old.get("attempt") or 1)
     status.update(
         attempt=attempt,
@@ -487,8 +488,8 @@ def run_for_stage(
         model, stage, name, entry.get("start_checkpoint"), entry.get("start_population")
     )
     config = cfg.model_dump(mode="json", by_alias=True, exclude_none=True)
-    for owned in OPERATOR_OWNED:
-        config.pop({"output_dir": "outputDir"}.get(owned, owned), None)
+    for key in OPERATOR_OWNED_KEYS:
+        config.pop(key, None)
     spec = model.spec
     return {
         "apiVersion": API_VERSION,
