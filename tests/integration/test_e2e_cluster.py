@@ -11,7 +11,6 @@ run `fst train` against the test MinIO and PostgreSQL.
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from kubernetes import client as k8s
 
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import GROUP, TINY_TASK, VERSION, Resources, dump, phase
+from tests.k8s.waiting import wait_until
 from tests.servers import free_port
 
 pytest_plugins = ["tests.k8s.fixtures"]
@@ -38,14 +38,8 @@ def helm(cluster, *args: str, timeout: float = 300) -> str:
     return out.stdout
 
 
-def wait(what: str, fn, timeout: float, describe=lambda: "", poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"{what}: not after {timeout:.0f}s\n{describe()}")
+def wait(what: str, fn, timeout: float, describe=None, poll: float = 1.0):
+    return wait_until(fn, timeout, what, describe, poll)
 
 
 def release_objects(api: k8s.ApiClient, namespace: str) -> list[str]:

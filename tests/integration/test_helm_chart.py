@@ -47,6 +47,8 @@ from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from tests.k8s.waiting import wait_until
+
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
 
@@ -63,16 +65,6 @@ VARIANTS = {
 WATCHED = ["fst-team-a", "fst-team-b"]  # watchNamespaces of namespaced-external.yaml
 INSTANCE = "app.kubernetes.io/instance"
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-
-
-def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := check():
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not after {timeout:.0f}s")
-        time.sleep(0.5)
 
 
 # ----------------------------------------------------------------------------- helm

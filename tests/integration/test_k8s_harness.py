@@ -18,22 +18,12 @@ from kubernetes.client.rest import ApiException
 
 from tests.k8s.binaries import KUBERNETES_VERSION
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
+from tests.k8s.waiting import wait_until
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WARM_START_LIMIT = 60.0
-
-
-def wait_until(check: Callable[[], object], timeout: float, what: str) -> object:
-    """Poll until `check` returns something truthy; that value is returned."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if value := check():
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not after {timeout:.0f}s")
-        time.sleep(0.3)
 
 
 def status_message(error: ApiException) -> str:

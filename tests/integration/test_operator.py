@@ -33,6 +33,7 @@ from tests.k8s.operator_proc import (
     install_crds,
     phase,
 )
+from tests.k8s.waiting import wait_until
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
@@ -95,14 +96,7 @@ def start_operator(k8s_cluster, k8s_namespace, crds, tmp_path: Path, request):
 
 
 def wait(what: str, fn, timeout: float, op: OperatorProcess | None = None, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(poll)
-    raise AssertionError(f"{what}: not after {timeout:.0f}s" + (f"\n{op.tail()}" if op else ""))
+    return wait_until(fn, timeout, what, op.tail if op else None, poll)
 
 
 def wait_phase(res: Resources, name: str, want: str, timeout: float, op: OperatorProcess):

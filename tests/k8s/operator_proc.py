@@ -19,6 +19,7 @@ import yaml
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from tests.k8s.waiting import wait_until
 from tests.servers import free_port, log_tail
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,14 +132,7 @@ class OperatorProcess:
         return log_tail(self.log, 4000)
 
     def wait_until(self, ready: Callable[[], Any], what: str, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = ready()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what}: not after {timeout:.0f}s\n{self.tail()}")
-            time.sleep(0.3)
+        return wait_until(ready, timeout, what, self.tail)
 
 
 class Resources:
