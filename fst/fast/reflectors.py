@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 LESSONS_HEADER = "Rules learned from earlier mistakes:"
 # A feedback sentence is a lesson when it tells the model what to do, not what one answer was.
 _INSTRUCTIVE = re.compile(r"\b(must|should|always|never|only|put|give|end|write|use)\b", re.I)
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|;\s+")
+# Not after "e.g." / "i.e.": the example that follows belongs to the lesson ("... inside
+# \boxed{}, e.g. \boxed{7}"); cut there, the lesson would lose the one thing it shows.
+_SENTENCE_SPLIT = re.compile(r"(?<!\be\.g\.)(?<!\bi\.e\.)(?<=[.!?])\s+|;\s+")
 
 
 def lessons_from_feedback(feedback: Sequence[str]) -> list[str]:

@@ -20,6 +20,7 @@ from fst.loop import Run, prompt_assignment
 from fst.rollout import Rollout, SamplingParams
 from fst.slow.advantages import group_advantages
 from fst.tasks import build_task
+from fst.tasks.arithmetic import score_value
 
 
 class CharTokenizer:
@@ -121,6 +122,17 @@ def test_digest_extracts_distinct_instructive_lessons():
     # Deterministic, and a lesson already stated is not added twice.
     assert digest_rewrite("Be helpful.", feedback) == child
     assert digest_rewrite(child, feedback) == child
+
+
+def test_digest_keeps_the_example_of_a_lesson():
+    # The arithmetic task's own feedback for a reply without \boxed{}: the lesson must keep
+    # its "e.g." example, the only place the proposer can show the format.
+    feedback = [score_value(7, "The answer is 7.").feedback, score_value(12, "12").feedback]
+    lessons = lessons_from_feedback(feedback)
+    assert lessons[0] == (
+        "The final answer must be an integer inside \\boxed{}, e.g. \\boxed{7}."
+    ), lessons
+    assert "\\boxed{7}" in digest_rewrite("Be helpful.", feedback)
 
 
 # ----------------------------------------------------------------------------- a GEPA round
