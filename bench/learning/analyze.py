@@ -251,7 +251,7 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
             ax.plot(
                 kls,
                 running_max(r["eval"]),
-                "o-",
+                ["o-", "s--", "^:"][s % 3],  # one marker and line style per seed
                 color=COLORS[mode],
                 alpha=0.7,
                 ms=3,
@@ -330,7 +330,10 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
         names = next(iter(result.values()))["stages"]
         for ax, title in zip(
             axes,
-            ["acquisition per stage (end − start pass rate)", "pass rate on each stage at the end"],
+            [
+                "acquisition per stage (end − start, 32 test problems)",
+                "pass rate on each stage after the last (16 test problems)",
+            ],
             strict=True,
         ):
             ax.set_xticks(range(len(names)), names)
@@ -457,6 +460,12 @@ def tables(summary: dict[str, Any]) -> str:
         lines += [
             "",
             "### Continual stream (3 stages, seed 0)",
+            "",
+            "start/end: the stage run's own held-out eval (greedy, 32 test problems) at its "
+            "step 0 and last step; acquisition = end − start. At stream end and forgetting: "
+            "`fst stream`'s retention evals (greedy, the first 16 test problems of each stage, "
+            "best prompt) after the last stage; forgetting = score right after the stage − "
+            "score at stream end.",
             "",
             "| mode | stage | start | end | acquisition | at stream end | forgetting |",
             "| --- | --- | --- | --- | --- | --- | --- |",
