@@ -55,7 +55,7 @@ def lessons_from_feedback(feedback: Sequence[str]) -> list[str]:
                 continue
             if sentence.lower().startswith(("correct", "expected", "wrong value")):
                 continue
-            key = re.sub(r"\d+", "#", sentence.lower())
+            key = re.sub(r"[+-]?\d+", "#", sentence.lower())  # "\boxed{3}" ~ "\boxed{-5}"
             counts[key] += 1
             wording.setdefault(key, sentence[0].upper() + sentence[1:])
     return [wording[k] for k, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]

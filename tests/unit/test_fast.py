@@ -127,11 +127,10 @@ def test_digest_extracts_distinct_instructive_lessons():
 def test_digest_keeps_the_example_of_a_lesson():
     # The arithmetic task's own feedback for a reply without \boxed{}: the lesson must keep
     # its "e.g." example, the only place the proposer can show the format.
-    feedback = [score_value(7, "The answer is 7.").feedback, score_value(12, "12").feedback]
+    feedback = [score_value(n, "The answer is 1.").feedback for n in (7, 12, -5)]
     lessons = lessons_from_feedback(feedback)
-    assert lessons[0] == (
-        "The final answer must be an integer inside \\boxed{}, e.g. \\boxed{7}."
-    ), lessons
+    # One lesson: the three differ only in their (signed) numbers.
+    assert lessons == ["The final answer must be an integer inside \\boxed{}, e.g. \\boxed{7}."]
     assert "\\boxed{7}" in digest_rewrite("Be helpful.", feedback)
 
 
