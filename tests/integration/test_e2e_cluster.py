@@ -38,10 +38,6 @@ def helm(cluster, *args: str, timeout: float = 300) -> str:
     return out.stdout
 
 
-def wait(what: str, fn, timeout: float, describe=None, poll: float = 1.0):
-    return wait_until(fn, timeout, what, describe, poll)
-
-
 def release_objects(api: k8s.ApiClient, namespace: str) -> list[str]:
     """Everything in `namespace` labelled as part of the release."""
     selector = f"app.kubernetes.io/instance={RELEASE}"
@@ -113,7 +109,7 @@ def test_helm_install_apply_a_stream_and_uninstall(
         running = [p for p in pods if p.status.phase == "Running"]
         return running[0] if running else None
 
-    pod = wait("operator pod Running", operator_pod, 120)
+    pod = wait_until(operator_pod, 120, "operator pod Running", poll=1.0)
     assert pod.spec.node_name == PROCESS_NODE
     assert pod.spec.service_account_name == f"{RELEASE}-operator"
     operator_log = k8s_cluster.pod_log(ns, pod.metadata.name)
@@ -121,7 +117,7 @@ def test_helm_install_apply_a_stream_and_uninstall(
     def describe() -> str:
         return operator_log.read_text()[-5000:] if operator_log.exists() else "(no log)"
 
-    wait("operator started", lambda: "fastslow operator:" in describe(), 120, describe)
+    wait_until(lambda: "fastslow operator:" in describe(), 120, "operator started", describe, 1.0)
 
     # `kubectl apply -f taskstream.yaml`: the stream, with trainer pods on the process node.
     res = Resources(api, ns)
@@ -154,7 +150,7 @@ def test_helm_install_apply_a_stream_and_uninstall(
         ok = phase(stream) == "Succeeded" and len(stages) == 2
         return stream if ok else None
 
-    stream = wait("both stages Succeeded", done, 900, describe, poll=2)
+    stream = wait_until(done, 900, "both stages Succeeded", describe, poll=2)
     first, second = res.run("customer-add"), res.run("customer-add-more")
     for run in (first, second):
         s = run["status"]
@@ -171,13 +167,16 @@ def test_helm_install_apply_a_stream_and_uninstall(
     # Uninstall: the user's stream first (its runs, Jobs, ConfigMaps go with it), then the
     # chart; only the CRDs stay (Helm never deletes a chart's crds/).
     res.custom.delete_namespaced_custom_object(GROUP, VERSION, ns, "taskstreams", "customer")
-    wait("stream's objects gone", lambda: not res.runs() and not res.jobs(), 120, describe)
+    wait_until(
+        lambda: not res.runs() and not res.jobs(), 120, "stream's objects gone", describe, 1.0
+    )
     helm(k8s_cluster, "uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s")
-    left = wait(
-        "release objects gone",
+    left = wait_until(
         lambda: release_objects(api, ns) == [] or None,
         120,
+        "release objects gone",
         lambda: str(release_objects(api, ns)),
+        1.0,
     )
     assert left is True
     crds = k8s.ApiextensionsV1Api(api).list_custom_resource_definition().items
