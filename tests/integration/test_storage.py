@@ -206,11 +206,13 @@ class OutageDuringSave(S3CheckpointStore):
         self.minio, self.outage_s = minio, outage_s
         self.down = threading.Event()
         self.up_again = 0.0
+        self.outage: threading.Thread | None = None
 
     def _upload(self, path, key, info):
         super()._upload(path, key, info)
         if not self.down.is_set():
-            threading.Thread(target=self._outage, daemon=True).start()
+            self.outage = threading.Thread(target=self._outage, daemon=True)
+            self.outage.start()
             assert self.down.wait(30), "MinIO did not stop"
 
     def _outage(self) -> None:
@@ -231,6 +233,10 @@ def test_save_survives_a_20s_minio_outage(s3_uri, minio, caplog):
     with caplog.at_level(logging.WARNING, logger="fst.store.s3"):
         store.commit(2, staging, {})
     elapsed = time.monotonic() - t0
+    # The save's retry can get through as soon as MinIO accepts connections, before start()
+    # (which waits for readiness) returns and records up_again: wait for the outage thread.
+    if store.outage is not None:
+        store.outage.join(60)
 
     assert store.down.is_set() and store.up_again, "the outage did not happen during the save"
     assert elapsed >= 20
