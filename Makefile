@@ -52,6 +52,8 @@ test: test-deps
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check fst tests
+	$(VENV)/bin/mypy
+	python3 ../shared/tools/import_cycles.py
 
 format: install
 	$(VENV)/bin/ruff check --fix .

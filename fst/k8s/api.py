@@ -1,28 +1,31 @@
-"""The custom resources' spec types: FastSlowRun and the cluster part of a TaskStream.
+"""The custom resources' spec types: FastSlowRun and TaskStream.
 
 A FastSlowRun's `spec.config` IS a TrainConfig (fst/config.py), minus the fields the operator
-owns (OPERATOR_OWNED); `spec.trainer` says where and how the trainer pod runs. A TaskStream
-(fst/stream.py) carries the same TrainerSpec, which the operator copies into each stage's run.
-crds/ is generated from these models (fst/k8s/crd.py), so `fst train`, `fst stream` and the
-apiserver validate against one schema.
+owns (OPERATOR_OWNED); `spec.trainer` says where and how the trainer pod runs. A TaskStream is
+the manifest `fst stream` reads AND the custom resource the operator reconciles: its stages are
+TrainConfig sections, and its TrainerSpec is copied into each stage's run. crds/ is generated
+from these models (fst/k8s/crd.py), so `fst train`, `fst stream` and the apiserver validate
+against one schema.
 
 Following Kubeflow Trainer / JobSet: `spec` says intent, `status` says facts. The status is
-written by the operator only; its shape is documented in the CRD (fst/k8s/crd.py).
+written by the operator only; its typed models are in fst/k8s/status.py.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from fst.config import Schema, TrainConfig
+from fst.config import ModelConfig, Schema, TaskConfig, TrainConfig
 
 GROUP = "fastslow.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# TrainConfig sections a stage (or the stream defaults) may set.
+STAGE_SECTIONS = ("mode", "seed", "rollout", "slow", "fast", "metrics", "checkpoint")
 DEFAULT_IMAGE = "ghcr.io/fastslow/trainer:0.1.0"
 
 # TrainConfig fields the operator sets for a run in a cluster, so a CR never carries them:
@@ -125,3 +128,78 @@ class FastSlowRunSpec(Schema):
             # A placeholder name until the operator names the run after the resource.
             data = {**data, "config": {**config, "run": "run"}}
         return data
+
+
+# ----------------------------------------------------------------------------- TaskStream
+
+
+class StageSpec(Schema):
+    """One stage: a task (or data source) and how long to train on it."""
+
+    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    task: TaskConfig
+    steps: int = Field(gt=0)
+    mode: Literal["rl", "fst", "gepa"] | None = None
+    seed: int | None = None
+    rollout: dict[str, Any] | None = None
+    slow: dict[str, Any] | None = None
+    fast: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+
+
+class TaskStreamSpec(Schema):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Settings shared by all stages: any of {', '.join(STAGE_SECTIONS)}.",
+    )
+    output_dir: str = Field("runs", description="Local folder for stream state and runs.")
+    eval_problems: int = Field(
+        16, ge=0, description="Test problems per stage for retention and the decomposition."
+    )
+    watch_interval_seconds: float = Field(10.0, gt=0)
+    stages: list[StageSpec] = Field(min_length=1, max_length=100)
+    # In a cluster only (the operator); `fst stream` ignores them.
+    trainer: TrainerSpec = Field(
+        default_factory=TrainerSpec,
+        description="Cluster only: where each stage's trainer pod runs (copied into its run).",
+    )
+    backoff_limit: int = Field(
+        2, ge=0, le=100, description="Cluster only: retries of each stage's run."
+    )
+    suspend: bool = Field(False, description="Cluster only: start no new stage while true.")
+
+    @field_validator("defaults")
+    @classmethod
+    def _known_sections(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(STAGE_SECTIONS))
+        if unknown:
+            raise ValueError(f"unknown keys {unknown}; allowed: {', '.join(STAGE_SECTIONS)}")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_names(cls, v: list[StageSpec]) -> list[StageSpec]:
+        names = [s.name for s in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"stage names must be unique; repeated: {dupes}")
+        return v
+
+
+class ObjectMeta(Schema):
+    """The part of metadata a TaskStream file needs (`fst stream`); the operator reads the
+    rest (namespace, uid, generation) from the object itself."""
+
+    name: str = Field(pattern=DNS_LABEL, max_length=40)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class TaskStream(Schema):
+    api_version: Literal["fastslow.io/v1alpha1"]
+    kind: Literal["TaskStream"]
+    metadata: ObjectMeta
+    spec: TaskStreamSpec

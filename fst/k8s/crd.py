@@ -21,7 +21,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from fst.k8s.api import GROUP, OPERATOR_OWNED_KEYS, VERSION, FastSlowRunSpec
+from fst.k8s.api import GROUP, OPERATOR_OWNED_KEYS, VERSION, FastSlowRunSpec, TaskStreamSpec
+from fst.k8s.status import ConditionType, FastSlowRunStatus, TaskStreamStatus
 
 # ----------------------------------------------------------------------------- translation
 
@@ -56,7 +57,7 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out.update(_convert(options[0], defs))
         if len(options) < len(any_of):
             out["nullable"] = True
-    for key in ("type", "description", "enum", "pattern", "minLength", "maxLength"):
+    for key in ("type", "format", "description", "enum", "pattern", "minLength", "maxLength"):
         if key in node:
             out[key] = node[key]
     for key in ("minimum", "maximum", "minItems", "maxItems"):
@@ -112,89 +113,35 @@ def _add_rules(schema: dict[str, Any], path: tuple[str, ...], rules: list[dict[s
 
 # ----------------------------------------------------------------------------- status
 
-CONDITION = {
-    "type": "object",
-    "required": ["type", "status"],
-    "properties": {
-        "type": {"type": "string", "maxLength": 64},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-        "reason": {"type": "string", "maxLength": 128},
-        "message": {"type": "string", "maxLength": 4096},
-        "observedGeneration": {"type": "integer", "minimum": 0},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
-    },
-}
-CONDITIONS = {
-    "type": "array",
-    "maxItems": 16,
-    "items": CONDITION,
-    "x-kubernetes-list-type": "map",
-    "x-kubernetes-list-map-keys": ["type"],
-    "description": "Latest observations: Created, Running, Succeeded, Failed, Suspended.",
-}
 
-PHASE = {
-    "type": "string",
-    "enum": ["Pending", "Running", "Succeeded", "Failed", "Suspended", "Invalid"],
-}
-TIMES = {
-    "startTime": {"type": "string", "format": "date-time"},
-    "completionTime": {"type": "string", "format": "date-time"},
-}
+def status_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The structural schema of a status model (fst/k8s/status.py). Conditions are a map list
+    keyed by type, as `kubectl` and server-side apply expect of metav1.Condition lists."""
+    schema = structural(model)
+    conditions = schema["properties"]["conditions"]
+    conditions["x-kubernetes-list-type"] = "map"
+    conditions["x-kubernetes-list-map-keys"] = ["type"]
+    return schema
 
-RUN_STATUS = {
-    "type": "object",
-    "properties": {
-        "phase": PHASE,
-        "observedGeneration": {"type": "integer"},
-        "attempt": {"type": "integer", "description": "1 + failed attempts so far."},
-        "jobName": {"type": "string"},
-        "step": {"type": "integer", "description": "Last completed RL step."},
-        "steps": {"type": "integer", "description": "Steps the run trains for."},
-        "reward": {"type": "number", "description": "Mean reward of the last step."},
-        "kl": {"type": "number", "description": "Last measured KL to the base model."},
-        "checkpointUri": {"type": "string", "description": "The latest checkpoint."},
-        "populationVersion": {"type": "integer"},
-        "population": {
-            "type": "array",
-            "maxItems": 64,
-            "items": {"type": "string"},
-            "description": "The latest prompt population, best first (the next stage's start).",
-        },
-        "lastError": {"type": "string"},
-        **TIMES,
-        "conditions": CONDITIONS,
-    },
-}
 
-STREAM_STATUS = {
-    "type": "object",
-    "properties": {
-        "phase": PHASE,
-        "observedGeneration": {"type": "integer"},
-        "currentStage": {"type": "string"},
-        "stages": {
-            "type": "array",
-            "maxItems": 1000,
-            "description": "Every stage run so far, in order, with its outcome.",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "stage": {"type": "string"},
-                    "version": {"type": "integer"},
-                    "run": {"type": "string"},
-                    "source": {"type": "string", "description": "The data's fingerprint."},
-                    "phase": {"type": "string"},
-                    "step": {"type": "integer"},
-                    "reward": {"type": "number"},
-                    "checkpointUri": {"type": "string"},
-                    **TIMES,
-                },
-            },
-        },
-        "conditions": CONDITIONS,
-    },
-}
+def printer_columns(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """`kubectl get` columns of the status fields marked with status.printer(), in field
+    order."""
+    columns = []
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        col = extra.get("x-printer-column")
+        if isinstance(col, dict):
+            path = f".status.{field.alias or name}"
+            priority = col["priority"]
+            assert isinstance(priority, int)
+            columns.append(_printer(str(col["name"]), path, str(col["type"]), priority))
+    return columns
+
+
+def condition_column(name: str, type_: ConditionType) -> dict[str, Any]:
+    return _printer(name, f'.status.conditions[?(@.type=="{type_.value}")].status')
+
 
 # ----------------------------------------------------------------------------- the CRDs
 
@@ -206,8 +153,8 @@ TOP_K_RULE = {
 }
 
 
-def _printer(name: str, path: str, kind: str = "string", priority: int = 0) -> dict:
-    col = {"name": name, "type": kind, "jsonPath": path}
+def _printer(name: str, path: str, kind: str = "string", priority: int = 0) -> dict[str, Any]:
+    col: dict[str, Any] = {"name": name, "type": kind, "jsonPath": path}
     if priority:
         col["priority"] = priority
     return col
@@ -279,21 +226,16 @@ def fastslowrun_crd() -> dict[str, Any]:
     )
     columns = [
         _printer("Stage", ".metadata.labels.fastslow\\.io/stage"),
-        _printer("Phase", ".status.phase"),
-        _printer("Step", ".status.step", "integer"),
-        _printer("Reward", ".status.reward", "number"),
-        _printer("KL", ".status.kl", "number"),
-        _printer("Attempt", ".status.attempt", "integer", priority=1),
-        _printer("Ready", '.status.conditions[?(@.type=="Running")].status'),
-        _printer("Succeeded", '.status.conditions[?(@.type=="Succeeded")].status'),
+        *printer_columns(FastSlowRunStatus),
+        condition_column("Ready", ConditionType.RUNNING),
+        condition_column("Succeeded", ConditionType.SUCCEEDED),
         _printer("Age", ".metadata.creationTimestamp", "date"),
     ]
-    return _crd("FastSlowRun", "fastslowruns", ["fsr"], spec, RUN_STATUS, columns)
+    status = status_schema(FastSlowRunStatus)
+    return _crd("FastSlowRun", "fastslowruns", ["fsr"], spec, status, columns)
 
 
 def taskstream_crd() -> dict[str, Any]:
-    from fst.stream import TaskStreamSpec  # fst.stream imports fst.k8s.api
-
     spec = structural(TaskStreamSpec)
     spec["description"] = "One customer's stream of task stages, run in order."
     spec["properties"]["stages"]["maxItems"] = 100  # bounds the CEL cost of the rule below
@@ -318,14 +260,14 @@ def taskstream_crd() -> dict[str, Any]:
         ],
     )
     columns = [
-        _printer("Phase", ".status.phase"),
-        _printer("Stage", ".status.currentStage"),
+        *printer_columns(TaskStreamStatus),
         _printer("Stages", ".status.stages[*].stage", priority=1),
-        _printer("Ready", '.status.conditions[?(@.type=="Running")].status'),
-        _printer("Succeeded", '.status.conditions[?(@.type=="Succeeded")].status'),
+        condition_column("Ready", ConditionType.RUNNING),
+        condition_column("Succeeded", ConditionType.SUCCEEDED),
         _printer("Age", ".metadata.creationTimestamp", "date"),
     ]
-    return _crd("TaskStream", "taskstreams", ["ts"], spec, STREAM_STATUS, columns)
+    status = status_schema(TaskStreamStatus)
+    return _crd("TaskStream", "taskstreams", ["ts"], spec, status, columns)
 
 
 def all_crds() -> dict[str, dict[str, Any]]:

@@ -6,25 +6,39 @@ lives here, so it is unit-testable without a cluster:
     run_key            the run's name in the database and under the checkpoint prefix
     train_config       FastSlowRun spec -> the TrainConfig the trainer runs
     config_map, job    the trainer's ConfigMap and batch/v1 Job for one attempt
+    job_suspend_change whether the operator changes a Job's `suspend` (Kueue owns it when queued)
     decide_run         (spec, status, job, progress) -> the new status, the next attempt
-    run_for_stage      a TaskStream stage -> its FastSlowRun
-    stream_entries     a TaskStream's child runs -> the stage entries fst.stream plans with
+    stage_runs         a TaskStream's child runs -> the StageRuns the planner (fst.plan) reads
+    run_for_stage      a planned StageRun -> its FastSlowRun
+    stream_status      the child runs -> the TaskStream's status
+
+Children are returned without owner references: the handlers adopt them (kopf.adopt).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import yaml
 
 from fst.config import TrainConfig
-from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec
+from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec, TaskStream
+from fst.k8s.status import (
+    TERMINAL_PHASES,
+    ConditionType,
+    FastSlowRunStatus,
+    Phase,
+    Reason,
+    StageStatus,
+    TaskStreamStatus,
+    now,
+    remove_condition,
+    set_condition,
+)
+from fst.plan import StageRun, short_name, stage_config, stage_spec
+from fst.plan import StageStatus as PlanStatus
 from fst.store.db import RunProgress
-from fst.stream import TaskStream, stage_config
 
 LABEL_RUN = "fastslow.io/run"
 LABEL_ATTEMPT = "fastslow.io/attempt"
@@ -37,7 +51,7 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_PATH = "/etc/fastslow/config.yaml"
 SCRATCH = "/scratch"
 TRAINER_UID = 10001  # the trainer image's non-root user (trainer-image/Dockerfile)
-TERMINAL = ("Succeeded", "Failed", "Invalid")
+TERMINAL = tuple(p.value for p in TERMINAL_PHASES)
 
 
 @dataclass(frozen=True)
@@ -47,18 +61,6 @@ class Defaults:
     checkpoint_prefix: str | None = None  # s3://bucket/prefix when a run names none
     database_secret: dict[str, str] | None = None  # {name, key} when a run names none
     s3_secret: str | None = None
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def short_name(name: str, limit: int) -> str:
-    """`name` if it fits, else a prefix and a hash of the whole: deterministic and unique."""
-    if len(name) <= limit:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: limit - 9].rstrip('-')}-{digest}"
 
 
 def run_key(namespace: str, name: str) -> str:
@@ -71,15 +73,10 @@ def job_name(run_name: str, attempt: int) -> str:
     return f"{run_name}-a{attempt}"
 
 
-def owner_reference(obj: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": obj["apiVersion"],
-        "kind": obj["kind"],
-        "name": obj["metadata"]["name"],
-        "uid": obj["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
+def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
+    """Whether `owner` controls `obj` (an object of a deterministic name found existing)."""
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == owner["metadata"]["uid"] for r in refs)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -122,7 +119,6 @@ def config_map(run: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
             "name": f"{run['metadata']['name']}-config",
             "namespace": run["metadata"]["namespace"],
             "labels": {LABEL_RUN: run["metadata"]["name"]},
-            "ownerReferences": [owner_reference(run)],
         },
         "data": {"config.yaml": body},
     }
@@ -230,90 +226,84 @@ def job(
             "name": job_name(meta["name"], attempt),
             "namespace": meta["namespace"],
             "labels": job_labels,
-            "ownerReferences": [owner_reference(run)],
         },
         "spec": {
             # Retries are ours (a new Job per attempt, resuming from the checkpoint), so the
             # Job itself never retries: each attempt's outcome stays visible.
             "backoffLimit": 0,
-            "suspend": spec.suspend,
+            # A queued Job is created suspended: Kueue unsuspends it when its Workload is
+            # admitted within the queue's quota (Kueue's contract with a Job's creator).
+            "suspend": spec.suspend or bool(t.queue_name),
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
         },
     }
 
 
+def job_suspend_change(spec: FastSlowRunSpec, job: dict[str, Any]) -> bool | None:
+    """The `suspend` to set on the Job after `spec.suspend` CHANGED, or None to leave it.
+
+    Called only on a change of the user's intent (kopf's update handler on spec.suspend),
+    never on every reconcile: between changes, a queued Job's `suspend` belongs to Kueue,
+    which suspends it while its Workload waits for quota and unsuspends it on admission.
+    Suspending always applies (the user stops the pod); resuming a queued Job is Kueue's to
+    do, so the operator never unsuspends a Job against an un-admitted Workload."""
+    suspended = bool((job.get("spec") or {}).get("suspend"))
+    if spec.suspend and not suspended:
+        return True
+    if not spec.suspend and suspended and not spec.trainer.queue_name:
+        return False
+    return None
+
+
 # ----------------------------------------------------------------------------- run status
 
 
-def set_condition(
-    conditions: list[dict[str, Any]],
-    type_: str,
-    status: bool,
-    reason: str,
-    message: str,
-    generation: int | None,
-) -> list[dict[str, Any]]:
-    """Conditions with `type_` set; lastTransitionTime changes only when the status does."""
-    value = "True" if status else "False"
-    out = [dict(c) for c in conditions if c["type"] != type_]
-    old = next((c for c in conditions if c["type"] == type_), None)
-    changed = old is None or old.get("status") != value
-    out.append(
-        {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message[:4000],
-            "observedGeneration": generation or 0,
-            "lastTransitionTime": now() if changed else old["lastTransitionTime"],
-        }
-    )
-    order = ["Created", "Running", "Suspended", "Succeeded", "Failed"]
-    return sorted(out, key=lambda c: order.index(c["type"]) if c["type"] in order else 99)
-
-
-def job_outcome(job: dict[str, Any] | None) -> tuple[str, str]:
+def job_outcome(job: dict[str, Any] | None) -> tuple[Phase, str]:
     """(Pending | Running | Succeeded | Failed | Suspended, message) of a Job."""
     if job is None:
-        return "Pending", "no Job yet"
+        return Phase.PENDING, "no Job yet"
     status = job.get("status") or {}
     for c in status.get("conditions") or []:
         if c.get("status") != "True":
             continue
         if c["type"] == "Complete":
-            return "Succeeded", "the trainer finished"
+            return Phase.SUCCEEDED, "the trainer finished"
         if c["type"] == "Failed":
-            return "Failed", f"{c.get('reason', 'Failed')}: {c.get('message', '')}".strip(": ")
+            return Phase.FAILED, f"{c.get('reason', 'Failed')}: {c.get('message', '')}".strip(": ")
         if c["type"] == "Suspended":
-            return "Suspended", "the Job is suspended"
+            return Phase.SUSPENDED, "the Job is suspended"
     if (job.get("spec") or {}).get("suspend"):
-        return "Suspended", "the Job is suspended"
+        return Phase.SUSPENDED, "the Job is suspended"
     if status.get("active") or status.get("ready"):
-        return "Running", "the trainer pod is running"
-    return "Pending", "waiting for the trainer pod"
+        return Phase.RUNNING, "the trainer pod is running"
+    return Phase.PENDING, "waiting for the trainer pod"
 
 
 @dataclass(frozen=True)
 class RunDecision:
-    status: dict[str, Any]  # the whole new status
+    status: FastSlowRunStatus  # the whole new status
     create_attempt: int | None = None  # create this attempt's Job
 
 
-def progress_fields(progress: RunProgress | None) -> dict[str, Any]:
+def apply_progress(status: FastSlowRunStatus, progress: RunProgress | None) -> None:
+    """Mirror the trainer's progress (from the database) into `status`."""
     if progress is None:
-        return {}
-    out: dict[str, Any] = {"step": progress.step}
-    for key, value in (
-        ("reward", progress.reward),
-        ("kl", progress.kl),
-        ("checkpointUri", progress.checkpoint_uri),
-        ("populationVersion", progress.population_version),
-    ):
-        if value is not None:
-            out[key] = round(value, 6) if isinstance(value, float) else value
+        return
+    status.step = progress.step
+    if progress.reward is not None:
+        status.reward = round(progress.reward, 6)
+    if progress.kl is not None:
+        status.kl = round(progress.kl, 6)
+    if progress.checkpoint_uri is not None:
+        status.checkpoint_uri = progress.checkpoint_uri
+    if progress.population_version is not None:
+        status.population_version = progress.population_version
     if progress.population:
-        out["population"] = progress.population[:64]
-    return out
+        status.best_prompt = progress.population[0][:2048]
+
+
+def read_status(obj: dict[str, Any]) -> FastSlowRunStatus:
+    return FastSlowRunStatus.model_validate(obj.get("status") or {})
 
 
 def decide_run(
@@ -323,95 +313,101 @@ def decide_run(
     progress: RunProgress | None,
 ) -> RunDecision:
     """The run's next status from what was observed, and whether a new attempt starts."""
-    old = run.get("status") or {}
+    old = read_status(run)
     gen = run["metadata"].get("generation")
-    status = copy.deepcopy(old)
-    if old.get("phase") != "Failed":
-        status.pop("lastError", None)
-    attempt = int(old.get("attempt") or 1)
-    status.update(
-        attempt=attempt,
-        jobName=job_name(run["metadata"]["name"], attempt),
-        observedGeneration=gen,
-        steps=spec.config.steps,
-        **progress_fields(progress),
-    )
-    conds = old.get("conditions") or []
-    if old.get("phase") in ("Succeeded", "Failed"):
+    name = run["metadata"]["name"]
+    status = old.model_copy(deep=True)
+    if old.phase != Phase.FAILED:
+        status.last_error = None
+    attempt = old.attempt or 1
+    status.attempt, status.job_name = attempt, job_name(name, attempt)
+    status.observed_generation, status.steps = gen, spec.config.steps
+    apply_progress(status, progress)
+    if old.phase in (Phase.SUCCEEDED, Phase.FAILED):
         return RunDecision(status)  # terminal: only progress is refreshed
-    conds = set_condition(conds, "Created", True, "JobCreated", f"Job {status['jobName']}", gen)
+    conds = set_condition(
+        old.conditions,
+        ConditionType.CREATED,
+        True,
+        Reason.JOB_CREATED,
+        f"Job {status.job_name}",
+        gen,
+    )
     outcome, message = job_outcome(job)
     create = None
-    if outcome == "Failed":
+    running = (False, Reason.POD_PENDING, message)
+    phase = outcome
+    if outcome == Phase.FAILED:
         error = (progress.last_error if progress else None) or message
+        status.last_error = error
         if attempt <= spec.backoff_limit:
             attempt += 1
             create = attempt
-            status.update(attempt=attempt, jobName=job_name(run["metadata"]["name"], attempt))
-            status["lastError"] = error
+            status.attempt, status.job_name = attempt, job_name(name, attempt)
             msg = f"attempt {attempt - 1} failed ({error}); attempt {attempt} resumes from "
-            msg += status.get("checkpointUri") or "the start (no checkpoint yet)"
-            conds = set_condition(conds, "Running", False, "Retrying", msg, gen)
-            phase = "Pending"
+            msg += status.checkpoint_uri or "the start (no checkpoint yet)"
+            running = (False, Reason.RETRYING, msg)
+            phase = Phase.PENDING
         else:
-            phase = "Failed"
-            status["lastError"] = error
-            status["completionTime"] = now()
-            conds = set_condition(conds, "Running", False, "Failed", error, gen)
+            status.completion_time = now()
+            running = (False, Reason.FAILED, error)
             conds = set_condition(
                 conds,
-                "Failed",
+                ConditionType.FAILED,
                 True,
-                "BackoffLimitExceeded",
+                Reason.BACKOFF_LIMIT_EXCEEDED,
                 f"{attempt} attempt(s) failed; last error: {error}",
                 gen,
             )
-    elif outcome == "Succeeded":
-        phase = "Succeeded"
-        status["completionTime"] = now()
-        conds = set_condition(conds, "Running", False, "Completed", message, gen)
+    elif outcome == Phase.SUCCEEDED:
+        status.completion_time = now()
+        running = (False, Reason.COMPLETED, message)
         conds = set_condition(
-            conds, "Succeeded", True, "Completed", f"trained {status['steps']} steps", gen
+            conds,
+            ConditionType.SUCCEEDED,
+            True,
+            Reason.COMPLETED,
+            f"trained {status.steps} steps",
+            gen,
         )
-    elif outcome == "Suspended":
-        phase = "Suspended"
-        conds = set_condition(conds, "Running", False, "Suspended", message, gen)
-    elif outcome == "Running":
-        phase = "Running"
-        status.setdefault("startTime", now())
-        conds = set_condition(conds, "Running", True, "PodRunning", message, gen)
+    elif outcome == Phase.SUSPENDED:
+        running = (False, Reason.SUSPENDED, message)
+    elif outcome == Phase.RUNNING:
+        status.start_time = status.start_time or now()
+        running = (True, Reason.POD_RUNNING, message)
+    conds = set_condition(conds, ConditionType.RUNNING, *running, gen)
+    suspended = outcome == Phase.SUSPENDED
+    if suspended and spec.suspend:
+        reason, why = Reason.SUSPENDED, "spec.suspend is true"
+    elif suspended:
+        reason = Reason.QUEUED
+        why = f"waiting for admission by queue {spec.trainer.queue_name}"
     else:
-        phase = "Pending"
-        conds = set_condition(conds, "Running", False, "Pending", message, gen)
-    suspended = outcome == "Suspended"
-    conds = set_condition(
-        conds,
-        "Suspended",
-        suspended,
-        "Suspended" if suspended else "NotSuspended",
-        "spec.suspend is true" if spec.suspend else "",
-        gen,
-    )
-    status.update(phase=phase, conditions=conds)
+        reason, why = Reason.NOT_SUSPENDED, ""
+    conds = set_condition(conds, ConditionType.SUSPENDED, suspended, reason, why, gen)
+    status.phase, status.conditions = phase, conds
     return RunDecision(status, create)
 
 
-def invalid_status(run: dict[str, Any], message: str) -> dict[str, Any]:
+def invalid_status(run: dict[str, Any], message: str) -> FastSlowRunStatus:
     gen = run["metadata"].get("generation")
-    old = run.get("status") or {}
+    status = read_status(run)
     conds = set_condition(
-        old.get("conditions") or [], "Created", False, "InvalidSpec", message, gen
+        status.conditions, ConditionType.CREATED, False, Reason.INVALID_SPEC, message, gen
     )
-    conds = set_condition(conds, "Failed", True, "InvalidSpec", message, gen)
-    return {**old, "phase": "Invalid", "observedGeneration": gen, "conditions": conds}
+    conds = set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, message, gen)
+    status.phase, status.observed_generation, status.conditions = Phase.INVALID, gen, conds
+    return status
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch from status `old` to `new`: changed keys, and None for keys gone."""
+    patch: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    return patch
 
 
 # ----------------------------------------------------------------------------- streams
-
-
-def stage_run_name(stream_name: str, stage_name: str, version: int) -> str:
-    name = f"{stream_name}-{stage_name}" + ("" if version == 1 else f"-v{version}")
-    return short_name(name, 52)
 
 
 def stream_model(stream: dict[str, Any]) -> TaskStream:
@@ -425,67 +421,47 @@ def stream_model(stream: dict[str, Any]) -> TaskStream:
     return TaskStream.model_validate(body)
 
 
-def check_stages(model: TaskStream) -> None:
-    """Each stage, merged with the stream's defaults, must make a valid run: a ConfigError
-    names the stage and the field (what `fst stream` checks when it loads the file)."""
-    from pydantic import ValidationError
-
-    from fst.config import ConfigError, format_validation_error
-
-    for i, stage in enumerate(model.spec.stages):
-        name = stage_run_name(model.metadata.name, stage.name, 1)
-        try:
-            stage_config(model, stage, run_name=name)
-        except ValidationError as e:
-            where = f"spec.stages.{i} ({stage.name})"
-            raise ConfigError(format_validation_error(e, where).replace("\n", ";")) from None
+def _sequence(run: dict[str, Any]) -> int:
+    return int(run["metadata"].get("annotations", {}).get(ANNOTATION_SEQUENCE, "0"))
 
 
-def stream_entries(children: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The stream's stage runs, oldest first, as the entries fst.stream.next_stage plans with."""
-    entries = []
+_PLAN_STATUS = {
+    Phase.SUCCEEDED: PlanStatus.SUCCEEDED,
+    Phase.FAILED: PlanStatus.FAILED,
+    Phase.INVALID: PlanStatus.FAILED,
+}
 
-    def order(run: dict[str, Any]) -> int:
-        return int(run["metadata"]["annotations"].get(ANNOTATION_SEQUENCE, "0"))
 
-    for run in sorted(children, key=order):
-        meta, status = run["metadata"], run.get("status") or {}
-        phase = status.get("phase", "Pending")
-        entries.append(
-            {
-                "stage": meta["labels"][LABEL_STAGE],
-                "name": meta["name"],
-                "run": meta["name"],
-                "version": int(meta["annotations"].get(ANNOTATION_STAGE_VERSION, "1")),
-                "source": meta["annotations"].get(ANNOTATION_SOURCE) or None,
-                "status": {"Succeeded": "succeeded", "Failed": "failed", "Invalid": "failed"}.get(
-                    phase, "running"
-                ),
-                "phase": phase,
-                "checkpoint": status.get("checkpointUri"),
-                "population": status.get("population"),
-                "step": status.get("step"),
-                "reward": status.get("reward"),
-                "startTime": status.get("startTime"),
-                "completionTime": status.get("completionTime"),
-            }
+def stage_runs(children: list[dict[str, Any]]) -> list[StageRun]:
+    """The stream's child FastSlowRuns, oldest first, as the StageRuns fst.plan reads: the
+    same records `fst stream` keeps in stream.json."""
+    out = []
+    for run in sorted(children, key=_sequence):
+        meta, status = run["metadata"], read_status(run)
+        annotations = meta.get("annotations") or {}
+        out.append(
+            StageRun(
+                stage=meta["labels"][LABEL_STAGE],
+                version=int(annotations.get(ANNOTATION_STAGE_VERSION, "1")),
+                run=meta["name"],
+                source=annotations.get(ANNOTATION_SOURCE) or None,
+                status=_PLAN_STATUS.get(Phase(status.phase), PlanStatus.RUNNING)
+                if status.phase
+                else PlanStatus.PENDING,
+                checkpoint=status.checkpoint_uri,
+            )
         )
-    return entries
+    return out
 
 
 def run_for_stage(
-    stream: dict[str, Any],
-    model: TaskStream,
-    stage_name: str,
-    entry: dict[str, Any],
-    sequence: int,
+    stream: dict[str, Any], model: TaskStream, planned: StageRun, sequence: int
 ) -> dict[str, Any]:
-    """The FastSlowRun of one stage version; starts from the previous stage's checkpoint and
-    population (entry's start_checkpoint / start_population) when there is one."""
-    stage = next(s for s in model.spec.stages if s.name == stage_name)
-    name = stage_run_name(model.metadata.name, stage.name, entry["version"])
+    """The FastSlowRun of one planned stage run (fst.plan.next_stage): named, started from
+    and configured exactly as `fst stream` would run it."""
+    stage = stage_spec(model, planned.stage)
     cfg = stage_config(
-        model, stage, name, entry.get("start_checkpoint"), entry.get("start_population")
+        model, stage, planned.run, planned.start_checkpoint, planned.start_population
     )
     config = cfg.model_dump(mode="json", by_alias=True, exclude_none=True)
     for key in OPERATOR_OWNED_KEYS:
@@ -495,15 +471,14 @@ def run_for_stage(
         "apiVersion": API_VERSION,
         "kind": "FastSlowRun",
         "metadata": {
-            "name": name,
+            "name": planned.run,
             "namespace": stream["metadata"]["namespace"],
             "labels": {LABEL_STREAM: model.metadata.name, LABEL_STAGE: stage.name},
             "annotations": {
-                ANNOTATION_STAGE_VERSION: str(entry["version"]),
-                ANNOTATION_SOURCE: entry.get("source") or "",
+                ANNOTATION_STAGE_VERSION: str(planned.version),
+                ANNOTATION_SOURCE: planned.source or "",
                 ANNOTATION_SEQUENCE: str(sequence),
             },
-            "ownerReferences": [owner_reference(stream)],
         },
         "spec": {
             "config": config,
@@ -515,59 +490,60 @@ def run_for_stage(
 
 
 def stream_status(
-    stream: dict[str, Any], entries: list[dict[str, Any]], invalid: str | None = None
-) -> dict[str, Any]:
+    stream: dict[str, Any], children: list[dict[str, Any]], invalid: str | None = None
+) -> TaskStreamStatus:
     gen = stream["metadata"].get("generation")
-    old = stream.get("status") or {}
-    conds = old.get("conditions") or []
-    stages = [
-        {
-            k: v
-            for k, v in {
-                "stage": e["stage"],
-                "version": e["version"],
-                "run": e["run"],
-                "source": e["source"],
-                "phase": e["phase"],
-                "step": e["step"],
-                "reward": e["reward"],
-                "checkpointUri": e["checkpoint"],
-                "startTime": e["startTime"],
-                "completionTime": e["completionTime"],
-            }.items()
-            if v is not None
-        }
-        for e in entries
-    ]
-    current = entries[-1] if entries else None
+    old = TaskStreamStatus.model_validate(stream.get("status") or {})
+    conds = old.conditions
+    stages = []
+    for run in sorted(children, key=_sequence):
+        meta, s = run["metadata"], read_status(run)
+        annotations = meta.get("annotations") or {}
+        stages.append(
+            StageStatus(
+                stage=meta["labels"][LABEL_STAGE],
+                version=int(annotations.get(ANNOTATION_STAGE_VERSION, "1")),
+                run=meta["name"],
+                source=annotations.get(ANNOTATION_SOURCE) or None,
+                phase=s.phase or Phase.PENDING,
+                step=s.step,
+                reward=s.reward,
+                checkpoint_uri=s.checkpoint_uri,
+                start_time=s.start_time,
+                completion_time=s.completion_time,
+            )
+        )
+    current = stages[-1] if stages else None
     if invalid is not None:
-        phase = "Invalid"
-        conds = set_condition(conds, "Failed", True, "InvalidSpec", invalid, gen)
+        phase = Phase.INVALID
+        conds = set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, invalid, gen)
     elif current is None:
-        phase = "Pending"
-    elif current["status"] == "failed":
-        phase = "Failed"
-        msg = f"stage {current['stage']} (run {current['run']}) failed"
-        conds = set_condition(conds, "Running", False, "StageFailed", msg, gen)
-        conds = set_condition(conds, "Failed", True, "StageFailed", msg, gen)
-    elif current["status"] == "running":
-        phase = "Running"
-        msg = f"stage {current['stage']} (run {current['run']})"
-        conds = set_condition(conds, "Running", True, "StageRunning", msg, gen)
-        conds = set_condition(conds, "Succeeded", False, "StageRunning", msg, gen)
+        phase = Phase.PENDING
+    elif current.phase in (Phase.FAILED, Phase.INVALID):
+        phase = Phase.FAILED
+        msg = f"stage {current.stage} (run {current.run}) failed"
+        conds = set_condition(conds, ConditionType.RUNNING, False, Reason.STAGE_FAILED, msg, gen)
+        conds = set_condition(conds, ConditionType.FAILED, True, Reason.STAGE_FAILED, msg, gen)
+    elif current.phase != Phase.SUCCEEDED:
+        phase = Phase.RUNNING
+        msg = f"stage {current.stage} (run {current.run})"
+        conds = set_condition(conds, ConditionType.RUNNING, True, Reason.STAGE_RUNNING, msg, gen)
+        conds = set_condition(conds, ConditionType.SUCCEEDED, False, Reason.STAGE_RUNNING, msg, gen)
     else:
-        phase = "Succeeded"
-        msg = f"{len(entries)} stage run(s) done; waiting for new stages or data"
-        conds = set_condition(conds, "Running", False, "AllStagesDone", msg, gen)
-        conds = set_condition(conds, "Succeeded", True, "AllStagesDone", msg, gen)
+        phase = Phase.SUCCEEDED
+        msg = f"{len(stages)} stage run(s) done; waiting for new stages or data"
+        conds = set_condition(conds, ConditionType.RUNNING, False, Reason.ALL_STAGES_DONE, msg, gen)
+        conds = set_condition(
+            conds, ConditionType.SUCCEEDED, True, Reason.ALL_STAGES_DONE, msg, gen
+        )
     if invalid is None:
-        conds = [c for c in conds if not (c["type"] == "Failed" and c["reason"] == "InvalidSpec")]
-    status = {
-        "phase": phase,
-        "observedGeneration": gen,
-        "stages": stages,
-        "conditions": conds,
-    }
-    if current is not None:
-        status["currentStage"] = current["stage"]
-    return status
+        failed = next((c for c in conds if c.type == ConditionType.FAILED), None)
+        if failed is not None and failed.reason == Reason.INVALID_SPEC:
+            conds = remove_condition(conds, ConditionType.FAILED)
+    return TaskStreamStatus(
+        phase=phase,
+        observed_generation=gen,
+        stages=stages,
+        conditions=conds,
+        current_stage=current.stage if current else None,
+    )

@@ -1,12 +1,21 @@
-"""kopf handlers: thin I/O around the pure builders (builders.py).
+"""kopf handlers: thin I/O around the pure builders (builders.py) and the planner (fst.plan).
 
 Level-triggered: whatever woke us (a change of the resource, an event of a child, a timer, an
 operator restart), we read the current objects, decide with a pure function, and write. All
 names are deterministic, so a handler that runs twice, or is killed halfway and run again after
-a restart, finds what the first run created (409 AlreadyExists) and never duplicates it.
+a restart, finds what the first run created (409 AlreadyExists, owned by the same resource) and
+never duplicates it.
 
-    FastSlowRun  create/update/resume, its Jobs' events, a timer  -> reconcile_run
-    TaskStream   create/update/resume, its runs' events, a timer  -> reconcile_stream
+    FastSlowRun  create/update/resume, a timer  -> reconcile_run, status through kopf's `patch`
+                 its Jobs' events                -> reconcile_run, status through the API
+                 spec.suspend changed            -> the Job's suspend (Kueue's while queued)
+    TaskStream   create/update/resume, a timer  -> reconcile_stream, status through `patch`
+                 its runs' events                -> reconcile_stream, status through the API
+
+kopf's idioms throughout: children adopted with `kopf.adopt` (owner reference, namespace), Events
+with `kopf.event`, `kopf.TemporaryError(delay=...)` when the outside world (the database, a
+data source) is not there yet. kopf's `patch` writes only the object a handler is for, so a
+child's event writes its parent's status with one API call (kube.patch_run_status).
 
 No finalizers: deleting a FastSlowRun or TaskStream deletes its children through owner
 references (the garbage collector). The external state of a run, its checkpoints in S3 and its
@@ -17,23 +26,27 @@ deleting it is a separate, explicit act (no handler here ever deletes data).
 from __future__ import annotations
 
 import logging
-import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import kopf
-from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from fst.config import ConfigError, format_validation_error
-from fst.k8s.api import GROUP, VERSION
+from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
+from fst.handover import checkpoint_population, source_fingerprint
+from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec
+from fst.k8s.status import Phase
+from fst.plan import next_stage
 from fst.store.db import RunDB, RunProgress
-from fst.stream import StreamState, next_stage, source_fingerprint
+from fst.stream import check_stages
 from fst_operator import builders, kube, metrics
 from fst_operator.settings import Settings
 
 log = logging.getLogger("fst_operator")
 SETTINGS = Settings.from_env()
 _db: RunDB | None = None
+
+StatusWriter = Callable[[dict[str, Any]], None]  # takes a JSON merge patch of `status`
 
 
 @kopf.on.startup()
@@ -54,24 +67,29 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # namespaces or watch CRDs, which it may not; the resources are known.
     settings.scanning.disabled = bool(kube.watched_namespaces())
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
-    kube.configure(SETTINGS)
+    kube.configure()
     metrics.start_server(SETTINGS.metrics_port)
     log.info("fastslow operator: %s", SETTINGS.describe(kube.watched_namespaces()))
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """kopf's own connection: the ServiceAccount (kube.service_account) in a pod, else the
-    kubeconfig, as kopf would do by itself."""
-    sa = kube.service_account()
-    if sa is None:
-        return kopf.login_via_client(**kwargs)
-    server, token, ca = sa
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """kopf's connection from the same client configuration the handlers use (kube.py: the
+    in-cluster loader, else the kubeconfig). kopf calls this again on a 401, which picks up
+    a rotated token."""
+    cfg = kube.configuration()
+    header: str | None = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
+        "authorization"
+    )
+    scheme, _space, token = (header or "").partition(" ")
     return kopf.ConnectionInfo(
-        server=server,
-        ca_path=str(ca),
-        scheme="Bearer",
-        token=token.read_text().strip(),
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme if token else None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
         expiration=None,
     )
 
@@ -104,19 +122,48 @@ def read_progress(key: str) -> RunProgress | None:
 RUNS = (GROUP, VERSION, "fastslowruns")
 
 
+def _patch_writer(patch: kopf.Patch) -> StatusWriter:
+    return lambda changes: patch.status.update(changes)
+
+
 @kopf.on.resume(*RUNS)
 @kopf.on.create(*RUNS)
 @kopf.on.update(*RUNS, field="spec")
-def run_changed(namespace: str, name: str, **_: Any) -> None:
-    reconcile_run(namespace, name)
+def run_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_run(body, _patch_writer(patch))
+
+
+@kopf.on.update(*RUNS, field="spec.suspend")
+def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+    """The user's intent changed: apply it to the current attempt's Job (builders.
+    job_suspend_change says when; a queued Job's suspend is otherwise Kueue's)."""
+    assert namespace is not None  # FastSlowRuns are namespaced
+    status = builders.read_status(dict(body))
+    job = kube.get_job(namespace, builders.job_name(name, status.attempt or 1))
+    if job is None:
+        return
+    spec = FastSlowRunSpec.model_validate(body["spec"])
+    change = builders.job_suspend_change(spec, job)
+    if change is not None:
+        kube.set_job_suspend(namespace, job["metadata"]["name"], change)
+        kopf.event(
+            body,
+            type="Normal",
+            reason="Suspended" if change else "Resumed",
+            message=f"Job {job['metadata']['name']} {'suspended' if change else 'resumed'}",
+        )
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
-def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
-    if event["type"] == "DELETED":
+def job_event(type: str, body: kopf.Body, **_: Any) -> None:
+    if type == "DELETED":
         return
-    owner = body["metadata"]["labels"][builders.LABEL_RUN]
-    reconcile_run(body["metadata"]["namespace"], owner)
+    namespace = body["metadata"]["namespace"]
+    run = kube.get_run(namespace, body["metadata"]["labels"][builders.LABEL_RUN])
+    if run is not None:
+        name = run["metadata"]["name"]
+        write = lambda changes: kube.patch_run_status(namespace, name, changes)  # noqa: E731
+        reconcile_run(kopf.Body(cast(kopf.RawBody, run)), write)
 
 
 @kopf.timer(
@@ -126,61 +173,74 @@ def job_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
     idle=0,
     when=lambda status, **_: status.get("phase") not in builders.TERMINAL,
 )
-def run_progress(namespace: str, name: str, **_: Any) -> None:
-    reconcile_run(namespace, name)
+def run_progress(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_run(body, _patch_writer(patch))
 
 
-def reconcile_run(namespace: str, name: str) -> None:
+def reconcile_run(body: kopf.Body, write_status: StatusWriter) -> None:
+    """Observe the run's Job and progress, decide (builders.decide_run), act, write status."""
+    run = dict(body)
+    meta = run["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
+        return
+    old = run.get("status") or {}
     with metrics.reconciling("fastslowrun"):
-        run = kube.get_run(namespace, name)
-        if run is None or run["metadata"].get("deletionTimestamp"):
-            return
         try:
             spec, cfg = builders.train_config(run, SETTINGS.defaults)
         except (ValidationError, ValueError) as e:
             message = _spec_error(e, f"FastSlowRun {namespace}/{name}")
-            if (run.get("status") or {}).get("phase") != "Invalid":
-                kube.patch_run_status(namespace, name, builders.invalid_status(run, message))
-                kube.event(run, "Warning", "InvalidSpec", message)
-            metrics.observe_phase(namespace, name, "Invalid")
+            if old.get("phase") != Phase.INVALID:
+                write_status(
+                    builders.status_patch(old, builders.invalid_status(run, message).dump())
+                )
+                kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+            metrics.observe_phase(namespace, name, Phase.INVALID)
             return
-        status = run.get("status") or {}
-        attempt = int(status.get("attempt") or 1)
+        attempt = int(old.get("attempt") or 1)
         job = kube.get_job(namespace, builders.job_name(name, attempt))
-        if job is None and status.get("phase") not in builders.TERMINAL:
-            job = ensure_attempt(run, spec, cfg, attempt)
-        elif job is not None and bool(job["spec"].get("suspend")) != spec.suspend:
-            job = kube.set_job_suspend(namespace, job["metadata"]["name"], spec.suspend)
-        progress = read_progress(cfg.run)
-        decision = builders.decide_run(run, spec, job, progress)
+        if job is None and old.get("phase") not in builders.TERMINAL:
+            job = ensure_attempt(body, spec, cfg, attempt)
+        decision = builders.decide_run(run, spec, job, read_progress(cfg.run))
         if decision.create_attempt is not None:
             # Create the next attempt BEFORE recording it: killed in between, the next
             # reconcile sees the failed attempt again, re-creates (409: it exists) and records.
-            ensure_attempt(run, spec, cfg, decision.create_attempt)
-            kube.event(
-                run,
-                "Warning",
-                "Retrying",
-                f"attempt {decision.create_attempt - 1} failed; "
+            ensure_attempt(body, spec, cfg, decision.create_attempt)
+            kopf.event(
+                body,
+                type="Warning",
+                reason="Retrying",
+                message=f"attempt {decision.create_attempt - 1} failed; "
                 f"attempt {decision.create_attempt} resumes from the latest checkpoint",
             )
-        if decision.status != status:
-            kube.patch_run_status(namespace, name, decision.status)
-            if decision.status.get("phase") != status.get("phase"):
-                kube.event(run, "Normal", decision.status["phase"], _phase_message(decision))
-        metrics.observe_phase(namespace, name, decision.status["phase"])
+        new = decision.status.dump()
+        changes = builders.status_patch(old, new)
+        if changes:
+            write_status(changes)
+            if new.get("phase") != old.get("phase"):
+                s = decision.status
+                kopf.event(
+                    body,
+                    type="Normal",
+                    reason=str(s.phase),
+                    message=f"{s.phase}: attempt {s.attempt}, step {s.step or 0}/{s.steps}",
+                )
+        metrics.observe_phase(namespace, name, str(decision.status.phase))
 
 
-def ensure_attempt(run: dict[str, Any], spec: Any, cfg: Any, attempt: int) -> dict[str, Any]:
-    kube.create_if_absent(builders.config_map(run, cfg))
-    job = kube.create_if_absent(builders.job(run, spec, attempt, SETTINGS.defaults))
-    _crash_point("after-job-create")
-    return job
-
-
-def _phase_message(decision: builders.RunDecision) -> str:
-    s = decision.status
-    return f"{s['phase']}: attempt {s['attempt']}, step {s.get('step', 0)}/{s.get('steps')}"
+def ensure_attempt(
+    run: kopf.Body, spec: FastSlowRunSpec, cfg: TrainConfig, attempt: int
+) -> dict[str, Any]:
+    """The attempt's ConfigMap and Job, adopted by the run, created unless they exist."""
+    config_map = builders.config_map(dict(run), cfg)
+    job = builders.job(dict(run), spec, attempt, SETTINGS.defaults)
+    kopf.adopt([config_map, job], owner=run)
+    try:
+        kube.create_if_absent(config_map)
+        return kube.create_if_absent(job)
+    except kube.NotOwnedError as e:
+        kopf.event(run, type="Warning", reason="NameTaken", message=str(e))
+        raise kopf.TemporaryError(str(e), delay=60) from e
 
 
 # ----------------------------------------------------------------------------- TaskStream
@@ -191,68 +251,86 @@ STREAMS = (GROUP, VERSION, "taskstreams")
 @kopf.on.resume(*STREAMS)
 @kopf.on.create(*STREAMS)
 @kopf.on.update(*STREAMS, field="spec")
-def stream_changed(namespace: str, name: str, **_: Any) -> None:
-    reconcile_stream(namespace, name)
-
-
-@kopf.on.event(*RUNS, labels={builders.LABEL_STREAM: kopf.PRESENT})
-def stage_run_event(event: dict[str, Any], body: kopf.Body, **_: Any) -> None:
-    if event["type"] == "DELETED":
-        return
-    stream = body["metadata"]["labels"][builders.LABEL_STREAM]
-    reconcile_stream(body["metadata"]["namespace"], stream)
+def stream_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    reconcile_stream(body, _patch_writer(patch))
 
 
 @kopf.timer(*STREAMS, interval=SETTINGS.stream_poll_interval, idle=0)
-def stream_data_poll(namespace: str, name: str, **_: Any) -> None:
+def stream_data_poll(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
     """New versions of the stages' data sources (s3:// jsonl) start new stage versions."""
-    reconcile_stream(namespace, name)
+    reconcile_stream(body, _patch_writer(patch))
 
 
-def reconcile_stream(namespace: str, name: str) -> None:
+@kopf.on.event(*RUNS, labels={builders.LABEL_STREAM: kopf.PRESENT})
+def stage_run_event(type: str, body: kopf.Body, **_: Any) -> None:
+    if type == "DELETED":
+        return
+    namespace = body["metadata"]["namespace"]
+    name = body["metadata"]["labels"][builders.LABEL_STREAM]
+    stream = kube.get_stream(namespace, name)
+    if stream is not None:
+        write = lambda c: kube.patch_stream_status(namespace, name, c)  # noqa: E731
+        reconcile_stream(kopf.Body(cast(kopf.RawBody, stream)), write)
+
+
+def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
+    """Plan the stream's next stage run with fst.plan (as `fst stream` does), create it."""
+    stream = dict(body)
+    meta = stream["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    if meta.get("deletionTimestamp"):
+        return
+    old = stream.get("status") or {}
     with metrics.reconciling("taskstream"):
-        stream = kube.get_stream(namespace, name)
-        if stream is None or stream["metadata"].get("deletionTimestamp"):
-            return
         children = kube.list_runs(namespace, {builders.LABEL_STREAM: name})
-        entries = builders.stream_entries(children)
         try:
             model = builders.stream_model(stream)
-            builders.check_stages(model)
+            check_stages(model, f"TaskStream {namespace}/{name}")
         except (ValidationError, ConfigError, ValueError) as e:
             message = _spec_error(e, f"TaskStream {namespace}/{name}")
-            kube.patch_stream_status(
-                namespace, name, builders.stream_status(stream, entries, invalid=message)
-            )
+            invalid = builders.stream_status(stream, children, invalid=message)
+            write_status(builders.status_patch(old, invalid.dump()))
             return
         if not model.spec.suspend:
-            state = StreamState(path=None, entries=entries)  # type: ignore[arg-type]
-            nxt = next_stage(model, state, fingerprint_of=_fingerprint)
-            if nxt is not None and nxt[1] not in entries:  # a new stage version to start
-                stage, entry = nxt
-                run = builders.run_for_stage(stream, model, stage.name, entry, len(entries))
-                kube.create_if_absent(run)
-                kube.event(
-                    stream,
-                    "Normal",
-                    "StageStarted",
-                    f"stage {stage.name} v{entry['version']}: FastSlowRun "
-                    f"{run['metadata']['name']} from "
-                    f"{entry.get('start_checkpoint') or 'the base model'}",
+            runs = builders.stage_runs(children)
+            planned = next_stage(model, runs, _fingerprint, _population)
+            if planned is not None and planned not in runs:  # a new stage version to start
+                run = builders.run_for_stage(stream, model, planned, len(runs))
+                kopf.adopt(run, owner=body)
+                try:
+                    kube.create_if_absent(run)
+                except kube.NotOwnedError as e:
+                    kopf.event(body, type="Warning", reason="NameTaken", message=str(e))
+                    raise kopf.TemporaryError(str(e), delay=60) from e
+                inherited = len(planned.start_population or [])
+                kopf.event(
+                    body,
+                    type="Normal",
+                    reason="StageStarted",
+                    message=f"stage {planned.name}: FastSlowRun {planned.run} from "
+                    f"{planned.start_checkpoint or 'the base model'}"
+                    + (f" with {inherited} inherited prompt(s)" if inherited else ""),
                 )
                 children = kube.list_runs(namespace, {builders.LABEL_STREAM: name})
-                entries = builders.stream_entries(children)
-        status = builders.stream_status(stream, entries)
-        if status != {k: v for k, v in (stream.get("status") or {}).items() if k in status}:
-            kube.patch_stream_status(namespace, name, status)
+        changes = builders.status_patch(old, builders.stream_status(stream, children).dump())
+        if changes:
+            write_status(changes)
 
 
-def _fingerprint(task: Any) -> str | None:
+def _fingerprint(task: TaskConfig) -> str | None:
     try:
         return source_fingerprint(task)
     except Exception as e:  # unreachable data: keep the current stage, say why
         log.warning("data source %s: %s", task.params.get("path"), e)
         raise kopf.TemporaryError(f"data source {task.params.get('path')}: {e}", delay=30) from e
+
+
+def _population(checkpoint: str) -> list[str]:
+    try:
+        return checkpoint_population(checkpoint)
+    except Exception as e:  # S3 down, or the checkpoint not readable yet: try again later
+        log.warning("population of %s: %s", checkpoint, e)
+        raise kopf.TemporaryError(f"population of {checkpoint}: {e}", delay=30) from e
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -261,19 +339,4 @@ def _fingerprint(task: Any) -> str | None:
 def _spec_error(e: Exception, source: str) -> str:
     if isinstance(e, ValidationError):
         return format_validation_error(e, source).replace("\n", "; ")
-    return f"{source}: {e}"
-
-
-def _crash_point(point: str) -> None:
-    """Fault injection for the restart test: FST_OPERATOR_CRASH_AT=<point> kills the operator
-    the first time it reaches `point` (a marker file makes it once per test)."""
-    if os.environ.get("FST_OPERATOR_CRASH_AT") != point:
-        return
-    marker = os.environ.get("FST_OPERATOR_CRASH_MARKER", "")
-    if marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        log.error("crash point %s: exiting", point)
-        os._exit(17)
-
-
-__all__ = ["ApiException", "reconcile_run", "reconcile_stream"]
+    return f"{source}: {e}".replace("\n", "; ")

@@ -1,23 +1,32 @@
-"""The few Kubernetes API calls the handlers make (official client; blocking, so the handlers
-are sync and kopf runs them in its thread pool)."""
+"""The Kubernetes API calls the handlers make beyond kopf's own (official client; blocking, so
+the handlers are sync and kopf runs them in its thread pool): reading a run's Job and a
+stream's child runs, creating children, and writing a status from a CHILD's event (kopf's
+`patch` only writes the object a handler is for)."""
 
 from __future__ import annotations
 
 import logging
 import os
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+from kubernetes.config.config_exception import ConfigException
+from kubernetes.config.incluster_config import (
+    SERVICE_CERT_FILENAME,
+    SERVICE_TOKEN_FILENAME,
+    InClusterConfigLoader,
+)
 
 from fst.k8s.api import GROUP, VERSION
 
 log = logging.getLogger("fst_operator")
 _api: client.ApiClient | None = None
 _namespaces: list[str] = []
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+
+class NotOwnedError(RuntimeError):
+    """An object of a name the operator derives exists, but another owner made it."""
 
 
 def watch_namespaces(namespaces: list[str]) -> None:
@@ -28,68 +37,58 @@ def watched_namespaces() -> list[str]:
     return list(_namespaces)
 
 
-def service_account() -> tuple[str, Path, Path] | None:
-    """(server URL, token file, CA file) of the pod's ServiceAccount, or None outside a pod.
+def configuration() -> client.Configuration:
+    """In a pod: its ServiceAccount, through the client's own in-cluster loader (which re-reads
+    the kubelet-rotated token before it expires). Elsewhere: $KUBECONFIG or ~/.kube/config.
 
-    The folder is $FST_SERVICE_ACCOUNT_DIR (the chart sets it to the standard mount path), so
-    a runtime that mounts the token elsewhere (the test harness's process kubelet) still works.
-    """
-    folder = Path(os.environ.get("FST_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT_DIR))
-    host, port = (
-        os.environ.get("KUBERNETES_SERVICE_HOST"),
-        os.environ.get("KUBERNETES_SERVICE_PORT"),
-    )
-    token, ca = folder / "token", folder / "ca.crt"
-    if not (host and port and token.is_file() and ca.is_file()):
-        if "FST_SERVICE_ACCOUNT_DIR" in os.environ:  # asked for, and not there: say why
-            log.warning(
-                "no ServiceAccount at %s (KUBERNETES_SERVICE_HOST=%s, token %s, ca.crt %s)",
-                folder,
-                host,
-                token.is_file(),
-                ca.is_file(),
-            )
-        return None
-    host = f"[{host}]" if ":" in host else host
-    return f"https://{host}:{port}", token, ca
-
-
-def configure(_settings: Any = None) -> None:
-    """In a pod: its ServiceAccount. Elsewhere: $KUBECONFIG (or ~/.kube/config)."""
-    global _api
-    sa = service_account()
-    if sa is not None:
-        server, token, ca = sa
-        cfg = client.Configuration(host=server)
-        cfg.ssl_ca_cert = str(ca)
-
-        # Bound tokens are rotated by the kubelet: read the file at each request.
-        def refresh(c: client.Configuration) -> None:
-            c.api_key["authorization"] = "Bearer " + token.read_text().strip()
-
-        cfg.refresh_api_key_hook = refresh
-        refresh(cfg)
-    else:
-        cfg = client.Configuration()
+    $FST_SERVICE_ACCOUNT_DIR points the loader at a token mounted somewhere other than the
+    standard path (the test harness's process kubelet rewrites mount paths)."""
+    cfg = client.Configuration()
+    folder = os.environ.get("FST_SERVICE_ACCOUNT_DIR")
+    token = os.path.join(folder, "token") if folder else SERVICE_TOKEN_FILENAME
+    ca = os.path.join(folder, "ca.crt") if folder else SERVICE_CERT_FILENAME
+    try:
+        InClusterConfigLoader(
+            token_filename=token, cert_filename=ca, try_refresh_token=True
+        ).load_and_set(cfg)
+        log.debug("in-cluster configuration from %s", os.path.dirname(token))
+    except ConfigException as in_cluster:
+        if folder:  # asked for, and not there: say why before falling back
+            log.warning("no ServiceAccount at %s: %s", folder, in_cluster)
         config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+def configure() -> client.ApiClient:
+    global _api
+    cfg = configuration()
     cfg.connection_pool_maxsize = 32
     _api = client.ApiClient(cfg)
+    return _api
 
 
 def api() -> client.ApiClient:
-    if _api is None:
-        configure()
-    assert _api is not None
-    return _api
+    return _api if _api is not None else configure()
 
 
 def _custom() -> client.CustomObjectsApi:
     return client.CustomObjectsApi(api())
 
 
-def _get(fn: Any, *args: Any) -> dict[str, Any] | None:
+def _plain(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = api().sanitize_for_serialization(obj)
+    return out
+
+
+def _as_dict(obj: object) -> dict[str, Any]:
+    """The custom-objects API returns parsed JSON typed as `object`."""
+    assert isinstance(obj, dict)
+    return obj
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        return fn(*args)
+        return _plain(client.BatchV1Api(api()).read_namespaced_job(name, namespace))
     except ApiException as e:
         if e.status == 404:
             return None
@@ -97,105 +96,103 @@ def _get(fn: Any, *args: Any) -> dict[str, Any] | None:
 
 
 def get_run(namespace: str, name: str) -> dict[str, Any] | None:
-    return _get(
-        _custom().get_namespaced_custom_object, GROUP, VERSION, namespace, "fastslowruns", name
-    )
-
-
-def get_stream(namespace: str, name: str) -> dict[str, Any] | None:
-    return _get(
-        _custom().get_namespaced_custom_object, GROUP, VERSION, namespace, "taskstreams", name
-    )
-
-
-def list_runs(namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
-    selector = ",".join(f"{k}={v}" for k, v in labels.items())
-    out = _custom().list_namespaced_custom_object(
-        GROUP, VERSION, namespace, "fastslowruns", label_selector=selector
-    )
-    return out["items"]
-
-
-def get_job(namespace: str, name: str) -> dict[str, Any] | None:
-    batch = client.BatchV1Api(api())
     try:
-        job = batch.read_namespaced_job(name, namespace)
+        run = _as_dict(
+            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, "fastslowruns", name)
+        )
     except ApiException as e:
         if e.status == 404:
             return None
         raise
-    return api().sanitize_for_serialization(job)
+    return run
+
+
+def list_runs(namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
+    selector = ",".join(f"{k}={v}" for k, v in labels.items())
+    out = _as_dict(
+        _custom().list_namespaced_custom_object(
+            GROUP, VERSION, namespace, "fastslowruns", label_selector=selector
+        )
+    )
+    items: list[dict[str, Any]] = out["items"]
+    return items
 
 
 def set_job_suspend(namespace: str, name: str, suspend: bool) -> dict[str, Any]:
     job = client.BatchV1Api(api()).patch_namespaced_job(
         name, namespace, {"spec": {"suspend": suspend}}
     )
-    return api().sanitize_for_serialization(job)
+    return _plain(job)
+
+
+def _create(obj: dict[str, Any]) -> dict[str, Any]:
+    kind, ns = obj["kind"], obj["metadata"]["namespace"]
+    # The client's create calls take plain dicts as well as its model objects.
+    if kind == "Job":
+        return _plain(client.BatchV1Api(api()).create_namespaced_job(ns, obj))  # type: ignore[arg-type]
+    if kind == "ConfigMap":
+        return _plain(client.CoreV1Api(api()).create_namespaced_config_map(ns, obj))  # type: ignore[arg-type]
+    if kind == "FastSlowRun":
+        return _as_dict(
+            _custom().create_namespaced_custom_object(GROUP, VERSION, ns, "fastslowruns", obj)
+        )
+    raise ValueError(f"create_if_absent: unsupported kind {kind}")
+
+
+def _read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+    if kind == "Job":
+        return get_job(namespace, name)
+    if kind == "FastSlowRun":
+        return get_run(namespace, name)
+    try:
+        return _plain(client.CoreV1Api(api()).read_namespaced_config_map(name, namespace))
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 def create_if_absent(obj: dict[str, Any]) -> dict[str, Any]:
-    """Create `obj`; if an object of that name exists (a previous reconcile made it), return
-    the existing one. Deterministic names make this the whole idempotency story."""
+    """Create `obj` (already adopted by its owner); if an object of that name exists, return
+    it when the same owner controls it (a previous reconcile made it: deterministic names are
+    the whole idempotency story), else raise NotOwnedError: a pre-made object of that name is
+    never taken over."""
     kind, ns, name = obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]
     try:
-        if kind == "Job":
-            made = client.BatchV1Api(api()).create_namespaced_job(ns, obj)
-            return api().sanitize_for_serialization(made)
-        if kind == "ConfigMap":
-            made = client.CoreV1Api(api()).create_namespaced_config_map(ns, obj)
-            return api().sanitize_for_serialization(made)
-        if kind == "FastSlowRun":
-            return _custom().create_namespaced_custom_object(
-                GROUP, VERSION, ns, "fastslowruns", obj
-            )
-        raise ValueError(f"create_if_absent: unsupported kind {kind}")
+        return _create(obj)
     except ApiException as e:
         if e.status != 409:
             raise
+    existing = _read(kind, ns, name)
+    if existing is None:  # deleted in between: the next reconcile creates it
+        return obj
+    owners = {r["uid"] for r in obj["metadata"].get("ownerReferences") or []}
+    theirs = {r.get("uid") for r in existing["metadata"].get("ownerReferences") or []}
+    if owners and not owners & theirs:
+        raise NotOwnedError(f"{kind} {ns}/{name} exists and is not owned by this resource")
     log.info("%s %s/%s exists already", kind, ns, name)
-    if kind == "Job":
-        return get_job(ns, name) or obj
-    if kind == "FastSlowRun":
-        return get_run(ns, name) or obj
-    return obj
+    return existing
 
 
-def patch_run_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+def patch_run_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "fastslowruns", name, {"status": status}
+        GROUP, VERSION, namespace, "fastslowruns", name, {"status": patch}
     )
 
 
-def patch_stream_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    _custom().patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "taskstreams", name, {"status": status}
-    )
-
-
-def event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
-    """A Kubernetes Event on `obj` (what `kubectl describe` shows). Best effort."""
-    meta = obj["metadata"]
-    now = datetime.now(UTC)
-    body = client.CoreV1Event(
-        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-        involved_object=client.V1ObjectReference(
-            api_version=obj["apiVersion"],
-            kind=obj["kind"],
-            name=meta["name"],
-            namespace=meta["namespace"],
-            uid=meta["uid"],
-        ),
-        type=type_,
-        reason=reason,
-        message=message[:1000],
-        first_timestamp=now,
-        last_timestamp=now,
-        count=1,
-        source=client.V1EventSource(component="fastslow-operator"),
-        reporting_component="fastslow-operator",
-    )
+def get_stream(namespace: str, name: str) -> dict[str, Any] | None:
     try:
-        client.CoreV1Api(api()).create_namespaced_event(meta["namespace"], body)
+        stream = _as_dict(
+            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, "taskstreams", name)
+        )
     except ApiException as e:
-        log.warning("event %s on %s: %s", reason, meta["name"], e.reason)
+        if e.status == 404:
+            return None
+        raise
+    return stream
+
+
+def patch_stream_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
+    _custom().patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "taskstreams", name, {"status": patch}
+    )

@@ -1,61 +1,104 @@
-"""The operator's settings: environment variables (the Helm chart's values set them)."""
+"""The operator's settings: environment variables (the Helm chart's values set them).
+
+pydantic-settings reads and validates them; a bad value stops the operator at start with the
+variable's name, never a traceback (`Settings.from_env`).
+"""
 
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fst_operator.builders import Defaults
 
 
-def _float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    try:
-        return float(value) if value else default
-    except ValueError:
-        raise SystemExit(f"{name}={value!r}: expected a number") from None
+def _env(name: str) -> Any:
+    return Field(None, validation_alias=AliasChoices(name))
 
 
-@dataclass(frozen=True)
-class Settings:
-    namespaces: list[str] = field(default_factory=list)  # empty: all namespaces
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", frozen=True)
+
+    # Empty: all namespaces (cluster-wide). Comma-separated: FST_WATCH_NAMESPACES=team-a,team-b
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=AliasChoices("FST_WATCH_NAMESPACES")
+    )
     # Where the operator reads runs' progress (step, reward, KL, checkpoint, population):
     # the platform's database, the one the trainers write to.
-    database_url: str | None = None
-    defaults: Defaults = field(default_factory=Defaults)
-    progress_interval: float = 10.0  # seconds between progress reads of a running run
-    stream_poll_interval: float = 30.0  # seconds between data-source checks of a stream
-    watch_server_timeout: float = 300.0  # kopf watch requests are re-opened this often
-    event_level: str = "INFO"  # lowest level of kopf's own Kubernetes Events
-    metrics_port: int = 9090  # Prometheus /metrics; 0 = off
-    liveness_port: int = 8080  # /healthz
-    workers: int = 20  # threads for the (blocking) handlers
+    database_url: str | None = _env("FST_DATABASE_URL")
+    checkpoint_prefix: str | None = _env("FST_DEFAULT_CHECKPOINT_URI")
+    database_secret: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[-._a-zA-Z0-9]+)?$",
+        validation_alias=AliasChoices("FST_DEFAULT_DATABASE_SECRET"),
+        description="name/key of the Secret with the database URL (key default: url)",
+    )
+    s3_secret: str | None = _env("FST_DEFAULT_S3_SECRET")
+    progress_interval: float = Field(
+        10.0, gt=0, validation_alias=AliasChoices("FST_PROGRESS_INTERVAL")
+    )  # seconds between progress reads of a running run
+    stream_poll_interval: float = Field(
+        30.0, gt=0, validation_alias=AliasChoices("FST_STREAM_POLL_INTERVAL")
+    )  # seconds between data-source checks of a stream
+    watch_server_timeout: float = Field(
+        300.0, gt=0, validation_alias=AliasChoices("FST_WATCH_TIMEOUT")
+    )  # kopf's watch requests are re-opened this often
+    event_level: str = Field(
+        "INFO",
+        pattern=r"^(DEBUG|INFO|WARNING|ERROR)$",
+        validation_alias=AliasChoices("FST_EVENT_LEVEL"),
+    )  # lowest level of kopf's own Kubernetes Events
+    metrics_port: int = Field(
+        9090, ge=0, le=65535, validation_alias=AliasChoices("FST_METRICS_PORT")
+    )  # Prometheus /metrics; 0 = off
+    liveness_port: int = Field(
+        8080, ge=0, le=65535, validation_alias=AliasChoices("FST_LIVENESS_PORT")
+    )  # /healthz
+    workers: int = Field(
+        20, gt=0, validation_alias=AliasChoices("FST_OPERATOR_WORKERS")
+    )  # threads for the (blocking) handlers
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [n.strip() for n in v.split(",") if n.strip()] if isinstance(v, str) else v
+
+    @field_validator("event_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @field_validator(
+        "database_url", "checkpoint_prefix", "database_secret", "s3_secret", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, v: Any) -> Any:
+        return v or None  # the chart passes "" for an unset default
+
+    @property
+    def defaults(self) -> Defaults:
+        secret = None
+        if self.database_secret:
+            name, _, key = self.database_secret.partition("/")
+            secret = {"name": name, "key": key or "url"}
+        return Defaults(self.checkpoint_prefix, secret, self.s3_secret)
 
     @staticmethod
     def from_env() -> Settings:
-        env = os.environ
-        database_secret = env.get("FST_DEFAULT_DATABASE_SECRET")  # name/key
-        secret = None
-        if database_secret:
-            name, _, key = database_secret.partition("/")
-            secret = {"name": name, "key": key or "url"}
-        return Settings(
-            namespaces=[n for n in env.get("FST_WATCH_NAMESPACES", "").split(",") if n],
-            database_url=env.get("FST_DATABASE_URL") or None,
-            defaults=Defaults(
-                checkpoint_prefix=env.get("FST_DEFAULT_CHECKPOINT_URI") or None,
-                database_secret=secret,
-                s3_secret=env.get("FST_DEFAULT_S3_SECRET") or None,
-            ),
-            progress_interval=_float("FST_PROGRESS_INTERVAL", 10.0),
-            stream_poll_interval=_float("FST_STREAM_POLL_INTERVAL", 30.0),
-            watch_server_timeout=_float("FST_WATCH_TIMEOUT", 300.0),
-            event_level=env.get("FST_EVENT_LEVEL", "INFO").upper(),
-            metrics_port=int(_float("FST_METRICS_PORT", 9090)),
-            liveness_port=int(_float("FST_LIVENESS_PORT", 8080)),
-            workers=int(_float("FST_OPERATOR_WORKERS", 20)),
-        )
+        try:
+            return Settings()
+        except ValidationError as e:
+            fields = Settings.model_fields
+            problems = []
+            for err in e.errors():
+                name = str(err["loc"][0]) if err["loc"] else "?"
+                alias = fields[name].validation_alias if name in fields else None
+                env = alias.choices[0] if isinstance(alias, AliasChoices) else name
+                problems.append(f"{env}={err.get('input')!r}: {err['msg']}")
+            raise SystemExit("operator settings: " + "; ".join(problems)) from None
 
     def describe(self, namespaces: list[str] | None = None) -> str:
         shown = {

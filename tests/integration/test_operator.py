@@ -20,6 +20,7 @@ import pytest
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from fst.handover import checkpoint_population
 from fst.store.db import RunDB
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import (
@@ -83,8 +84,9 @@ def start_operator(k8s_cluster, k8s_namespace, crds, tmp_path: Path, request):
     started: list[OperatorProcess] = []
     log = tmp_path / "operator.log"
 
-    def start(**env: str) -> OperatorProcess:
-        op = OperatorProcess(k8s_cluster.kubeconfig, [k8s_namespace], log, env).start()
+    def start(module: str = "fst_operator", **env: str) -> OperatorProcess:
+        op = OperatorProcess(k8s_cluster.kubeconfig, [k8s_namespace], log, env, module=module)
+        op.start()
         started.append(op)
         return op
 
@@ -211,9 +213,19 @@ def test_run_becomes_a_restricted_job_with_the_spec(k8s_cluster, res, start_oper
         "queueName": "team-a",
     }
     res.create("fastslowruns", "FastSlowRun", "acme", {"config": tiny_config(), "trainer": trainer})
+    # Queued: the Job is created suspended and stays so through the operator's reconciles
+    # (every 2 s here) until the queue admits it; the operator never unsuspends it itself.
+    run = wait_phase(res, "acme", "Suspended", 30, op)
+    assert condition(run, "Suspended")["reason"] == "Queued"
+    batch = k8s.BatchV1Api(k8s_cluster.api())
+    time.sleep(6)
+    assert batch.read_namespaced_job("acme-a1", res.ns).spec.suspend is True
+    assert phase(res.run("acme")) == "Suspended"
+    # Admission, as Kueue does it: the queue's controller unsuspends the Job.
+    batch.patch_namespaced_job("acme-a1", res.ns, {"spec": {"suspend": False}})
     run = wait_phase(res, "acme", "Succeeded", 60, op)
 
-    job = k8s.BatchV1Api(k8s_cluster.api()).read_namespaced_job("acme-a1", res.ns)
+    job = batch.read_namespaced_job("acme-a1", res.ns)
     assert job.metadata.owner_references[0].kind == "FastSlowRun"
     assert job.metadata.owner_references[0].controller
     assert job.metadata.labels["kueue.x-k8s.io/queue-name"] == "team-a"
@@ -508,11 +520,15 @@ def test_stream_hands_checkpoint_and_population_to_the_next_stage(
     )
     one, two = res.run("real-one"), res.run("real-two")
     assert one["status"]["checkpointUri"].startswith(f"{s3_uri}/{res.ns}-real-one")
-    assert one["status"]["population"], dump(one["status"])
+    assert one["status"]["bestPrompt"], dump(one["status"])
     cfg = two["spec"]["config"]
     assert cfg["model"]["name"] == one["status"]["checkpointUri"]
     assert cfg["model"]["reference"] == "smollm2-135m-instruct"
-    assert cfg["fast"]["initialPopulation"] == one["status"]["population"]
+    # The population handed over is the one saved in stage one's final checkpoint, whole,
+    # read by the same function `fst stream` uses (fst/handover.py), not a cut of status.
+    saved = checkpoint_population(one["status"]["checkpointUri"])
+    assert saved and cfg["fast"]["initialPopulation"] == saved
+    assert saved[0] == one["status"]["bestPrompt"]
     assert two["status"]["phase"] == "Succeeded" and two["status"]["step"] == 2
     assert [s["phase"] for s in stream["status"]["stages"]] == ["Succeeded", "Succeeded"]
     assert PROCESS_NODE  # the pods ran on the process node (their Jobs completed for real)
@@ -526,9 +542,9 @@ def test_operator_killed_mid_reconcile_creates_no_duplicates(
 ) -> None:
     # 1) Killed right after creating a Job, before recording it in status.
     op = start_operator(
+        module="tests.k8s.crashing_operator",
         FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs",
-        FST_OPERATOR_CRASH_AT="after-job-create",
-        FST_OPERATOR_CRASH_MARKER=str(tmp_path / "crashed"),
+        FST_TEST_CRASH_MARKER=str(tmp_path / "crashed"),
     )
     res.create("fastslowruns", "FastSlowRun", "once", {"config": tiny_config(), "suspend": True})
     wait("crash", lambda: op.proc.poll() is not None, 30, op)
@@ -557,3 +573,18 @@ def test_operator_killed_mid_reconcile_creates_no_duplicates(
         res.ns, label_selector="fastslow.io/run"
     )
     assert len(cms.items) == len(names) + 1
+
+
+def test_a_pre_made_object_of_a_derived_name_is_not_taken_over(res, start_operator) -> None:
+    """Someone made `<run>-config` before the run: the operator neither adopts nor uses it; the
+    run waits, with a Warning event saying why."""
+    core = k8s.CoreV1Api(res.api)
+    core.create_namespaced_config_map(
+        res.ns, {"metadata": {"name": "taken-config"}, "data": {"config.yaml": "run: evil"}}
+    )
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI="s3://bucket/runs")
+    res.create("fastslowruns", "FastSlowRun", "taken", {"config": tiny_config()})
+    wait("NameTaken event", lambda: any("NameTaken" in e for e in res.events("taken")), 30, op)
+    assert job_names(res) == []
+    cm = core.read_namespaced_config_map("taken-config", res.ns)
+    assert not cm.metadata.owner_references and cm.data["config.yaml"] == "run: evil"

@@ -73,6 +73,7 @@ class OperatorProcess:
     proc: subprocess.Popen | None = None
     metrics_port: int = 0
     liveness_port: int = 0
+    module: str = "fst_operator"  # tests.k8s.crashing_operator for the restart test
 
     def start(self) -> OperatorProcess:
         self.metrics_port, self.liveness_port = free_port(), free_port()
@@ -86,7 +87,7 @@ class OperatorProcess:
             "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'operator'}",
             **self.env,
         }
-        args = [sys.executable, "-m", "fst_operator"]
+        args = [sys.executable, "-m", self.module]
         for ns in self.namespaces:
             args += ["--namespace", ns]
         out = self.log.open("a")

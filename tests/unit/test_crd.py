@@ -110,3 +110,24 @@ def test_structural_translation_of_optional_and_exclusive_bounds() -> None:
     }
     assert s["properties"]["note"] == {"type": "string", "nullable": True}
     assert s["properties"]["tags"] == {"type": "object", "additionalProperties": {"type": "string"}}
+
+
+def test_status_schemas_and_columns_come_from_the_status_models() -> None:
+    """A field added to a status model appears in the CRD's status schema (and a column
+    marked for `kubectl get`), with no second hand-written schema to forget."""
+    from fst.k8s.status import FastSlowRunStatus, TaskStreamStatus
+
+    for make, model in (
+        (crd.fastslowrun_crd, FastSlowRunStatus),
+        (crd.taskstream_crd, TaskStreamStatus),
+    ):
+        version = make()["spec"]["versions"][0]
+        status = version["schema"]["openAPIV3Schema"]["properties"]["status"]
+        fields = {f.alias or name for name, f in model.model_fields.items()}
+        assert set(status["properties"]) == fields
+        conditions = status["properties"]["conditions"]
+        assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+        for column in version["additionalPrinterColumns"]:
+            path = column["jsonPath"]
+            if path.startswith(".status.") and "conditions" not in path:
+                assert path.split(".")[2].split("[")[0] in fields, path

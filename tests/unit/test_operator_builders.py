@@ -8,6 +8,8 @@ import pytest
 from fst_operator import builders
 
 from fst.k8s.api import FastSlowRunSpec
+from fst.k8s.status import ConditionType, set_condition
+from fst.plan import StageRun, StageStatus
 from fst.store.db import RunProgress
 
 TASK = {"name": "arithmetic", "params": {"answerFormat": "last_number"}}
@@ -69,6 +71,38 @@ def test_job_without_gpus_or_secrets_has_no_empty_fields() -> None:
     assert "resources" not in c or c["resources"] == {}
     assert c["envFrom"] == [] and "FST_DATABASE_URL" not in {e["name"] for e in c["env"]}
     assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert job["spec"]["suspend"] is False
+    assert "ownerReferences" not in job["metadata"]  # the handler adopts it (kopf.adopt)
+
+
+def queued_spec(suspend: bool = False) -> FastSlowRunSpec:
+    return FastSlowRunSpec.model_validate(
+        {"config": {"task": TASK}, "trainer": {"queueName": "team-a"}, "suspend": suspend}
+    )
+
+
+def test_a_queued_job_is_created_suspended_for_kueue_to_admit() -> None:
+    job = builders.job(run_object(), queued_spec(), 1, builders.Defaults())
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["suspend"] is True
+
+
+def test_the_operator_never_unsuspends_a_queued_job() -> None:
+    waiting = {"spec": {"suspend": True}}  # Kueue has not admitted it
+    admitted = {"spec": {"suspend": False}}
+    # The user's intent changes: suspend always applies; resuming a queued Job is Kueue's.
+    assert builders.job_suspend_change(queued_spec(suspend=False), waiting) is None
+    assert builders.job_suspend_change(queued_spec(suspend=True), admitted) is True
+    assert builders.job_suspend_change(queued_spec(suspend=True), waiting) is None
+    plain = FastSlowRunSpec.model_validate({"config": {"task": TASK}})
+    assert builders.job_suspend_change(plain, waiting) is False
+    assert builders.job_suspend_change(plain, admitted) is None
+    # Waiting for admission shows as Suspended with reason Queued, not as the user's suspend.
+    run = run_object({"config": {"task": TASK}, "trainer": {"queueName": "team-a"}})
+    d = builders.decide_run(run, queued_spec(), waiting, None)
+    suspended = d.status.condition(ConditionType.SUSPENDED)
+    assert d.status.phase == "Suspended" and d.create_attempt is None
+    assert suspended is not None and suspended.reason == "Queued" and suspended.status == "True"
 
 
 def test_operator_default_secrets_apply_when_the_run_names_none() -> None:
@@ -94,10 +128,11 @@ def progress(step: int, error: str | None = None) -> RunProgress:
 
 def test_running_job_mirrors_progress() -> None:
     d = decide({}, {"spec": {}, "status": {"active": 1}}, progress(2))
-    s = d.status
+    s = d.status.dump()
     assert d.create_attempt is None
     assert s["phase"] == "Running" and s["step"] == 2 and s["reward"] == 0.5
-    assert s["checkpointUri"] == "s3://c/step-00000002" and s["population"] == ["p1", "p2"]
+    assert s["checkpointUri"] == "s3://c/step-00000002" and s["bestPrompt"] == "p1"
+    assert "population" not in s  # the population lives in the checkpoint and the database
     conds = {c["type"]: c for c in s["conditions"]}
     assert conds["Running"]["status"] == "True" and conds["Running"]["observedGeneration"] == 3
 
@@ -110,32 +145,46 @@ def test_failed_attempt_starts_the_next_one_with_the_trainers_error() -> None:
         backoffLimit=2,
     )
     assert d.create_attempt == 2
-    assert d.status["attempt"] == 2 and d.status["jobName"] == "acme-a2"
-    assert d.status["phase"] == "Pending" and d.status["lastError"] == "OSError: disk"
-    running = next(c for c in d.status["conditions"] if c["type"] == "Running")
+    s = d.status.dump()
+    assert s["attempt"] == 2 and s["jobName"] == "acme-a2"
+    assert s["phase"] == "Pending" and s["lastError"] == "OSError: disk"
+    running = next(c for c in s["conditions"] if c["type"] == "Running")
     assert running["reason"] == "Retrying" and "s3://c/step-00000002" in running["message"]
 
 
 def test_backoff_limit_exhausted_fails_the_run() -> None:
     d = decide({"attempt": 3, "phase": "Pending"}, failed_job(), None, backoffLimit=2)
-    assert d.create_attempt is None and d.status["phase"] == "Failed"
-    failed = next(c for c in d.status["conditions"] if c["type"] == "Failed")
-    assert failed["reason"] == "BackoffLimitExceeded"
-    assert "Job has reached the limit" in failed["message"]
+    assert d.create_attempt is None and d.status.phase == "Failed"
+    failed = d.status.condition(ConditionType.FAILED)
+    assert failed is not None and failed.reason == "BackoffLimitExceeded"
+    assert "Job has reached the limit" in failed.message
 
 
 def test_terminal_runs_stay_terminal() -> None:
     done = decide({"attempt": 1, "phase": "Succeeded", "conditions": []}, failed_job())
-    assert done.status["phase"] == "Succeeded" and done.create_attempt is None
+    assert done.status.phase == "Succeeded" and done.create_attempt is None
 
 
 def test_condition_transition_time_changes_only_with_the_status() -> None:
-    conds = builders.set_condition([], "Running", True, "PodRunning", "", 1)
-    conds[0]["lastTransitionTime"] = "2020-01-01T00:00:00Z"
-    same = builders.set_condition(conds, "Running", True, "PodRunning", "still", 2)
-    assert same[0]["lastTransitionTime"] == "2020-01-01T00:00:00Z"
-    flipped = builders.set_condition(conds, "Running", False, "Completed", "", 2)
-    assert flipped[0]["lastTransitionTime"] != "2020-01-01T00:00:00Z"
+    running, pod, done = (
+        ConditionType.RUNNING,
+        builders.Reason.POD_RUNNING,
+        builders.Reason.COMPLETED,
+    )
+    conds = set_condition([], running, True, pod, "", 1)
+    conds[0].last_transition_time = "2020-01-01T00:00:00Z"
+    same = set_condition(conds, running, True, pod, "still", 2)
+    assert same[0].last_transition_time == "2020-01-01T00:00:00Z"
+    flipped = set_condition(conds, running, False, done, "", 2)
+    assert flipped[0].last_transition_time != "2020-01-01T00:00:00Z"
+
+
+def test_status_patch_removes_what_is_gone() -> None:
+    old = {"phase": "Failed", "lastError": "x", "step": 2}
+    assert builders.status_patch(old, {"phase": "Pending", "step": 2}) == {
+        "phase": "Pending",
+        "lastError": None,
+    }
 
 
 def stream_object(stages: list[dict]) -> dict:
@@ -147,18 +196,19 @@ def stream_object(stages: list[dict]) -> dict:
     }
 
 
-def test_next_stage_starts_from_the_previous_checkpoint_and_population() -> None:
+def test_run_for_stage_is_the_planned_run() -> None:
     stream = stream_object(
         [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
     )
     model = builders.stream_model(stream)
-    entry = {
-        "version": 1,
-        "start_checkpoint": "s3://c/team-acme-a/step-00000002",
-        "start_population": ["best", "second"],
-        "source": None,
-    }
-    run = builders.run_for_stage(stream, model, "b", entry, sequence=1)
+    planned = StageRun(
+        stage="b",
+        version=1,
+        run="acme-b",
+        start_checkpoint="s3://c/team-acme-a/step-00000002",
+        start_population=["best", "second"],
+    )
+    run = builders.run_for_stage(stream, model, planned, sequence=1)
     cfg = run["spec"]["config"]
     assert run["metadata"]["name"] == "acme-b"
     assert cfg["model"]["name"] == "s3://c/team-acme-a/step-00000002"
@@ -167,26 +217,47 @@ def test_next_stage_starts_from_the_previous_checkpoint_and_population() -> None
     assert cfg["steps"] == 3 and cfg["mode"] == "fst"
     assert not {"run", "outputDir", "database"} & set(cfg)
     assert run["spec"]["trainer"]["gpus"] == 4
-    assert run["metadata"]["ownerReferences"][0]["uid"] == "s-1"
     FastSlowRunSpec.model_validate(run["spec"])  # a valid run spec
 
 
-def test_stream_entries_follow_the_sequence_not_the_clock() -> None:
-    def child(name: str, stage: str, seq: int, phase: str) -> dict:
-        return {
-            "metadata": {
-                "name": name,
-                "labels": {builders.LABEL_STAGE: stage},
-                "annotations": {builders.ANNOTATION_SEQUENCE: str(seq)},
-                "creationTimestamp": "2026-01-01T00:00:00Z",
+def child(name: str, stage: str, seq: int, phase: str, version: int = 1) -> dict:
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {builders.LABEL_STAGE: stage},
+            "annotations": {
+                builders.ANNOTATION_SEQUENCE: str(seq),
+                builders.ANNOTATION_STAGE_VERSION: str(version),
             },
-            "status": {"phase": phase, "checkpointUri": f"s3://{name}"},
-        }
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "status": {"phase": phase, "checkpointUri": f"s3://{name}"},
+    }
 
-    entries = builders.stream_entries(
-        [child("s-b", "b", 1, "Running"), child("s-a", "a", 0, "Succeeded")]
+
+def test_stage_runs_follow_the_sequence_not_the_clock() -> None:
+    children = [child("s-b", "b", 1, "Running"), child("s-a", "a", 0, "Succeeded")]
+    runs = builders.stage_runs(children)
+    assert [r.stage for r in runs] == ["a", "b"]
+    assert [r.status for r in runs] == [StageStatus.SUCCEEDED, StageStatus.RUNNING]
+    status = builders.stream_status(stream_object([]), children)
+    assert status.phase == "Running" and status.current_stage == "b"
+    assert [s.run for s in status.stages] == ["s-a", "s-b"]
+
+
+def test_the_cluster_plans_like_fst_stream() -> None:
+    """The operator's view of a stream (its child runs) and the planner give the same next
+    run as `fst stream` does from stream.json: same name, checkpoint and population."""
+    from fst.plan import next_stage
+
+    stream = stream_object(
+        [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
     )
-    assert [e["stage"] for e in entries] == ["a", "b"]
-    assert [e["status"] for e in entries] == ["succeeded", "running"]
-    status = builders.stream_status(stream_object([]), entries)
-    assert status["phase"] == "Running" and status["currentStage"] == "b"
+    model = builders.stream_model(stream)
+    runs = builders.stage_runs([child("acme-a", "a", 0, "Succeeded")])
+    populations = {"s3://acme-a": ["p1", "p2", "p3"]}
+    planned = next_stage(model, runs, lambda task: None, populations.__getitem__)
+    assert planned is not None
+    assert (planned.stage, planned.run, planned.version) == ("b", "acme-b", 1)
+    assert planned.start_checkpoint == "s3://acme-a"
+    assert planned.start_population == ["p1", "p2", "p3"]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from fst import plan
 from fst.config import ConfigError
-from fst.stream import StreamState, load_stream, next_stage, stage_config
+from fst.handover import HandoverError, checkpoint_population, source_fingerprint
+from fst.plan import StageRun, StageStatus, stage_config, stage_run_name
+from fst.stream import StreamState, load_stream
 
 GOOD = {
     "apiVersion": "fastslow.io/v1alpha1",
@@ -82,29 +85,100 @@ def test_next_stage_order_resume_and_data_versions(tmp_path):
     doc = broken(
         ["spec", "stages"],
         [
-            {"name": "gen", "task": {"name": "arithmetic"}, "steps": 1},
-            {"name": "data", "task": {"name": "jsonl", "params": {"path": str(data)}}, "steps": 1},
+            {"name": "gen", "task": {"name": "arithmetic"}, "steps": 1, "mode": "fst"},
+            {
+                "name": "data",
+                "task": {"name": "jsonl", "params": {"path": str(data)}},
+                "steps": 1,
+                "mode": "fst",
+            },
         ],
     )
     stream = load_stream(write(tmp_path, doc))
-    state = StreamState(tmp_path / "stream.json", [])
+    populations = {"/c/gen": ["pg"], "/c/data": ["pd"]}
 
-    stage, entry = next_stage(stream, state)
-    assert (stage.name, entry["name"], entry["start_checkpoint"]) == ("gen", "gen", None)
-    state.entries.append({**entry, "status": "running"})
-    stage, again = next_stage(stream, state)  # interrupted -> the same entry, continued
-    assert again is state.entries[0]
-    state.entries[0].update(status="succeeded", checkpoint="/c/gen", population=["pg"])
+    def next_run(runs: list[StageRun]) -> StageRun | None:
+        return plan.next_stage(stream, runs, source_fingerprint, populations.__getitem__)
 
-    stage, entry = next_stage(stream, state)
-    assert entry["name"] == "data" and entry["start_checkpoint"] == "/c/gen"
-    assert entry["start_population"] == ["pg"] and entry["source"]
-    state.entries.append(
-        {**entry, "status": "succeeded", "checkpoint": "/c/data", "population": ["pd"]}
+    runs: list[StageRun] = []
+    first = next_run(runs)
+    assert first is not None
+    assert (first.stage, first.name, first.start_checkpoint) == ("gen", "gen", None)
+    runs.append(first.model_copy(update={"status": StageStatus.RUNNING}))
+    assert next_run(runs) is runs[0]  # interrupted -> the same run, continued
+    runs[0].status, runs[0].checkpoint = StageStatus.SUCCEEDED, "/c/gen"
+
+    second = next_run(runs)
+    assert second is not None and second.name == "data" and second.start_checkpoint == "/c/gen"
+    assert second.start_population == ["pg"] and second.source
+    runs.append(
+        second.model_copy(update={"status": StageStatus.SUCCEEDED, "checkpoint": "/c/data"})
     )
-    assert next_stage(stream, state) is None
+    assert next_run(runs) is None
 
     data.write_text(data.read_text() + '{"question": "q2", "answer": "b"}\n')
-    stage, entry = next_stage(stream, state)  # new data: the stage runs again, from the last
-    assert entry["name"] == "data-v2" and entry["run"] == "acme-data-v2"
-    assert entry["start_checkpoint"] == "/c/data" and entry["start_population"] == ["pd"]
+    third = next_run(runs)  # new data: the stage runs again, from the last
+    assert third is not None and third.name == "data-v2" and third.run == "acme-data-v2"
+    assert third.start_checkpoint == "/c/data" and third.start_population == ["pd"]
+
+
+def test_an_rl_stage_never_inherits_prompts(tmp_path):
+    doc = broken(
+        ["spec", "stages"],
+        [
+            {"name": "one", "task": {"name": "arithmetic"}, "steps": 1, "mode": "fst"},
+            {"name": "two", "task": {"name": "arithmetic"}, "steps": 1, "mode": "rl"},
+        ],
+    )
+    stream = load_stream(write(tmp_path, doc))
+    done = StageRun(
+        stage="one", version=1, run="acme-one", status=StageStatus.SUCCEEDED, checkpoint="/c/1"
+    )
+    asked: list[str] = []
+
+    def population_of(uri: str) -> list[str]:
+        asked.append(uri)
+        return ["fst's best prompt"]
+
+    nxt = plan.next_stage(stream, [done], lambda t: None, population_of)
+    assert nxt is not None and nxt.stage == "two" and nxt.start_checkpoint == "/c/1"
+    assert nxt.start_population is None and asked == []
+    cfg = stage_config(stream, stream.spec.stages[1], nxt.run, "/c/1", ["fst's best prompt"])
+    assert cfg.fast.initial_population == []  # even when handed prompts, rl takes none
+
+
+def test_one_run_name_for_every_executor():
+    assert stage_run_name("acme", "mul", 1) == "acme-mul"
+    assert stage_run_name("acme", "mul", 3) == "acme-mul-v3"
+    long = stage_run_name("a" * 40, "b" * 40, 12)
+    assert len(long) == 52 and long == stage_run_name("a" * 40, "b" * 40, 12)
+    assert long != stage_run_name("a" * 40, "b" * 40, 13)
+
+
+def test_stream_state_round_trips_and_rejects_garbage(tmp_path):
+    state = StreamState(tmp_path / "stream.json", [StageRun(stage="a", version=2, run="s-a-v2")])
+    state.save()
+    again = StreamState.load(tmp_path / "stream.json")
+    assert again.runs == state.runs and again.runs[0].name == "a-v2"
+    (tmp_path / "stream.json").write_text('{"stages": [{"stage": 3}]}')
+    with pytest.raises(ConfigError, match=r"stream\.json"):
+        StreamState.load(tmp_path / "stream.json")
+
+
+def test_checkpoint_population_reads_the_checkpoint_and_checks_its_manifest(tmp_path):
+    import hashlib
+    import json
+
+    folder = tmp_path / "step-00000002"
+    folder.mkdir()
+    state = json.dumps({"population": [{"id": "a", "text": "best"}, {"id": "b", "text": "2nd"}]})
+    (folder / "state.json").write_text(state)
+    with pytest.raises(HandoverError, match=r"manifest\.json"):  # not complete yet
+        checkpoint_population(str(folder))
+    digest = hashlib.sha256(state.encode()).hexdigest()
+    files = {"state.json": {"size": len(state), "sha256": digest}}
+    (folder / "manifest.json").write_text(json.dumps({"step": 2, "files": files}))
+    assert checkpoint_population(str(folder)) == ["best", "2nd"]
+    (folder / "state.json").write_text(state.replace("best", "evil"))
+    with pytest.raises(HandoverError, match="does not match"):
+        checkpoint_population(str(folder))

@@ -1,0 +1,217 @@
+"""The custom resources' status types: what the operator observed, typed.
+
+The operator builds these models and writes `model.dump()`; the CRDs' status schemas and their
+`kubectl get` columns are generated from the same models (fst/k8s/crd.py), so adding a status
+field is one edit here, checked by the type checker and by tests/unit/test_crd.py.
+
+Conventions (Kubernetes API conventions, Kubeflow Trainer's TrainJob):
+- `conditions` are the facts: one entry per ConditionType, each with a named Reason.
+- `phase` is a one-word summary of those conditions for `kubectl get`; it is computed by the
+  operator from the same observation in the same place (fst_operator/builders.py), never
+  written separately.
+- Times are RFC 3339 strings (`metav1.Time`), as every Kubernetes status has them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic.alias_generators import to_camel
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    INVALID = "Invalid"
+
+
+TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED, Phase.INVALID)
+
+
+class ConditionType(StrEnum):
+    CREATED = "Created"  # the trainer Job of the current attempt exists
+    RUNNING = "Running"  # its pod runs (False while pending, retrying, suspended, done)
+    SUSPENDED = "Suspended"  # the Job is suspended (spec.suspend, or a queue not admitting it)
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+CONDITION_ORDER = [t.value for t in ConditionType]
+
+
+class Reason(StrEnum):
+    """Every reason a condition can have, named once (Kubernetes: CamelCase, machine-readable)."""
+
+    JOB_CREATED = "JobCreated"
+    POD_PENDING = "Pending"
+    POD_RUNNING = "PodRunning"
+    RETRYING = "Retrying"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    SUSPENDED = "Suspended"
+    NOT_SUSPENDED = "NotSuspended"
+    QUEUED = "Queued"  # suspended by a queue (Kueue) that has not admitted the Job yet
+    INVALID_SPEC = "InvalidSpec"
+    STAGE_RUNNING = "StageRunning"
+    STAGE_FAILED = "StageFailed"
+    ALL_STAGES_DONE = "AllStagesDone"
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+DATE_TIME: dict[str, Any] = {"format": "date-time"}
+
+
+def printer(name: str, kind: str = "string", priority: int = 0) -> dict[str, Any]:
+    """Field metadata: show this status field as a `kubectl get` column (crd.py reads it)."""
+    return {"x-printer-column": {"name": name, "type": kind, "priority": priority}}
+
+
+class StatusModel(BaseModel):
+    """Base of the status models: camelCase on the wire, unknown keys kept out (a status
+    written by an older operator may have fields this one no longer knows)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=True
+    )
+
+    def dump(self) -> dict[str, Any]:
+        """The JSON the apiserver stores: camelCase, no nulls."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Typed in Python, plain strings in the CRD: an older CRD must still accept the condition types
+# and reasons a newer operator writes (Kubernetes treats both as open sets).
+ConditionTypeField = Annotated[ConditionType, WithJsonSchema({"type": "string", "maxLength": 64})]
+ReasonField = Annotated[Reason, WithJsonSchema({"type": "string", "maxLength": 128})]
+
+
+class Condition(StatusModel):
+    """metav1.Condition."""
+
+    type: ConditionTypeField
+    status: Literal["True", "False", "Unknown"]
+    reason: ReasonField
+    message: str = Field("", max_length=4096)
+    observed_generation: int = Field(0, ge=0)
+    last_transition_time: str = Field(json_schema_extra=DATE_TIME)
+
+
+def set_condition(
+    conditions: list[Condition],
+    type_: ConditionType,
+    status: bool,
+    reason: Reason,
+    message: str,
+    generation: int | None,
+) -> list[Condition]:
+    """`conditions` with `type_` set; lastTransitionTime changes only when the status does."""
+    value: Literal["True", "False"] = "True" if status else "False"
+    old = next((c for c in conditions if c.type == type_), None)
+    changed = old is None or old.status != value
+    new = Condition(
+        type=type_,
+        status=value,
+        reason=reason,
+        message=message[:4000],
+        observed_generation=generation or 0,
+        last_transition_time=now() if changed or old is None else old.last_transition_time,
+    )
+    out = [c for c in conditions if c.type != type_] + [new]
+    return sorted(out, key=lambda c: CONDITION_ORDER.index(c.type))
+
+
+def remove_condition(conditions: list[Condition], type_: ConditionType) -> list[Condition]:
+    return [c for c in conditions if c.type != type_]
+
+
+class FastSlowRunStatus(StatusModel):
+    """A run's attempt, its Job, and its progress as the trainer recorded it in the database."""
+
+    phase: Phase | None = Field(None, json_schema_extra=printer("Phase"))
+    step: int | None = Field(
+        None, description="Last completed RL step.", json_schema_extra=printer("Step", "integer")
+    )
+    reward: float | None = Field(
+        None,
+        description="Mean reward of the last step.",
+        json_schema_extra=printer("Reward", "number"),
+    )
+    kl: float | None = Field(
+        None,
+        description="Last measured KL to the base model.",
+        json_schema_extra=printer("KL", "number"),
+    )
+    attempt: int | None = Field(
+        None,
+        description="1 + failed attempts so far.",
+        json_schema_extra=printer("Attempt", "integer", priority=1),
+    )
+    observed_generation: int | None = None
+    job_name: str | None = None
+    steps: int | None = Field(None, description="Steps the run trains for.")
+    checkpoint_uri: str | None = Field(
+        None,
+        description="The latest checkpoint. Its state.json holds the prompt population saved "
+        "with those weights: what the next stage of a stream starts from.",
+    )
+    population_version: int | None = Field(
+        None, description="Version of the latest prompt population in the database."
+    )
+    best_prompt: str | None = Field(
+        None,
+        max_length=2048,
+        description="The best prompt of the latest population (cut to 2048 characters; the "
+        "whole population is in the checkpoint and the database).",
+    )
+    last_error: str | None = None
+    start_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+    completion_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Latest observations: Created, Running, Suspended, Succeeded, Failed.",
+    )
+
+    def condition(self, type_: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
+
+
+class StageStatus(StatusModel):
+    """One stage run of a stream, as its FastSlowRun reports it."""
+
+    stage: str
+    version: int
+    run: str
+    source: str | None = Field(None, description="The data's fingerprint.")
+    phase: Phase | None = None
+    step: int | None = None
+    reward: float | None = None
+    checkpoint_uri: str | None = None
+    start_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+    completion_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+
+
+class TaskStreamStatus(StatusModel):
+    phase: Phase | None = Field(None, json_schema_extra=printer("Phase"))
+    current_stage: str | None = Field(None, json_schema_extra=printer("Stage"))
+    observed_generation: int | None = None
+    stages: list[StageStatus] = Field(
+        default_factory=list,
+        max_length=1000,
+        description="Every stage run so far, in order, with its outcome.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Latest observations: Running, Succeeded, Failed.",
+    )

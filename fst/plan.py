@@ -1,0 +1,191 @@
+"""The stream planner: which stage runs next, under what name, from what. Pure and torch-free.
+
+One planner for both executors of a TaskStream:
+- `fst stream` (fst/stream.py) keeps its StageRuns in `<outputDir>/<stream>/stream.json`;
+- the operator (fst_operator) reads them off the stream's child FastSlowRuns.
+
+Both call `next_stage(stream, runs, fingerprint_of, population_of)` and `stage_config(...)`,
+so a stage's run name, its start checkpoint and the population it inherits are the same on a
+laptop and on a cluster. The I/O the planner needs (a data source's fingerprint, the population
+saved in a checkpoint) comes in as functions: fst/handover.py has the real ones.
+
+    stage 1                 starts from the base model and the seed prompt
+    stage n                 starts from the latest successful stage run's final checkpoint;
+                            in modes fst/gepa also from the prompt population saved IN that
+                            checkpoint (state.json); an `rl` stage never inherits prompts
+    new data in a stage     the stage runs again as `<stage>-v2`, `-v3`, ...
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from fst.config import TaskConfig, TrainConfig
+from fst.k8s.api import STAGE_SECTIONS, StageSpec, TaskStream
+
+# A stage run's name must leave room for the Job suffix `-a<attempt>` (Job names are DNS
+# labels of at most 63 characters): the FastSlowRun CRD caps names at 52.
+RUN_NAME_LIMIT = 52
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class StageRun(BaseModel):
+    """One run of one stage version: its identity, its inputs, and (once done) its outputs.
+
+    Serialized as-is into stream.json (snake_case keys)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    stage: str
+    version: int = Field(ge=1)
+    run: str = Field(description="The run's name: stage_run_name(stream, stage, version).")
+    source: str | None = Field(None, description="Fingerprint of the data this run trains on.")
+    status: StageStatus = StageStatus.PENDING
+    # Inputs, fixed when the run is planned.
+    start_checkpoint: str | None = None
+    start_population: list[str] | None = None
+    # Outputs, once it succeeded (`fst stream` fills them; the operator reads them off status).
+    checkpoint: str | None = None
+    population: list[str] | None = None
+    best_prompt_id: str | None = None
+    evaluation: dict[str, Any] | None = None
+    started: float | None = None
+    finished: float | None = None
+
+    @property
+    def name(self) -> str:
+        """The stage version's display name: `mul`, `mul-v2`, ..."""
+        return version_name(self.stage, self.version)
+
+
+def version_name(stage: str, version: int) -> str:
+    return stage if version == 1 else f"{stage}-v{version}"
+
+
+def short_name(name: str, limit: int) -> str:
+    """`name` if it fits, else a prefix and a hash of the whole: deterministic and unique."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def stage_run_name(stream: str, stage: str, version: int) -> str:
+    """THE name of a stage version's run: its FastSlowRun on a cluster, its folder locally."""
+    return short_name(f"{stream}-{version_name(stage, version)}", RUN_NAME_LIMIT)
+
+
+def inherits_prompts(config: TrainConfig) -> bool:
+    """Only the modes with a fast channel start from an earlier stage's prompts: an `rl` stage
+    trains with its own seed prompt, whatever came before."""
+    return config.mode != "rl"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
+    return out
+
+
+def stage_config(
+    stream: TaskStream,
+    stage: StageSpec,
+    run_name: str,
+    start_checkpoint: str | None = None,
+    start_population: list[str] | None = None,
+) -> TrainConfig:
+    """The TrainConfig of one stage run: stream defaults < stage settings < hand-over.
+
+    Raises pydantic's ValidationError naming the field when the merge is invalid."""
+    spec = stream.spec
+    raw: dict[str, Any] = copy.deepcopy(spec.defaults)
+    for section in STAGE_SECTIONS:
+        value = getattr(stage, section)
+        if value is not None:
+            raw = _deep_merge(raw, {section: value})
+    model = spec.model.model_dump(mode="json", by_alias=True)
+    if start_checkpoint is not None:
+        model["name"] = start_checkpoint
+        model["reference"] = spec.model.reference or spec.model.name
+    raw.update(
+        run=run_name,
+        steps=stage.steps,
+        task=stage.task.model_dump(mode="json", by_alias=True),
+        model=model,
+        outputDir=str(Path(spec.output_dir) / stream.metadata.name),
+    )
+    if start_population and raw.get("mode", "rl") != "rl":
+        raw = _deep_merge(raw, {"fast": {"initialPopulation": start_population}})
+    return TrainConfig.model_validate(raw)
+
+
+def stage_spec(stream: TaskStream, name: str) -> StageSpec:
+    return next(s for s in stream.spec.stages if s.name == name)
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+def last_succeeded(runs: list[StageRun]) -> StageRun | None:
+    done = [r for r in runs if r.status == StageStatus.SUCCEEDED]
+    return done[-1] if done else None
+
+
+def next_stage(
+    stream: TaskStream,
+    runs: list[StageRun],
+    fingerprint_of: Callable[[TaskConfig], str | None],
+    population_of: Callable[[str], list[str]],
+) -> StageRun | None:
+    """The stage run to work on next, or None when every stage is up to date.
+
+    `runs` are the stream's stage runs so far, oldest first. In manifest order, a stage needs a
+    run when it never succeeded, or when its data source's fingerprint differs from the one its
+    latest successful run trained on. An unfinished run (pending or running) is returned as it
+    is, to be continued; a failed one stops the stream (returned as it is too: the caller
+    decides, `fst stream` retries it, the operator reports the stream Failed).
+    A new run starts from the latest successful run's final checkpoint and, when its mode has
+    a fast channel, from the population saved in that checkpoint (`population_of(uri)`).
+    """
+    for stage in stream.spec.stages:
+        mine = [r for r in runs if r.stage == stage.name]
+        if mine and mine[-1].status != StageStatus.SUCCEEDED:
+            return mine[-1]
+        fingerprint = fingerprint_of(stage.task)
+        if mine and (fingerprint is None or mine[-1].source == fingerprint):
+            continue
+        version = len(mine) + 1
+        name = stage_run_name(stream.metadata.name, stage.name, version)
+        start = last_succeeded(runs)
+        checkpoint = start.checkpoint if start else None
+        population = None
+        if checkpoint is not None and inherits_prompts(stage_config(stream, stage, name)):
+            population = population_of(checkpoint)
+        return StageRun(
+            stage=stage.name,
+            version=version,
+            run=name,
+            source=fingerprint,
+            start_checkpoint=checkpoint,
+            start_population=population,
+        )
+    return None
