@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -34,6 +34,9 @@ from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import TaskStream
 from fst.plan import StageRun, StageStatus, stage_config, stage_run_name, stage_spec
 from fst.plan import next_stage as plan_next_stage
+
+if TYPE_CHECKING:
+    from fst.store.db import RunDB
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,9 @@ class StreamRunner:
             if run.start_population
             else "",
         )
+        index = self.state.runs.index(run)
+        db = _database(cfg)
+        db.start_stage(self.stream.metadata.name, index, run.name, run.run)
         train(cfg, resume=True, progress=self.progress)
         folder, uri = _final_checkpoint(cfg)
         ckpt_state = json.loads((folder / "state.json").read_text())
@@ -154,6 +160,13 @@ class StreamRunner:
         run.status = StageStatus.SUCCEEDED
         run.finished = time.time()
         self.state.save()
+        version = db.latest_population(run.run)
+        db.finish_stage(
+            self.stream.metadata.name,
+            index,
+            checkpoint_uri=uri,
+            population_version=version.version if version else None,
+        )
         log.info("stage %s done: %s", run.name, json.dumps(run.evaluation))
 
     def evaluate(self, run: StageRun, folder: Path, ckpt_state: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +220,14 @@ class StreamRunner:
             "decomposition": {f"{w}+{p}": r.pass_rate for w, p, r in dec.rows()},
             "n": n,
         }
+
+
+def _database(cfg: TrainConfig) -> RunDB:
+    """The database the stage's run records into (its `database`, else $FST_DATABASE_URL, else
+    <outputDir>/fst.db): the stream's stages are recorded next to their runs."""
+    from fst.store.db import RunDB, database_url
+
+    return RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
 
 
 def _final_checkpoint(cfg: TrainConfig) -> tuple[Path, str]:

@@ -156,6 +156,16 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
     assert cfg["model"]["name"] == state[0]["checkpoint"]
     assert cfg["model"]["reference"] == "smollm2-135m-instruct"
     assert set(state[1]["evaluation"]["retention"]) == {"first", "second"}
+    # The database records the stream's stages next to their runs.
+    from fst.store.db import RunDB, database_url
+
+    stages = RunDB(database_url(None, runs / "fst.db")).stages("tiny")
+    assert [(s.name, s.run_name, s.status) for s in stages] == [
+        ("first", "tiny-first", "succeeded"),
+        ("second", "tiny-second", "succeeded"),
+    ]
+    assert [s.checkpoint_uri for s in stages] == [e["checkpoint"] for e in state]
+    assert all(s.population_version for s in stages)
     assert (runs / "report.html").is_file() and (runs / "reward_per_step.png").is_file()
 
 
