@@ -1,6 +1,6 @@
-"""The package's import graph has no cycles (the same rule as ../shared/tools/import_cycles.py) (fst/ and operator/fst_operator/), counting
-imports inside functions and under TYPE_CHECKING too: a cycle there is a design smell that a
-lazy import only hides."""
+"""The package's import graph (fst/ and operator/fst_operator/) has no cycles, by the rule of
+../shared/tools/import_cycles.py: imports inside functions and under TYPE_CHECKING count too (a
+cycle there is a design smell that a lazy import only hides)."""
 
 from __future__ import annotations
 
