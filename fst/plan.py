@@ -25,9 +25,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fst.config import TaskConfig, TrainConfig
+from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
 from fst.k8s.api import STAGE_SECTIONS, StageSpec, TaskStream
 
 # A stage run's name must leave room for the Job suffix `-a<attempt>` (Job names are DNS
@@ -136,6 +136,18 @@ def stage_config(
     if start_population and raw.get("mode", "rl") != "rl":
         raw = _deep_merge(raw, {"fast": {"initialPopulation": start_population}})
     return TrainConfig.model_validate(raw)
+
+
+def check_stages(stream: TaskStream, source: str) -> None:
+    """Each stage, merged with the stream's defaults, must make a valid run: a ConfigError
+    names the source, the stage and the field (`fst stream` and the operator both check)."""
+    for i, stage in enumerate(stream.spec.stages):
+        name = stage_run_name(stream.metadata.name, stage.name, 1)
+        try:
+            stage_config(stream, stage, run_name=name)
+        except ValidationError as e:
+            where = f"{source}: spec.stages.{i} ({stage.name})"
+            raise ConfigError(format_validation_error(e, where)) from None
 
 
 def stage_spec(stream: TaskStream, name: str) -> StageSpec:

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from fst.config import ConfigError, TrainConfig, format_validation_error, read_yaml
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import TaskStream
-from fst.plan import StageRun, StageStatus, stage_config, stage_run_name, stage_spec
+from fst.plan import StageRun, StageStatus, check_stages, stage_config, stage_spec
 from fst.plan import next_stage as plan_next_stage
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StreamRunner", "StreamState", "load_stream", "run_stream", "source_fingerprint"]
+__all__ = ["StreamRunner", "StreamState", "load_stream", "run_stream"]
 
 
 def load_stream(path: str | Path) -> TaskStream:
@@ -52,19 +52,6 @@ def load_stream(path: str | Path) -> TaskStream:
         raise ConfigError(format_validation_error(e, str(path))) from None
     check_stages(stream, str(path))
     return stream
-
-
-def check_stages(stream: TaskStream, source: str) -> None:
-    """Each stage, merged with the stream's defaults, must make a valid run: a ConfigError
-    names the stage and the field. The operator checks a TaskStream CR with it too."""
-    for i, stage in enumerate(stream.spec.stages):
-        name = stage_run_name(stream.metadata.name, stage.name, 1)
-        try:
-            stage_config(stream, stage, run_name=name)
-        except ValidationError as e:
-            raise ConfigError(
-                format_validation_error(e, f"{source}: spec.stages.{i} ({stage.name})")
-            ) from None
 
 
 # ----------------------------------------------------------------------------- stream state

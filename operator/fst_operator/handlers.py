@@ -36,9 +36,8 @@ from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_e
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec
 from fst.k8s.status import Phase
-from fst.plan import next_stage
+from fst.plan import check_stages, next_stage
 from fst.store.db import RunDB, RunProgress
-from fst.stream import check_stages
 from fst_operator import builders, kube, metrics
 from fst_operator.settings import Settings
 

@@ -62,8 +62,8 @@ def test_jsonl_task_reads_s3_and_the_stream_sees_new_data(s3_uri, minio):
     import json
 
     from fst.config import TaskConfig
+    from fst.handover import source_fingerprint
     from fst.store.s3 import make_client, parse_endpoint, parse_s3_uri, s3_prefix_fingerprint
-    from fst.stream import source_fingerprint
     from fst.tasks import build_task
 
     bucket, prefix = parse_s3_uri(s3_uri)
