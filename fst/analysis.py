@@ -6,9 +6,9 @@
 - `fit_sigmoid`: the saturating curve of ScaleRL (Khatri et al. 2025) and the FST paper,
       R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B),
   A = asymptotic reward, B = steepness, C_mid = compute (here: steps) at half the gain, R0 =
-  the starting reward (fixed, not fitted, as in ScaleRL). Fitted by a grid over (B, C_mid) with
-  A in closed form, then Levenberg–Marquardt on (A, log B, log C_mid); standard errors from the
-  Gauss–Newton covariance σ²(JᵀJ)⁻¹ at the optimum. numpy only: scipy is not a dependency.
+  the starting reward (fixed, not fitted, as in ScaleRL). Fitted by scipy's curve_fit (bounded
+  trust-region least squares, analytic Jacobian) from several grid starts; standard errors
+  from its covariance σ²(JᵀJ)⁻¹ at the optimum.
 - `kl_at_reward`: KL to the base model where a run's reward curve first reaches a target,
   linearly interpolated, so two runs can be compared at matched reward.
 - `decompose`: the four-way channel decomposition (base/trained weights × seed/evolved prompt).
@@ -18,11 +18,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from itertools import pairwise
 
 import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import OptimizeWarning, curve_fit
+from scipy.special import expit
 
 # ----------------------------------------------------------------------------- curves
 
@@ -81,64 +85,158 @@ def steps_to_peak(
 
 
 # ----------------------------------------------------------------------------- sigmoid fit
+#
+# Why scipy's curve_fit (method="trf") rather than an optimiser of our own: the fit needs
+# bounds (A <= a_max for a pass rate; a box on B and C_mid), a least-squares solver that
+# converges reliably from a given start, and the covariance of the parameters at the optimum.
+# curve_fit's bounded trust-region reflective least squares does the first two, and it returns
+# the third (σ²(JᵀJ)⁻¹, σ² from the residuals) — all maintained and tested upstream, where a
+# hand-written Levenberg–Marquardt had to get its own damping, projection onto the box and
+# stopping rule right. What stays here is what is specific to this curve: the starting
+# points, its analytic Jacobian, and what a bound or an unidentified parameter means for the
+# reported errors.
+
+# B and C_mid stay in a wide box: a flat or step-like curve would otherwise send them to 0 or
+# infinity without improving the fit. C_mid's box is relative to the range of C observed.
+B_BOX = (0.01, 100.0)
+C_MID_BOX_FACTOR = 100.0
 
 
-def sigmoid_curve(c: np.ndarray, r0: float, a: float, b: float, c_mid: float) -> np.ndarray:
+def _gain_fraction(c: np.ndarray, b: float, c_mid: float) -> np.ndarray:
+    """g = 1 / (1 + (C_mid / C)^B): the fraction of the gain A − R0 reached at C."""
+    # Written as the logistic of B·log(C / C_mid): expit does not overflow where a steep B with
+    # C_mid >> C makes the power itself overflow (g is then 0, its limit).
+    return np.asarray(expit(b * np.log(c / c_mid)))
+
+
+def sigmoid_curve(c: ArrayLike, r0: float, a: float, b: float, c_mid: float) -> np.ndarray:
     """R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B), for C > 0."""
-    c = np.asarray(c, dtype=float)
-    # (C_mid / C)^B through exp with a clip: the grid tries steep B with C_mid >> C, where the
-    # power overflows to inf (the limit, R0, is still right; this only avoids the warning).
-    u = np.exp(np.clip(b * np.log(c_mid / c), -700, 700))
-    return r0 + (a - r0) / (1.0 + u)
+    return r0 + (a - r0) * _gain_fraction(np.asarray(c, dtype=float), b, c_mid)
+
+
+def _jacobian(c: np.ndarray, r0: float, a: float, b: float, c_mid: float) -> np.ndarray:
+    """∂R/∂(A, B, C_mid), one row per point.
+
+    With x = B·log(C / C_mid) and g = expit(x), dg/dx = g(1 − g), hence
+        ∂R/∂A = g,
+        ∂R/∂B = (A − R0)·g(1 − g)·log(C / C_mid),
+        ∂R/∂C_mid = −(A − R0)·g(1 − g)·B / C_mid.
+    """
+    log_ratio = np.log(c / c_mid)
+    g = expit(b * log_ratio)
+    slope = (a - r0) * g * expit(-b * log_ratio)  # 1 − g as expit(−x): no cancellation near 1
+    return np.stack([g, slope * log_ratio, -slope * b / c_mid], axis=1)
 
 
 @dataclass(frozen=True)
 class SigmoidFit:
+    """The fitted curve R(C) = R0 + (A − R0) / (1 + (C_mid / C)^B) and its uncertainty.
+
+    The standard errors are the square roots of the diagonal of `cov`: inf for a parameter the
+    points do not identify, NaN for A when it ended on `a_max` (a constraint, not an estimate).
+    """
+
     r0: float
     a: float
     b: float
     c_mid: float
-    a_se: float  # standard errors (Gauss–Newton covariance); inf when not identifiable
+    a_se: float
     b_se: float
     c_mid_se: float
     rmse: float
     n: int
     a_at_bound: bool = False  # A ended on `a_max`: the data do not show saturation
+    # Covariance of (A, B, C_mid) from curve_fit, scaled by the residual variance.
+    cov: np.ndarray = field(
+        default_factory=lambda: np.full((3, 3), math.nan), compare=False, repr=False
+    )
 
-    def predict(self, c: Sequence[float]) -> np.ndarray:
-        return sigmoid_curve(np.asarray(c, dtype=float), self.r0, self.a, self.b, self.c_mid)
-
-
-def _jacobian(c: np.ndarray, r0: float, a: float, b: float, c_mid: float) -> np.ndarray:
-    """d R / d (A, B, C_mid), one row per point."""
-    log_ratio = np.log(c_mid / c)
-    u = np.exp(np.clip(b * log_ratio, -700, 700))  # (C_mid / C)^B without overflow
-    g = 1.0 / (1.0 + u)
-    d_a = g
-    d_b = -(a - r0) * u * log_ratio * g * g
-    d_cmid = -(a - r0) * u * (b / c_mid) * g * g
-    return np.stack([d_a, d_b, d_cmid], axis=1)
+    def predict(self, c: ArrayLike) -> np.ndarray:
+        return sigmoid_curve(c, self.r0, self.a, self.b, self.c_mid)
 
 
-def _closed_form_a(c: np.ndarray, y: np.ndarray, r0: float, b: float, c_mid: float) -> float:
-    """Least-squares A for fixed (B, C_mid): the model is linear in (A − R0)."""
-    g = 1.0 / (1.0 + (c_mid / c) ** b)
-    denom = float(g @ g)
-    return r0 + (float(g @ (y - r0)) / denom if denom > 0 else 0.0)
+def _starts(
+    cs: np.ndarray, ys: np.ndarray, r0: float, a_max: float | None
+) -> list[tuple[float, float, float]]:
+    """Starting points (A, B, C_mid) for the local fits, one per steepness B of a coarse range.
+
+    The sum of squares has long flat valleys (and, for step-like data, several minima), so a
+    single fixed start is not enough. For each B, the C_mid of a grid over (and beyond) the
+    observed C that fits best, with A in closed form: for fixed B and C_mid the model is
+    linear in A − R0, so A − R0 = g·(y − R0) / g·g.
+    """
+    bs = np.geomspace(0.3, 8.0, 6)
+    c_mids = np.geomspace(cs.min() / 4, cs.max() * 4, 40)
+    # g for every (B, C_mid, point): shape (6, 40, n).
+    g = expit(bs[:, None, None] * np.log(cs[None, None, :] / c_mids[None, :, None]))
+    gain = (g @ (ys - r0)) / np.maximum(np.sum(g * g, axis=2), 1e-300)
+    a = r0 + gain
+    if a_max is not None:
+        a = np.minimum(a, a_max)
+    sse = np.sum((ys - r0 - (a - r0)[:, :, None] * g) ** 2, axis=2)
+    best = np.argmin(sse, axis=1)  # the best C_mid for each B
+    return [(float(a[i, k]), float(bs[i]), float(c_mids[k])) for i, k in enumerate(best)]
+
+
+def _bounded_fit(
+    model: Callable[..., np.ndarray],
+    jac: Callable[..., np.ndarray],
+    cs: np.ndarray,
+    ys: np.ndarray,
+    p0: Sequence[float],
+    bounds: tuple[Sequence[float], Sequence[float]],
+    max_nfev: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """curve_fit by trust-region reflective least squares: (parameters, covariance)."""
+    with warnings.catch_warnings():
+        # "Covariance of the parameters could not be estimated" (as many parameters as points,
+        # so no residual variance): the covariance is then inf, which is what we report.
+        warnings.simplefilter("ignore", OptimizeWarning)
+        popt, pcov = curve_fit(
+            model,
+            cs,
+            ys,
+            p0=p0,
+            bounds=bounds,
+            method="trf",
+            jac=jac,
+            x_scale="jac",  # A ~ 1 and C_mid ~ 100 differ in scale by orders of magnitude
+            max_nfev=max_nfev,
+        )
+    return np.asarray(popt, dtype=float), np.asarray(pcov, dtype=float)
+
+
+def _mark_unidentified(cov: np.ndarray, jac: np.ndarray) -> np.ndarray:
+    """`cov` with inf rows and columns for the parameters the points do not identify.
+
+    curve_fit inverts JᵀJ by a pseudo-inverse that drops zero singular values, so a parameter
+    the data say nothing about (its column of J is zero, like the steepness of a jump between
+    two measurements) would get variance 0 instead of the honest infinity. A parameter is
+    identified when no direction of J's null space moves it.
+    """
+    _, s, vt = np.linalg.svd(jac, full_matrices=False)
+    threshold = np.finfo(float).eps * max(jac.shape) * s[0]  # curve_fit's own cut-off
+    null = vt[s <= threshold]
+    unidentified = np.any(np.abs(null) > 1e-8, axis=0)
+    out = cov.copy()
+    out[unidentified, :] = math.inf
+    out[:, unidentified] = math.inf
+    return out
 
 
 def fit_sigmoid(
-    c: Sequence[float],
-    y: Sequence[float],
+    c: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
     r0: float | None = None,
     a_max: float | None = None,
-    max_iter: int = 200,
+    max_nfev: int = 2000,
 ) -> SigmoidFit:
     """Fit A, B, C_mid of R(C) = R0 + (A − R0)/(1 + (C_mid/C)^B) to points (c, y), c > 0.
 
     `r0` is the reward at C = 0 (the base model); default: the y of the smallest c. Points with
-    c <= 0 are used only for that default. B and C_mid are fitted in log space (kept > 0);
-    the grid start makes the result independent of any user-supplied initial guess.
+    c <= 0 are used only for that default. The fit is the best of local bounded least-squares
+    fits from several grid starts (`_starts`), so it does not depend on an initial guess;
+    `max_nfev` caps the model evaluations of each.
 
     `a_max` bounds the asymptote (1.0 for a pass rate): a curve still rising at the last point
     otherwise extrapolates to any A. A fit that ends on the bound has `a_at_bound` set and
@@ -154,69 +252,61 @@ def fit_sigmoid(
     n = len(cs)
     if n < 3:
         raise ValueError(f"a sigmoid fit needs at least 3 points with C > 0, got {n}")
+    base = r0  # a plain float for the closures below (mypy does not narrow into them)
 
-    def clamp(a: float) -> float:
-        return min(a, a_max) if a_max is not None else a
+    def model(x: np.ndarray, a: float, b: float, c_mid: float) -> np.ndarray:
+        return sigmoid_curve(x, base, a, b, c_mid)
 
-    def sse(a: float, b: float, cm: float) -> float:
-        return float(np.sum((ys - sigmoid_curve(cs, r0, a, b, cm)) ** 2))
+    def model_jac(x: np.ndarray, a: float, b: float, c_mid: float) -> np.ndarray:
+        return _jacobian(x, base, a, b, c_mid)
 
-    # 1. Grid over (B, C_mid), A in closed form: a start near the global optimum.
-    lo, hi = float(cs.min()), float(cs.max())
-    best = (math.inf, 0.0, 1.0, 1.0)
-    for b in np.geomspace(0.3, 8.0, 25):
-        for cm in np.geomspace(lo / 4, hi * 4, 40):
-            a = clamp(_closed_form_a(cs, ys, r0, b, cm))
-            s = sse(a, b, cm)
-            if s < best[0]:
-                best = (s, a, b, cm)
-    _, a, b, cm = best
+    def sse(params: np.ndarray) -> float:
+        return float(np.sum((ys - model(cs, *params)) ** 2))
 
-    # 2. Levenberg–Marquardt on theta = (A, log B, log C_mid).
-    log_b_box = (math.log(0.01), math.log(100.0))
-    log_c_box = (math.log(lo / 100), math.log(hi * 100))
-    theta = np.array([a, math.log(b), math.log(cm)])
-    lam = 1e-3
-    cur = sse(a, b, cm)
-    for _ in range(max_iter):
-        a, b, cm = theta[0], math.exp(theta[1]), math.exp(theta[2])
-        resid = ys - sigmoid_curve(cs, r0, a, b, cm)
-        j = _jacobian(cs, r0, a, b, cm) * np.array([1.0, b, cm])  # chain rule to log space
-        jtj, jtr = j.T @ j, j.T @ resid
-        improved = False
-        for _ in range(30):
-            step = np.linalg.solve(jtj + lam * np.diag(np.diag(jtj) + 1e-12), jtr)
-            cand = theta + step
-            cand[0] = clamp(cand[0])  # projected step: A stays within its bound
-            # B and C_mid stay in a wide box: a flat or step-like curve would otherwise send
-            # them to 0 or infinity (and exp overflow) without improving the fit.
-            cand[1] = min(max(cand[1], log_b_box[0]), log_b_box[1])
-            cand[2] = min(max(cand[2], log_c_box[0]), log_c_box[1])
-            new = sse(cand[0], math.exp(cand[1]), math.exp(cand[2]))
-            if new < cur:
-                theta, cur, lam = cand, new, max(lam / 10, 1e-12)
-                improved = True
-                break
-            lam *= 10
-        if not improved or np.max(np.abs(step)) < 1e-10:
-            break
+    c_mid_box = (float(cs.min()) / C_MID_BOX_FACTOR, float(cs.max()) * C_MID_BOX_FACTOR)
+    a_hi = math.inf if a_max is None else a_max
+    bounds = ([-math.inf, B_BOX[0], c_mid_box[0]], [a_hi, B_BOX[1], c_mid_box[1]])
+    fits = []
+    for p0 in _starts(cs, ys, base, a_max):
+        try:
+            fits.append(_bounded_fit(model, model_jac, cs, ys, p0, bounds, max_nfev))
+        except RuntimeError:  # this start did not converge within max_nfev; the others may
+            continue
+    if not fits:
+        raise RuntimeError(f"the sigmoid fit did not converge from any start ({n} points)")
+    params, cov = min(fits, key=lambda fit: sse(fit[0]))
+    a, b, c_mid = (float(p) for p in params)
 
-    a, b, cm = float(theta[0]), math.exp(theta[1]), math.exp(theta[2])
-    at_bound = a_max is not None and a >= a_max - 1e-9
-    free = [1, 2] if at_bound else [0, 1, 2]  # a parameter on its bound is not estimated
-    dof = n - len(free)
-    sigma2 = cur / dof if dof > 0 else math.nan
-    ses = [math.inf] * 3
-    j = _jacobian(cs, r0, a, b, cm)[:, free]
-    try:
-        cov = sigma2 * np.linalg.inv(j.T @ j)
-        for k, v in zip(free, np.diag(cov), strict=True):
-            ses[k] = math.sqrt(v) if v >= 0 and math.isfinite(v) else math.inf
-    except np.linalg.LinAlgError:
-        pass  # singular: a parameter is not identified by these points
-    if at_bound:
-        ses[0] = math.nan
-    return SigmoidFit(r0, a, b, cm, ses[0], ses[1], ses[2], math.sqrt(cur / n), n, at_bound)
+    # A is on its bound when the unconstrained best A for this (B, C_mid), in closed form as in
+    # `_starts`, lies beyond it (the solver itself stops a hair inside its bounds).
+    g = _gain_fraction(cs, b, c_mid)
+    g_sq = float(g @ g)
+    a_free = base + float(g @ (ys - base)) / g_sq if g_sq > 0 else a
+    a_at_bound = a_max is not None and a_free >= a_max
+    if a_at_bound:
+        # A is then a constraint, not an estimate: fix it on the bound and refit B and C_mid,
+        # whose covariance is that of the remaining two-parameter problem.
+        a = a_hi
+
+        def model_fixed_a(x: np.ndarray, b: float, c_mid: float) -> np.ndarray:
+            return sigmoid_curve(x, base, a_hi, b, c_mid)
+
+        def jac_fixed_a(x: np.ndarray, b: float, c_mid: float) -> np.ndarray:
+            return _jacobian(x, base, a_hi, b, c_mid)[:, 1:]
+
+        bounds_bc = (bounds[0][1:], bounds[1][1:])
+        params_bc, cov_bc = _bounded_fit(
+            model_fixed_a, jac_fixed_a, cs, ys, (b, c_mid), bounds_bc, max_nfev
+        )
+        b, c_mid = float(params_bc[0]), float(params_bc[1])
+        cov = np.full((3, 3), math.nan)
+        cov[1:, 1:] = _mark_unidentified(cov_bc, jac_fixed_a(cs, b, c_mid))
+    else:
+        cov = _mark_unidentified(cov, model_jac(cs, a, b, c_mid))
+
+    a_se, b_se, c_mid_se = (math.sqrt(v) if v >= 0 else math.nan for v in np.diag(cov))
+    rmse = math.sqrt(sse(np.array([a, b, c_mid])) / n)
+    return SigmoidFit(base, a, b, c_mid, a_se, b_se, c_mid_se, rmse, n, a_at_bound, cov)
 
 
 # ----------------------------------------------------------------------------- KL at reward

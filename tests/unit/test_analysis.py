@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fst.analysis import (
+    SigmoidFit,
     crossing_step,
     decompose,
     first_step_reaching,
@@ -154,3 +155,41 @@ def test_stage_acquisition_and_forgetting() -> None:
     assert stage_acquisition([0.1, 0.2, 0.0], [0.4, 0.2, 0.3]) == pytest.approx([0.3, 0.0, 0.3])
     retention = [[0.5, None, None], [0.4, 0.6, None], [0.3, 0.6, 0.2]]
     assert forgetting(retention) == pytest.approx([0.2, 0.0, 0.0])
+
+
+def _noisy_fit(n: int, seed: int) -> SigmoidFit:
+    """A fit to n points on steps 1..60 of a known curve (A = 0.7) with noise of sd 0.02."""
+    c = np.linspace(1, 60, n)
+    y = sigmoid_curve(c, 0.05, 0.7, 1.5, 12.0) + np.random.default_rng(seed).normal(0, 0.02, n)
+    return fit_sigmoid(c, y, r0=0.05)
+
+
+def test_sigmoid_fit_standard_error_shrinks_like_one_over_root_n() -> None:
+    few, many = _noisy_fit(30, seed=0), _noisy_fit(480, seed=0)
+    assert 0 < many.a_se < few.a_se < 0.1
+    # 16 times the points on the same range: the error of A shrinks by about √16 = 4 (give or
+    # take the uncertainty of the error itself, estimated from 27 residual degrees of freedom).
+    assert 2.5 < few.a_se / many.a_se < 6
+    # The reported standard errors are the covariance's diagonal.
+    assert np.allclose(many.cov, many.cov.T)
+    assert np.sqrt(np.diag(many.cov)) == pytest.approx([many.a_se, many.b_se, many.c_mid_se])
+
+
+def test_sigmoid_fit_standard_error_matches_the_spread_over_noise_draws() -> None:
+    # The reported error of A is honest: over repeated noise draws, the fitted A scatters by
+    # about the standard error each fit reports, and the truth lies within 3 of them.
+    fits = [_noisy_fit(60, seed) for seed in range(40)]
+    a = np.array([f.a for f in fits])
+    a_se = np.array([f.a_se for f in fits])
+    assert np.all(np.isfinite(a_se)) and np.all(a_se > 0)
+    assert a.std() == pytest.approx(a_se.mean(), rel=0.3)
+    assert np.mean(np.abs(a - 0.7) < 3 * a_se) >= 0.95
+
+
+def test_sigmoid_fit_of_a_flat_curve_says_b_and_c_mid_are_unidentified() -> None:
+    # No gain at all: A = R0 fits exactly, and then no steepness or midpoint changes the curve.
+    # Their errors are infinite, not the 0 a pseudo-inverse of JᵀJ would give.
+    c = np.arange(1, 11, dtype=float)
+    fit = fit_sigmoid(c, np.full(c.size, 0.3), r0=0.3, a_max=1.0)
+    assert fit.a == pytest.approx(0.3) and math.isfinite(fit.a_se)
+    assert math.isinf(fit.b_se) and math.isinf(fit.c_mid_se)
