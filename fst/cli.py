@@ -14,8 +14,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fst.config import ConfigError, TrainConfig, load_config
+
+if TYPE_CHECKING:  # imported where used: `fst --help` should not wait for transformers
+    from transformers import PreTrainedModel
 
 log = logging.getLogger("fst")
 
@@ -120,7 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     load_weights_into(trained, folder)
     stop = stop_token_ids(tok, base)
 
-    def engine(model: object) -> HFRolloutEngine:
+    def engine(model: PreTrainedModel) -> HFRolloutEngine:
         return HFRolloutEngine(model, tok, stop, cfg.rollout.batch_size)
 
     problems = task.problems(args.split)[: args.limit]

@@ -18,13 +18,17 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import PreTrainedModel
 
 from fst.rollout import Rollout, RolloutEngine, SamplingParams
 from fst.slow.trainer import pack, window_logits
+
+if TYPE_CHECKING:
+    from fst.fast.population import PromptRecord
+    from fst.store.db import RunDB
 
 KL_SEED = 20_260_101  # fixed seed of the KL probe's sampler, independent of the training RNG
 
@@ -61,6 +65,10 @@ def kl_to_base(
     policy.eval()
     logp_theta, mask = _next_token_logprobs(policy, rollouts, params.temperature, pad_id)
     if reference is None:
+        from peft import PeftModel  # loaded already when the policy is one
+
+        if not isinstance(policy, PeftModel):
+            raise ValueError("reference=None: the base must be a PEFT policy's disabled adapters")
         ctx = policy.disable_adapter()
         base_model = policy
     else:
@@ -80,7 +88,7 @@ class MetricsSink:
     """
 
     def __init__(
-        self, run_dir: Path, tensorboard: bool = False, db: Any = None, run: str = ""
+        self, run_dir: Path, tensorboard: bool = False, db: RunDB | None = None, run: str = ""
     ) -> None:
         self.db, self.run = db, run  # a RunDB (fst/store/db.py): the durable copy on a cluster
         self.path = run_dir / "metrics.jsonl"
@@ -99,7 +107,11 @@ class MetricsSink:
             self.db.truncate_after(self.run, step)
 
     def write_population(
-        self, step: int, round_idx: int, population: list[Any], candidates: list[Any]
+        self,
+        step: int,
+        round_idx: int,
+        population: list[PromptRecord],
+        candidates: list[PromptRecord],
     ) -> None:
         """Append a GEPA round that ran before step `step`: the population it kept and every
         candidate it saw (so the lineage of each member can be traced)."""

@@ -17,15 +17,16 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import gepa
 import torch
-from gepa.core.adapter import EvaluationBatch
+from gepa.core.adapter import EvaluationBatch, ProposalFn
 from gepa.core.state import GEPAState, ValsetEvaluation
+from gepa.proposer.reflective_mutation.base import LanguageModel
 from gepa.strategies.eval_policy import FullEvaluationPolicy
 
 from fst.fast.population import PromptRecord, top_k_by_coverage
@@ -38,6 +39,19 @@ log = logging.getLogger(__name__)
 COMPONENT = "system_prompt"  # the one text component GEPA evolves
 
 
+class Trajectory(TypedDict):
+    """One evaluated problem, kept for `make_reflective_dataset`."""
+
+    problem: Problem
+    completion: str
+    feedback: str
+    reward: float
+
+
+# What `evaluate` returns: per problem, the completion text (GEPA's "output") and its trajectory.
+Evaluation = EvaluationBatch[Trajectory, str]
+
+
 class PolicyAdapter:
     """GEPA adapter: evaluate a candidate system prompt with the policy on task problems.
 
@@ -45,7 +59,8 @@ class PolicyAdapter:
     parent and its child are compared on the same minibatch with the same sampling noise.
     """
 
-    propose_new_texts = None  # proposals come from GEPA's reflection_lm or a custom proposer
+    # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
+    propose_new_texts: ProposalFn | None = None
 
     def __init__(
         self, engine: RolloutEngine, tokenizer: Any, task: Task, params: SamplingParams, seed: int
@@ -61,7 +76,7 @@ class PolicyAdapter:
 
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
-    ) -> EvaluationBatch:
+    ) -> Evaluation:
         if not batch:
             return EvaluationBatch(
                 outputs=[], scores=[], trajectories=[] if capture_traces else None
@@ -71,17 +86,13 @@ class PolicyAdapter:
         key = sum(int(p.id.encode().hex()[-8:], 16) for p in batch) % 2**31
         generator = torch.Generator().manual_seed(self.seed * 7919 + key)
         rollouts = self.engine.generate(prompts, self.params, generator)
-        scores, trajectories = [], []
+        scores: list[float] = []
+        trajectories: list[Trajectory] = []
         for problem, r in zip(batch, rollouts, strict=True):
             s = self.task.score(problem, r.text)
             scores.append(s.reward)
             trajectories.append(
-                {
-                    "problem": problem,
-                    "completion": r.text,
-                    "feedback": s.feedback,
-                    "reward": s.reward,
-                }
+                Trajectory(problem=problem, completion=r.text, feedback=s.feedback, reward=s.reward)
             )
         self.metric_calls += len(batch)
         return EvaluationBatch(
@@ -93,9 +104,9 @@ class PolicyAdapter:
     def make_reflective_dataset(
         self,
         candidate: dict[str, str],
-        eval_batch: EvaluationBatch,
+        eval_batch: Evaluation,
         components_to_update: list[str],
-    ) -> dict[str, list[dict]]:
+    ) -> dict[str, list[dict[str, Any]]]:
         records = [
             {
                 "Inputs": t["problem"].prompt,
@@ -126,7 +137,7 @@ class _ResumeFromPopulation(FullEvaluationPolicy):
     """Full valset evaluation, except that the seed is not re-scored: the round's GEPA state
     (with the whole population already scored) is loaded from the round folder instead."""
 
-    def get_seed_eval_batch(self, loader: Any) -> list:
+    def get_seed_eval_batch(self, loader: Any) -> list[Any]:
         return []
 
 
@@ -169,8 +180,8 @@ def run_gepa_round(
     minibatch_size: int,
     round_dir: Path,
     seed: int,
-    reflection_lm: Callable[[str], str] | None = None,
-    proposer: Callable[..., dict[str, str]] | None = None,
+    reflection_lm: LanguageModel | None = None,
+    proposer: ProposalFn | None = None,
 ) -> RoundResult:
     """One GEPA round from `population`; returns the new top-K population (best first)."""
     t0 = time.perf_counter()

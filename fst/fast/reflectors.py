@@ -22,11 +22,14 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from fst.config import ReflectorConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +171,13 @@ class OpenAIReflector:
 class LocalReflector:
     """GEPA `reflection_lm` generating with a transformers model on this machine."""
 
-    def __init__(self, model: Any, tokenizer: Any, cfg: ReflectorConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cfg: ReflectorConfig,
+        seed: int = 0,
+    ) -> None:
         from fst.model import stop_token_ids
         from fst.rollout.hf import HFRolloutEngine
 

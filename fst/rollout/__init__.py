@@ -39,6 +39,10 @@ class Rollout:
 
 
 class RolloutEngine(Protocol):
+    # The token id that pads packed batches of this engine's rollouts (the trainer's and the
+    # KL probe's forward passes): the tokenizer's pad id, else the first stop id.
+    pad_id: int
+
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
     ) -> list[Rollout]:

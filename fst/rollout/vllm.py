@@ -58,7 +58,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 
@@ -66,6 +66,8 @@ from fst.config import ConfigError, RolloutConfig
 from fst.rollout import Rollout, SamplingParams
 
 if TYPE_CHECKING:
+    from peft import PeftModel
+
     from fst.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,9 @@ def check_rollout_config(r: RolloutConfig) -> None:
 # ----------------------------------------------------------------------------- pure mapping
 
 
-def sampling_kwargs(params: SamplingParams, stop_ids: Sequence[int], seed: int | None) -> dict:
+def sampling_kwargs(
+    params: SamplingParams, stop_ids: Sequence[int], seed: int | None
+) -> dict[str, Any]:
     """Keyword arguments of `vllm.SamplingParams` for one request.
 
     `seed` is the request's own seed (ignored for greedy decoding, which draws nothing).
@@ -195,6 +199,22 @@ def to_rollout(
     return Rollout(list(prompt_ids), ids, logprobs, text, finished)
 
 
+def _is_peft(model: torch.nn.Module) -> TypeGuard[PeftModel]:
+    """Whether `model` is a PEFT (LoRA) wrapper, told by its attribute so that a plain model
+    does not make us import peft."""
+    return hasattr(model, "peft_config")
+
+
+@runtime_checkable
+class _LoraLayer(Protocol):
+    """What `policy_weights` uses of a peft LoRA layer (lora.Linear, lora.Embedding, ...)."""
+
+    active_adapters: list[str]
+    lora_A: torch.nn.ModuleDict
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor: ...
+
+
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The policy's weights as (Hugging Face checkpoint name, tensor), what vLLM's
     `model.load_weights` expects.
@@ -204,7 +224,7 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     yielded merged (W + scale·B·A, computed here; the policy is not modified) under the base
     model's name, and the adapter tensors themselves are left out.
     """
-    if not hasattr(model, "peft_config"):
+    if not _is_peft(model):
         for name, p in model.named_parameters():
             yield name, p.detach()
         return
@@ -221,6 +241,11 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
             layer = modules[owner]
             tensor = p.detach()
             if leaf == "weight" and not getattr(layer, "merged", False):
+                if not isinstance(layer, _LoraLayer):
+                    raise TypeError(
+                        f"{owner}: a {type(layer).__name__} adapter cannot be merged into the "
+                        "weights pushed to vLLM (LoRA adapters only)"
+                    )
                 for adapter in layer.active_adapters:
                     if adapter in layer.lora_A:
                         tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
@@ -230,7 +255,11 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 def write_model_config(model: torch.nn.Module, folder: Path) -> Path:
     """Write the policy's config.json into `folder` (all vLLM needs to build the model before
     its weights are pushed). Returns the folder."""
-    base = model.get_base_model() if hasattr(model, "peft_config") else model
+    from transformers import PreTrainedModel  # loaded already: the policy is one
+
+    base = model.get_base_model() if _is_peft(model) else model
+    if not isinstance(base, PreTrainedModel):
+        raise TypeError(f"vLLM needs a transformers model as the policy, got {type(base)}")
     config = copy.deepcopy(base.config)
     # Models loaded from GGUF may lack `architectures`, which vLLM uses to pick its class.
     config.architectures = [type(base).__name__]
