@@ -255,6 +255,24 @@ def job_suspend_change(spec: FastSlowRunSpec, job: dict[str, Any]) -> bool | Non
     return None
 
 
+def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    """What the operator needs of a Job (its name, suspend, outcome), in the Job's own shape:
+    kept per run in kopf's in-memory index instead of the whole object."""
+    status = job.get("status") or {}
+    return {
+        "metadata": {"name": job["metadata"]["name"]},
+        "spec": {"suspend": bool((job.get("spec") or {}).get("suspend"))},
+        "status": {
+            "conditions": [
+                {k: c.get(k) for k in ("type", "status", "reason", "message")}
+                for c in status.get("conditions") or []
+            ],
+            "active": status.get("active") or 0,
+            "ready": status.get("ready") or 0,
+        },
+    }
+
+
 # ----------------------------------------------------------------------------- run status
 
 

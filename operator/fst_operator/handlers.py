@@ -125,20 +125,40 @@ def _patch_writer(patch: kopf.Patch) -> StatusWriter:
     return lambda changes: patch.status.update(changes)
 
 
+@kopf.index("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
+def jobs_by_run(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str], dict[str, Any]]:
+    """kopf's in-memory index of the trainer Jobs, by (namespace, run): a reconcile reads its
+    Job from here instead of asking the API server (kopf keeps it current from its watch)."""
+    return {(namespace, labels[builders.LABEL_RUN]): builders.job_summary(dict(body))}
+
+
+def _jobs(handler_kwargs: dict[str, Any]) -> kopf.Index[Any, Any]:
+    """kopf passes every index to every handler as a keyword argument named after it."""
+    index: kopf.Index[Any, Any] = handler_kwargs["jobs_by_run"]
+    return index
+
+
+def _indexed_job(jobs: kopf.Index[Any, Any], namespace: str, run: str, attempt: int) -> Any:
+    name = builders.job_name(run, attempt)
+    return next((j for j in jobs.get((namespace, run), []) if j["metadata"]["name"] == name), None)
+
+
 @kopf.on.resume(*RUNS)
 @kopf.on.create(*RUNS)
 @kopf.on.update(*RUNS, field="spec")
-def run_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_run(body, _patch_writer(patch))
+def run_changed(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    reconcile_run(body, _patch_writer(patch), _jobs(kwargs))
 
 
 @kopf.on.update(*RUNS, field="spec.suspend")
-def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **_: Any) -> None:
+def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **kwargs: Any) -> None:
     """The user's intent changed: apply it to the current attempt's Job (builders.
     job_suspend_change says when; a queued Job's suspend is otherwise Kueue's)."""
     assert namespace is not None  # FastSlowRuns are namespaced
     status = builders.read_status(dict(body))
-    job = kube.get_job(namespace, builders.job_name(name, status.attempt or 1))
+    job = _indexed_job(_jobs(kwargs), namespace, name, status.attempt or 1)
     if job is None:
         return
     spec = FastSlowRunSpec.model_validate(body["spec"])
@@ -154,7 +174,7 @@ def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **_: 
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
-def job_event(type: str, body: kopf.Body, **_: Any) -> None:
+def job_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
     if type == "DELETED":
         return
     namespace = body["metadata"]["namespace"]
@@ -162,7 +182,7 @@ def job_event(type: str, body: kopf.Body, **_: Any) -> None:
     if run is not None:
         name = run["metadata"]["name"]
         write = lambda changes: kube.patch_run_status(namespace, name, changes)  # noqa: E731
-        reconcile_run(kopf.Body(cast(kopf.RawBody, run)), write)
+        reconcile_run(kopf.Body(cast(kopf.RawBody, run)), write, _jobs(kwargs))
 
 
 @kopf.timer(
@@ -172,11 +192,11 @@ def job_event(type: str, body: kopf.Body, **_: Any) -> None:
     idle=0,
     when=lambda status, **_: status.get("phase") not in builders.TERMINAL,
 )
-def run_progress(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_run(body, _patch_writer(patch))
+def run_progress(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+    reconcile_run(body, _patch_writer(patch), _jobs(kwargs))
 
 
-def reconcile_run(body: kopf.Body, write_status: StatusWriter) -> None:
+def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[Any, Any]) -> None:
     """Observe the run's Job and progress, decide (builders.decide_run), act, write status."""
     run = dict(body)
     meta = run["metadata"]
@@ -197,7 +217,7 @@ def reconcile_run(body: kopf.Body, write_status: StatusWriter) -> None:
             metrics.observe_phase(namespace, name, Phase.INVALID)
             return
         attempt = int(old.get("attempt") or 1)
-        job = kube.get_job(namespace, builders.job_name(name, attempt))
+        job = _indexed_job(jobs, namespace, name, attempt)
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
         decision = builders.decide_run(run, spec, job, read_progress(cfg.run))

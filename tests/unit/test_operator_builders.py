@@ -261,3 +261,17 @@ def test_the_cluster_plans_like_fst_stream() -> None:
     assert (planned.stage, planned.run, planned.version) == ("b", "acme-b", 1)
     assert planned.start_checkpoint == "s3://acme-a"
     assert planned.start_population == ["p1", "p2", "p3"]
+
+
+def test_the_indexed_job_summary_decides_like_the_whole_job() -> None:
+    running = {"metadata": {"name": "acme-a1"}, "spec": {"parallelism": 1}, "status": {"active": 1}}
+    for job in (failed_job() | {"metadata": {"name": "acme-a1"}}, running):
+        summary = builders.job_summary(job)
+        assert builders.job_outcome(summary) == builders.job_outcome(job)
+        whole = decide({"attempt": 1}, job, progress(1)).status.dump()
+        small = decide({"attempt": 1}, summary, progress(1)).status.dump()
+        for s in (whole, small):
+            for c in s["conditions"]:
+                c.pop("lastTransitionTime")
+            s.pop("startTime", None)
+        assert whole == small
