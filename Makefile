@@ -2,6 +2,7 @@
 #
 #   make run     install, then run the main job: the example task stream, on this machine
 #   make test    install, then run the whole test suite (what .ci/run calls)
+#   make lint    ruff (check + format), mypy over fst/ and the operator, no import cycles
 #
 # Python packages go into a virtualenv OUTSIDE the repo ($(FST_CACHE)/venv), reused across
 # clones and rebuilt only when pyproject.toml changes; torch alone is ~3 GB with its CUDA libs.
@@ -53,7 +54,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check fst tests
 	$(VENV)/bin/mypy
-	python3 ../shared/tools/import_cycles.py
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_imports.py
 
 format: install
 	$(VENV)/bin/ruff check --fix .
