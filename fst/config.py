@@ -9,28 +9,24 @@ falls back to a default.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import (
+    BaseModel,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
-
-class ConfigError(ValueError):
-    """A config (file, override or CR) is invalid. The message names the field and the source."""
-
-
-class Schema(BaseModel):
-    """Base of every config model: camelCase aliases, unknown keys rejected."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        alias_generator=to_camel,
-        populate_by_name=True,
-        validate_assignment=True,
-    )
-
+# Schema, ConfigError and format_validation_error live in the leaf module fst.schema (task
+# modules build on them too); they stay importable from here.
+from fst.schema import DNS_LABEL, ConfigError, Schema, format_validation_error
+from fst.tasks import validate_task_params
 
 # ----------------------------------------------------------------------------- model
 
@@ -68,24 +64,53 @@ class ModelConfig(Schema):
 # ----------------------------------------------------------------------------- task
 
 
+# `params` are validated once, by the model the task registered, when a TaskConfig is built:
+# `typed_params` keeps that model (what the task is built from), and `params` holds its
+# canonical form (every setting, defaults included, under its camelCase key), which is what
+# YAML, JSON and the custom resources carry. So `name` and `params` cannot be reassigned:
+# build a new TaskConfig for another task or other settings. (A comment, not a docstring:
+# a model's docstring becomes its description in the CRDs.)
 class TaskConfig(Schema):
-    name: str = Field(description="A registered task: star_graph, arithmetic, codeio, jsonl.")
+    name: str = Field(
+        frozen=True, description="A registered task: star_graph, arithmetic, codeio, jsonl."
+    )
     seed: int = Field(0, description="Seed of the task's problem generator / shuffle.")
     train_size: int = Field(512, gt=0, description="Problems in the train split (generated tasks).")
     val_size: int = Field(32, gt=0, description="Problems in the val split (GEPA's Pareto set).")
     test_size: int = Field(64, gt=0, description="Problems in the test split (fst eval).")
     params: dict[str, Any] = Field(
         default_factory=dict,
+        frozen=True,
         description="Task-specific settings, validated by the task's own schema.",
     )
 
-    @model_validator(mode="after")
-    def _check_task(self) -> TaskConfig:
-        # Imported here: the task registry imports this module for Schema.
-        from fst.tasks import validate_task_params
+    _typed_params: BaseModel | None = PrivateAttr(default=None)
 
-        self.__dict__["params"] = validate_task_params(self.name, self.params)
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_params(
+        cls, data: Any, handler: ModelWrapValidatorHandler[TaskConfig]
+    ) -> TaskConfig:
+        # Params first, so that the fields can be validated with their canonical form.
+        if not isinstance(data, Mapping):
+            # An existing TaskConfig (already validated; a field assignment comes this way
+            # too), or an input that `handler` rejects.
+            return handler(data)
+        name, params = data.get("name"), data.get("params", {})
+        if not isinstance(name, str) or not isinstance(params, Mapping):
+            return handler(data)  # fails, naming `name` or `params`
+        # Errors are located at `name` (unknown task) or `params.<field>`.
+        typed = validate_task_params(name, params)
+        cfg = handler({**data, "params": typed.model_dump(mode="json", by_alias=True)})
+        cfg._typed_params = typed
+        return cfg
+
+    @property
+    def typed_params(self) -> BaseModel:
+        """The params as the task's own model (e.g. ArithmeticParams for `arithmetic`)."""
+        if self._typed_params is None:
+            raise RuntimeError(f"task {self.name!r}: the TaskConfig was built without validation")
+        return self._typed_params
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -188,7 +213,11 @@ class MetricsConfig(Schema):
 
 class CheckpointConfig(Schema):
     every: int = Field(10, gt=0, description="Save every N steps (and always at the end).")
-    keep_last: int = Field(2, gt=0, description="Checkpoints kept besides the best.")
+    keep_last: int = Field(
+        2,
+        gt=0,
+        description="Keep the newest N checkpoints; older ones are deleted after each save.",
+    )
     uri: str | None = Field(
         None, description="Where to save; default <outputDir>/<run>/checkpoints."
     )
@@ -199,7 +228,7 @@ class TrainConfig(Schema):
 
     run: str = Field(
         "run",
-        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        pattern=DNS_LABEL,
         max_length=63,
         description="Run name (a DNS label, so it can name Kubernetes objects).",
     )
@@ -240,18 +269,6 @@ class TrainConfig(Schema):
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: `source: field.path: message (got value)`."""
-    lines = [f"{source}: invalid configuration ({err.error_count()} problem(s))"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = ""
-        if e["type"] not in ("missing",) and "input" in e and not isinstance(e["input"], dict):
-            got = f" (got {e['input']!r})"
-        lines.append(f"  {where}: {e['msg']}{got}")
-    return "\n".join(lines)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

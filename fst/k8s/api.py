@@ -19,11 +19,12 @@ from pydantic import Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from fst.config import ModelConfig, Schema, TaskConfig, TrainConfig
+from fst.schema import DNS_LABEL
 
 GROUP = "fastslow.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
-DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
 # TrainConfig sections a stage (or the stream defaults) may set.
 STAGE_SECTIONS = ("mode", "seed", "rollout", "slow", "fast", "metrics", "checkpoint")
 DEFAULT_IMAGE = "ghcr.io/fastslow/trainer:0.1.0"

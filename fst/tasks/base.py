@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+
+from pydantic import BaseModel
 
 Split = Literal["train", "val", "test"]
+
+P = TypeVar("P", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,47 @@ class Task(Protocol):
     def score(self, problem: Problem, completion: str) -> Score:
         """Reward in [0, 1] and textual feedback for one completion."""
         ...
+
+
+class TaskSettings(Protocol):
+    """What a task is built from: the validated `task` section of a run config.
+
+    fst.config.TaskConfig is the implementation. A Protocol rather than an import, because
+    fst.config imports this package to validate task params.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def train_size(self) -> int: ...
+
+    @property
+    def val_size(self) -> int: ...
+
+    @property
+    def test_size(self) -> int: ...
+
+    @property
+    def typed_params(self) -> BaseModel:
+        """The params, validated by the model the task registered."""
+        ...
+
+
+def params_of(cfg: TaskSettings, model: type[P]) -> P:
+    """`cfg.typed_params` as the task's own params model, for a task's builder.
+
+    The registry validated the params with the model the task registered under `cfg.name`, so
+    a mismatch means the builder was handed another task's config."""
+    params = cfg.typed_params
+    if not isinstance(params, model):
+        raise TypeError(
+            f"task {cfg.name!r}: params are a {type(params).__name__}, expected {model.__name__}"
+        )
+    return params
 
 
 _BOXED = re.compile(r"\\boxed\{")

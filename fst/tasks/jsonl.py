@@ -36,9 +36,9 @@ from typing import Any, Literal, cast
 
 from pydantic import Field
 
-from fst.config import Schema, TaskConfig
+from fst.schema import Schema
 from fst.tasks import register
-from fst.tasks.base import Problem, Score, Split, extract_boxed
+from fst.tasks.base import Problem, Score, Split, TaskSettings, extract_boxed, params_of
 
 NAME = "jsonl"
 
@@ -367,9 +367,9 @@ class JsonlTask:
 
     name = NAME
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskSettings) -> None:
         self.cfg = cfg
-        self.params = JsonlParams.model_validate(cfg.params)
+        self.params = params_of(cfg, JsonlParams)
         self.format, items = load_items(self.params.path, self.params.format)
         order = list(range(len(items)))
         random.Random(cfg.seed).shuffle(order)
@@ -396,7 +396,7 @@ class JsonlTask:
         return score_qa(problem.meta.get("answers", problem.answer), completion)
 
 
-def build(cfg: TaskConfig) -> JsonlTask:
+def build(cfg: TaskSettings) -> JsonlTask:
     return JsonlTask(cfg)
 
 

@@ -1,15 +1,22 @@
 """The config schema: YAML in, typed models out, and errors that name the field."""
 
-import pytest
+from types import SimpleNamespace
 
+import pytest
+from pydantic import ValidationError, field_validator
+
+from fst import tasks
 from fst.config import (
     ConfigError,
+    Schema,
+    TaskConfig,
     TrainConfig,
     apply_overrides,
     dump_config,
     load_config,
     validate_config,
 )
+from fst.tasks import params_of
 
 
 def write(tmp_path, text):
@@ -52,10 +59,53 @@ def test_missing_task_is_named(tmp_path):
 
 
 def test_unknown_task_and_bad_task_params_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="unknown task 'nope'"):
+    with pytest.raises(ConfigError, match=r"task\.name: unknown task 'nope'"):
         load_config(write(tmp_path, "task: {name: nope}\n"))
-    with pytest.raises(ConfigError, match=r"params\.degre"):
+    with pytest.raises(ConfigError, match=r"task\.params\.degre: Extra inputs"):
         load_config(write(tmp_path, "task: {name: star_graph, params: {degre: 3}}\n"))
+    # Task params and the other fields are reported together.
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "task: {name: jsonl}\nslow: {lr: fast}\n"))
+    assert "task.params.path: Field required" in str(e.value) and "slow.lr" in str(e.value)
+
+
+def test_task_params_are_validated_once_and_kept_typed(monkeypatch):
+    validated: list[int] = []
+
+    class CountingParams(Schema):
+        level_count: int = 1
+
+        @field_validator("level_count")
+        @classmethod
+        def _count(cls, v: int) -> int:
+            validated.append(v)
+            return v
+
+    def build(cfg):
+        return SimpleNamespace(name="counting", params=params_of(cfg, CountingParams))
+
+    monkeypatch.setitem(tasks.TASKS, "counting", tasks.TaskSpec(CountingParams, build))
+    cfg = TaskConfig(name="counting", params={"level_count": 3})
+    assert validated == [3]
+    assert isinstance(cfg.typed_params, CountingParams) and cfg.typed_params.level_count == 3
+    assert cfg.params == {"levelCount": 3}  # canonical: camelCase keys, defaults included
+    assert tasks.build_task(cfg).params is cfg.typed_params
+    assert validated == [3]  # the builder used the typed params, it did not validate again
+
+
+def test_task_name_and_params_are_fixed_once_validated():
+    cfg = TaskConfig(name="arithmetic", params={"steps": 2})
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.params = {"steps": 5}
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.name = "star_graph"
+    cfg.seed = 3  # the other fields stay assignable
+    assert cfg.typed_params.model_dump() == {
+        "steps": 2,
+        "max_operand": 20,
+        "ops": ["+", "-", "*"],
+        "answer_format": "boxed",
+    }
 
 
 def test_yaml_syntax_error_names_line(tmp_path):
