@@ -9,25 +9,28 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from fst.config import Schema, TaskConfig
+from fst.schema import Schema
 from fst.tasks import register
-from fst.tasks.base import Problem, Score, Split, extract_boxed
+from fst.tasks.base import Problem, Score, Split, TaskSettings, extract_boxed, params_of
+from fst.tasks.splits import disjoint_splits
 
 NAME = "arithmetic"
 
 Op = Literal["+", "-", "*", "/"]
+DEFAULT_OPS: tuple[Op, ...] = ("+", "-", "*")
 
 
 class ArithmeticParams(Schema):
     steps: int = Field(3, ge=1, le=32, description="Binary operations per expression.")
     max_operand: int = Field(20, ge=1, description="Operands are drawn from 0..maxOperand.")
     ops: list[Op] = Field(
-        default_factory=lambda: ["+", "-", "*"],
+        default_factory=lambda: list(DEFAULT_OPS),
         description="Operators to use; '/' is always exact (the divisor divides the dividend).",
     )
     answer_format: Literal["boxed", "last_number"] = Field(
@@ -39,7 +42,7 @@ class ArithmeticParams(Schema):
 
     @field_validator("ops")
     @classmethod
-    def _non_empty_unique(cls, ops: list[str]) -> list[str]:
+    def _non_empty_unique(cls, ops: list[Op]) -> list[Op]:
         if not ops:
             raise ValueError("at least one operator is required")
         return list(dict.fromkeys(ops))
@@ -74,7 +77,7 @@ def _wrap(e: Expr, leaf: bool) -> str:
     return e.text if leaf else f"({e.text})"
 
 
-def make_expr(rng: random.Random, steps: int, max_operand: int, ops: list[str]) -> Expr:
+def make_expr(rng: random.Random, steps: int, max_operand: int, ops: Sequence[str]) -> Expr:
     """A random expression with exactly `steps` operations; every operation is parenthesised
     except the outermost, so precedence never matters."""
     if steps == 0:
@@ -158,10 +161,10 @@ class ArithmeticTask:
 
     name = NAME
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskSettings) -> None:
         self.cfg = cfg
-        self.params = ArithmeticParams.model_validate(cfg.params)
-        self._splits: dict[str, list[Problem]] | None = None
+        self.params = params_of(cfg, ArithmeticParams)
+        self._splits: dict[Split, list[Problem]] | None = None
 
     def problems(self, split: Split) -> list[Problem]:
         if self._splits is None:
@@ -174,37 +177,31 @@ class ArithmeticTask:
             return score_last_number(int(problem.answer), completion, steps)
         return score_value(int(problem.answer), completion, steps)
 
-    def _generate(self) -> dict[str, list[Problem]]:
-        # Test first, then val, then train, each from its own RNG: the test set depends only on
-        # (seed, testSize, params). Later splits skip prompts already used, so splits are disjoint.
-        p = self.params
-        seen: set[str] = set()
-        out: dict[str, list[Problem]] = {}
-        sizes = {"test": self.cfg.test_size, "val": self.cfg.val_size, "train": self.cfg.train_size}
-        for split, size in sizes.items():
-            rng = random.Random(f"{NAME}:{self.cfg.seed}:{split}")
-            items: list[Problem] = []
-            attempts = 0
-            while len(items) < size:
-                attempts += 1
-                if attempts > 100 * size + 1000:
-                    raise ValueError(
-                        f"{NAME}: could only generate {len(items)} distinct {split} "
-                        f"problems of {size}; lower the split sizes or raise steps "
-                        "or maxOperand"
-                    )
-                expr = make_expr(rng, p.steps, p.max_operand, p.ops)
-                prompt = format_prompt(expr, p.answer_format)
-                if prompt in seen:
-                    continue
-                seen.add(prompt)
-                meta = {"expression": expr.text, "steps": list(expr.steps)}
-                items.append(Problem(f"{NAME}-{split}-{len(items)}", prompt, str(expr.value), meta))
-            out[split] = items
-        return out
+    def _generate(self) -> dict[Split, list[Problem]]:
+        p, cfg = self.params, self.cfg
+        splits = disjoint_splits(
+            NAME,
+            cfg.seed,
+            {"test": cfg.test_size, "val": cfg.val_size, "train": cfg.train_size},
+            draw=lambda rng: make_expr(rng, p.steps, p.max_operand, p.ops),
+            key=lambda expr: format_prompt(expr, p.answer_format),
+            remedy="lower the split sizes or raise steps or maxOperand",
+        )
+        return {
+            split: [
+                Problem(
+                    f"{NAME}-{split}-{i}",
+                    format_prompt(expr, p.answer_format),
+                    str(expr.value),
+                    {"expression": expr.text, "steps": list(expr.steps)},
+                )
+                for i, expr in enumerate(exprs)
+            ]
+            for split, exprs in splits.items()
+        }
 
 
-def build(cfg: TaskConfig) -> ArithmeticTask:
+def build(cfg: TaskSettings) -> ArithmeticTask:
     return ArithmeticTask(cfg)
 
 

@@ -26,9 +26,10 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from fst.config import Schema, TaskConfig
+from fst.schema import Schema
 from fst.tasks import register
-from fst.tasks.base import Problem, Score, Split, extract_boxed
+from fst.tasks.base import Problem, Score, Split, TaskSettings, extract_boxed, params_of
+from fst.tasks.splits import disjoint_splits
 
 NAME = "codeio"
 
@@ -112,7 +113,8 @@ exec(compile(_fst_src, "<sandbox>", "exec"), {"__name__": "__main__", "__builtin
 """
 
 _OUTPUT_LIMIT = 16 * 1024 * 1024  # bytes of stdout/stderr (RLIMIT_FSIZE on their files)
-_SIGNALS = {
+# Keyed by plain int: a killed child's returncode is minus the signal number.
+_SIGNALS: dict[int, str] = {
     signal.SIGXCPU: "cpu time limit exceeded",
     signal.SIGXFSZ: "output limit exceeded",
     signal.SIGKILL: "killed (SIGKILL)",
@@ -501,11 +503,11 @@ class CodeIOTask:
 
     name = NAME
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskSettings) -> None:
         self.cfg = cfg
-        self.params = CodeIOParams.model_validate(cfg.params)
-        self._snippets: dict[str, list[Snippet]] | None = None
-        self._problems: dict[str, list[Problem]] = {}
+        self.params = params_of(cfg, CodeIOParams)
+        self._snippets: dict[Split, list[Snippet]] | None = None
+        self._problems: dict[Split, list[Problem]] = {}
 
     def problems(self, split: Split) -> list[Problem]:
         # Prompts for all splits are generated together (disjointness needs all of them), but
@@ -527,36 +529,20 @@ class CodeIOTask:
     def score(self, problem: Problem, completion: str) -> Score:
         return score_output(problem.answer, completion)
 
-    def _all_snippets(self) -> dict[str, list[Snippet]]:
-        if self._snippets is not None:
-            return self._snippets
-        # Test first, then val, then train, each from its own RNG: the test set depends only on
-        # (seed, testSize, params). Later splits skip prompts already used, so splits are disjoint.
-        seen: set[str] = set()
-        out: dict[str, list[Snippet]] = {}
-        sizes = {"test": self.cfg.test_size, "val": self.cfg.val_size, "train": self.cfg.train_size}
-        for split, size in sizes.items():
-            rng = random.Random(f"{NAME}:{self.cfg.seed}:{split}")
-            items: list[Snippet] = []
-            attempts = 0
-            while len(items) < size:
-                attempts += 1
-                if attempts > 100 * size + 1000:
-                    raise ValueError(
-                        f"{NAME}: could only generate {len(items)} distinct {split} "
-                        f"problems of {size}; lower the split sizes"
-                    )
-                snippet = make_snippet(rng, self.params.templates)
-                prompt = format_prompt(snippet)
-                if prompt not in seen:
-                    seen.add(prompt)
-                    items.append(snippet)
-            out[split] = items
-        self._snippets = out
-        return out
+    def _all_snippets(self) -> dict[Split, list[Snippet]]:
+        if self._snippets is None:
+            cfg = self.cfg
+            self._snippets = disjoint_splits(
+                NAME,
+                cfg.seed,
+                {"test": cfg.test_size, "val": cfg.val_size, "train": cfg.train_size},
+                draw=lambda rng: make_snippet(rng, self.params.templates),
+                key=format_prompt,
+            )
+        return self._snippets
 
 
-def build(cfg: TaskConfig) -> CodeIOTask:
+def build(cfg: TaskSettings) -> CodeIOTask:
     return CodeIOTask(cfg)
 
 

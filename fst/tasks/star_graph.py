@@ -16,9 +16,10 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from fst.config import Schema, TaskConfig
+from fst.schema import Schema
 from fst.tasks import register
-from fst.tasks.base import Problem, Score, Split, extract_boxed
+from fst.tasks.base import Problem, Score, Split, TaskSettings, extract_boxed, params_of
+from fst.tasks.splits import disjoint_splits
 
 NAME = "star_graph"
 
@@ -47,7 +48,7 @@ def make_graph(rng: random.Random, p: StarGraphParams) -> dict[str, Any]:
     labels = rng.sample(range(p.node_count), p.degree * arm_len + 1)
     center, rest = labels[0], labels[1:]
     arms = [rest[i * arm_len : (i + 1) * arm_len] for i in range(p.degree)]
-    edges = []
+    edges: list[list[int]] = []
     for arm in arms:
         chain = [center, *arm]
         edges.extend([a, b] for a, b in pairwise(chain))
@@ -137,10 +138,10 @@ class StarGraphTask:
 
     name = NAME
 
-    def __init__(self, cfg: TaskConfig) -> None:
+    def __init__(self, cfg: TaskSettings) -> None:
         self.cfg = cfg
-        self.params = StarGraphParams.model_validate(cfg.params)
-        self._splits: dict[str, list[Problem]] | None = None
+        self.params = params_of(cfg, StarGraphParams)
+        self._splits: dict[Split, list[Problem]] | None = None
 
     def problems(self, split: Split) -> list[Problem]:
         if self._splits is None:
@@ -150,37 +151,31 @@ class StarGraphTask:
     def score(self, problem: Problem, completion: str) -> Score:
         return score_path(problem.meta, completion)
 
-    def _generate(self) -> dict[str, list[Problem]]:
-        # Test first, then val, then train, each from its own RNG: the test set depends only on
-        # (seed, testSize, params), so runs with different train sizes are evaluated alike.
-        # Later splits skip prompts already used, which keeps the splits disjoint.
-        seen: set[str] = set()
-        out: dict[str, list[Problem]] = {}
-        sizes = {"test": self.cfg.test_size, "val": self.cfg.val_size, "train": self.cfg.train_size}
-        for split, size in sizes.items():
-            rng = random.Random(f"{NAME}:{self.cfg.seed}:{split}")
-            items: list[Problem] = []
-            attempts = 0
-            while len(items) < size:
-                attempts += 1
-                if attempts > 100 * size + 1000:
-                    raise ValueError(
-                        f"{NAME}: only {len(items)} distinct {split} problems of "
-                        f"{size} could be generated; lower the split sizes or raise "
-                        "nodeCount"
-                    )
-                graph = make_graph(rng, self.params)
-                prompt = format_prompt(graph)
-                if prompt in seen:
-                    continue
-                seen.add(prompt)
-                answer = ",".join(map(str, graph["path"]))
-                items.append(Problem(f"{NAME}-{split}-{len(items)}", prompt, answer, graph))
-            out[split] = items
-        return out
+    def _generate(self) -> dict[Split, list[Problem]]:
+        cfg = self.cfg
+        splits = disjoint_splits(
+            NAME,
+            cfg.seed,
+            {"test": cfg.test_size, "val": cfg.val_size, "train": cfg.train_size},
+            draw=lambda rng: make_graph(rng, self.params),
+            key=format_prompt,
+            remedy="lower the split sizes or raise nodeCount",
+        )
+        return {
+            split: [
+                Problem(
+                    f"{NAME}-{split}-{i}",
+                    format_prompt(graph),
+                    ",".join(map(str, graph["path"])),
+                    graph,
+                )
+                for i, graph in enumerate(graphs)
+            ]
+            for split, graphs in splits.items()
+        }
 
 
-def build(cfg: TaskConfig) -> StarGraphTask:
+def build(cfg: TaskSettings) -> StarGraphTask:
     return StarGraphTask(cfg)
 
 

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from fst.config import TaskConfig
 from fst.tasks import Problem, build_task
-from fst.tasks.arithmetic import ArithmeticTask, parse_int, score_value
+from fst.tasks.arithmetic import ArithmeticParams, ArithmeticTask, parse_int, score_value
 
 
 def make_task(seed: int = 0, sizes: tuple[int, int, int] = (30, 5, 5), **params) -> ArithmeticTask:
@@ -124,7 +124,9 @@ def test_params_validation() -> None:
         TaskConfig(name="arithmetic", params={"ops": []})
     with pytest.raises(ValidationError, match=r"params\.step"):
         TaskConfig(name="arithmetic", params={"step": 2})
-    cfg = TaskConfig(name="arithmetic", params={"maxOperand": 9})
+    cfg = TaskConfig(name="arithmetic", params={"max_operand": 9})
+    assert cfg.typed_params == ArithmeticParams(max_operand=9)
+    # The canonical form: every setting under its camelCase key, defaults included.
     assert cfg.params == {
         "steps": 3,
         "maxOperand": 9,

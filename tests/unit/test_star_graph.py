@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from fst.config import TaskConfig
 from fst.tasks import Problem, build_task
-from fst.tasks.star_graph import StarGraphTask
+from fst.tasks.star_graph import StarGraphParams, StarGraphTask
 
 
 def make_task(seed: int = 0, sizes: tuple[int, int, int] = (20, 5, 5), **params) -> StarGraphTask:
@@ -168,5 +168,6 @@ def test_params_validation() -> None:
     with pytest.raises(ValidationError, match=r"params\.degree"):
         TaskConfig(name="star_graph", params={"degree": 1})
     cfg = TaskConfig(name="star_graph", params={"degree": 3, "pathLength": 5})
+    assert cfg.typed_params == StarGraphParams(degree=3, path_length=5)
     assert cfg.params == {"degree": 3, "pathLength": 5, "nodeCount": 50}
     assert build_task(TaskConfig(name="star_graph", params={"degree": 3})).name == "star_graph"
