@@ -1,1 +1,1 @@
-"""Where runs keep what matters: checkpoints (a folder or S3) and, later, run records."""
+"""Where runs keep what matters: checkpoints (a folder or S3) and run records (a database)."""

@@ -1,6 +1,6 @@
 """Checkpoint stores: a checkpoint is a folder of files, committed atomically.
 
-Layout (a local folder here; an S3 prefix in fst/store/s3.py):
+Layout (fst/store/layout.py; a local folder here, an S3 prefix in fst/store/s3.py):
     <root>/step-00000010/manifest.json   written LAST; lists every file with size and sha256
     <root>/step-00000010/model/...       a loadable Hugging Face model folder
     <root>/step-00000010/...             optimizer, RNG, trainer state, config
@@ -11,68 +11,27 @@ ignored staging folder, and the previous checkpoint stays the latest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
-import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Protocol
 
+# The layout both stores share lives in fst.store.layout; its names stay importable from here.
+from fst.store.layout import (
+    MANIFEST,
+    CheckpointError,
+    build_manifest,
+    parse_step_name,
+    step_name,
+    verify_folder,
+)
+from fst.store.layout import sha256_file as sha256_file
+
 log = logging.getLogger(__name__)
-
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
-
-
-def parse_step_name(name: str) -> int | None:
-    """`step-00000010` -> 10; anything else -> None."""
-    m = _STEP_DIR.match(name)
-    return int(m.group(1)) if m else None
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def build_manifest(folder: Path, step: int, meta: dict[str, Any]) -> dict[str, Any]:
-    files = {}
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
-            files[p.relative_to(folder).as_posix()] = {
-                "size": p.stat().st_size,
-                "sha256": sha256_file(p),
-            }
-    return {"step": step, "created": time.time(), "files": files, "meta": meta}
-
-
-def verify_folder(folder: Path, manifest: dict[str, Any], hashes: bool = True) -> None:
-    """Raise CheckpointError if a file is missing, has the wrong size, or (hashes) wrong sha."""
-    for rel, info in manifest["files"].items():
-        p = folder / rel
-        if not p.is_file():
-            raise CheckpointError(f"{folder}: missing {rel}")
-        if p.stat().st_size != info["size"]:
-            raise CheckpointError(
-                f"{folder}: {rel} has {p.stat().st_size} bytes, manifest says {info['size']}"
-            )
-        if hashes and sha256_file(p) != info["sha256"]:
-            raise CheckpointError(f"{folder}: {rel} does not match its sha256")
 
 
 class CheckpointStore(Protocol):
@@ -138,9 +97,9 @@ class LocalCheckpointStore:
     def steps(self) -> list[int]:
         out = []
         for p in self.root.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and (p / MANIFEST).is_file():
-                out.append(int(m.group(1)))
+            step = parse_step_name(p.name)
+            if step is not None and (p / MANIFEST).is_file():
+                out.append(step)
         return sorted(out)
 
     def manifest(self, step: int) -> dict[str, Any]:
@@ -186,8 +145,9 @@ def latest_step(store: CheckpointStore) -> int | None:
     return steps[-1] if steps else None
 
 
-def prune(store: CheckpointStore, keep_last: int, keep: set[int] = frozenset()) -> list[int]:
-    """Delete all but the last `keep_last` checkpoints and those in `keep` (e.g. the best)."""
+def prune(store: CheckpointStore, keep_last: int, keep: Collection[int] = frozenset()) -> list[int]:
+    """Delete every checkpoint but the newest `keep_last` and the steps in `keep`; return the
+    deleted steps. `keep_last` <= 0 deletes nothing."""
     steps = store.steps()
     doomed = [s for s in steps[:-keep_last] if s not in keep] if keep_last > 0 else []
     for s in doomed:

@@ -1,4 +1,5 @@
-"""Checkpoints in S3 (AWS, MinIO, any S3-compatible store), same layout as a local folder.
+"""Checkpoints in S3 (AWS, MinIO, any S3-compatible store), same layout as a local folder
+(fst/store/layout.py):
 
     s3://bucket/prefix/step-00000010/manifest.json   uploaded LAST; lists every file
     s3://bucket/prefix/step-00000010/model/...       ...and the other files of the checkpoint
@@ -49,7 +50,7 @@ from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
-from fst.store.checkpoints import (
+from fst.store.layout import (
     MANIFEST,
     CheckpointError,
     build_manifest,
