@@ -3,6 +3,10 @@
 The decoding loop is written out (rather than calling `model.generate`) so that the sampler's
 per-token logprobs come out for free, the random stream is an explicit torch.Generator that a
 checkpoint can save and restore, and nothing is hidden behind generation-config defaults.
+
+The KV cache goes in and out of the model through transformers' `cache` keyword and output
+field (transformers >= 5.24; the older name `past_key_values` is deprecated there and removed in
+5.40), as a `Cache` of per-layer objects whose plain layers we replace with preallocated ones.
 """
 
 from __future__ import annotations
@@ -126,7 +130,7 @@ class HFRolloutEngine:
         )
         rows_idx = torch.tensor(row_of, device=device)
         logits = out.logits[:, -1, :].index_select(0, rows_idx)  # (B, V)
-        cache = _preallocate(out.past_key_values, rows_idx, L + N)
+        cache = _preallocate(out.cache, rows_idx, L + N)
         next_pos = positions[:, -1:].index_select(0, rows_idx) + 1  # (B, 1)
         # The attention mask of the whole completion, allocated once; step t uses [:, :L+t+1].
         full_attention = torch.ones((B, L + N), dtype=torch.long, device=device)
@@ -153,23 +157,24 @@ class HFRolloutEngine:
                 break  # (the last step's logits would never be used)
             if len(keep) < len(rows):
                 idx = torch.tensor(keep, device=device)
-                _select_rows(cache, idx)
+                cache.batch_select_indices(idx)
                 full_attention, next_pos, tok = full_attention[idx], next_pos[idx], tok[idx]
                 rows = [rows[i] for i in keep]
             out = model(
                 input_ids=tok[:, None],
                 attention_mask=full_attention[:, : L + t + 1],
                 position_ids=next_pos,
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            cache, logits = out.cache, out.logits[:, -1, :]
             next_pos = next_pos + 1
 
         rollouts = []
         for b in range(B):
             body = ids[b][:-1] if finished[b] else ids[b]
             text = self.tokenizer.decode(body, skip_special_tokens=True)
+            assert isinstance(text, str)  # one sequence of ids decodes to one string
             rollouts.append(Rollout(list(prompts[b]), ids[b], lps[b], text, finished[b]))
         model.train(was_training)
         return rollouts
@@ -182,6 +187,8 @@ class _PreallocatedLayer(DynamicLayer):
     decoding step (~15% of decoding time at 128 new tokens); here a step writes only its new
     position, and `keys`/`values` are views of the filled part, so the attention reads exactly
     what it read before.
+
+    keys, values: (B, H, n, D) the prefill's cache; the buffers are (B, H, capacity, D).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
@@ -196,8 +203,10 @@ class _PreallocatedLayer(DynamicLayer):
         self.is_initialized = True
         self._expose()
 
-    def _expose(self) -> None:
-        self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+    def _expose(self) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+        self.keys, self.values = keys, values
+        return keys, values
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -208,8 +217,7 @@ class _PreallocatedLayer(DynamicLayer):
         self._k[:, :, self._n : self._n + n] = key_states
         self._v[:, :, self._n : self._n + n] = value_states
         self._n += n
-        self._expose()
-        return self.keys, self.values
+        return self._expose()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._k, self._v = self._k[indices], self._v[indices]
@@ -217,19 +225,11 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 def _preallocate(cache: Cache, rows: torch.Tensor, capacity: int) -> Cache:
-    """The prefill's cache expanded to one row per rollout (`rows` maps each rollout to its
+    """The prefill's cache expanded to one row per rollout (`rows` (B,) maps each rollout to its
     distinct prompt), with plain layers moved into preallocated buffers (other layer kinds,
     e.g. sliding-window ones, keep their own logic and just get their rows selected)."""
+    cache.batch_select_indices(rows)  # every layer kind: (U, ...) -> (B, ...)
     for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer and layer.is_initialized:
-            keys, values = layer.keys.index_select(0, rows), layer.values.index_select(0, rows)
-            cache.layers[i] = _PreallocatedLayer(keys, values, capacity)
-        else:
-            layer.batch_select_indices(rows)
+        if type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None:
+            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity)
     return cache
-
-
-def _select_rows(cache: Cache, idx: torch.Tensor) -> None:
-    """Keep only the batch rows `idx` of a transformers KV cache (in place)."""
-    for layer in cache.layers:
-        layer.batch_select_indices(idx)

@@ -21,10 +21,13 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
+from transformers.cache_utils import Cache, DynamicLayer
 
 from fst.config import SlowConfig
 from fst.rollout import Rollout
@@ -120,9 +123,10 @@ class _TokenLogprob(torch.autograd.Function):
     each, per micro-batch.
     """
 
+    # ctx: Any, as torch's own signature has it; the attributes set on it are ours.
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         logits: torch.Tensor,
         targets: torch.Tensor,
         inv_temperature: float,
@@ -140,8 +144,8 @@ class _TokenLogprob(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_logp: torch.Tensor, _: torch.Tensor
+    def backward(
+        ctx: Any, grad_logp: torch.Tensor, _: torch.Tensor
     ) -> tuple[torch.Tensor, None, None]:
         probs, targets = ctx.saved_tensors
         # The graph is used once (no retain_graph), so the saved softmax becomes the gradient.
@@ -227,10 +231,7 @@ def shared_prompt_logprobs(
     )
     if targets.shape[1] == 1:
         return logp0, ent0
-    cache = out.past_key_values
-    for layer in cache.layers:  # one row per completion; index_select carries the gradient
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+    _expand_rows(out.cache, rows)
     # Completion tokens 0..C-2 predict tokens 1..C-1 (the last token predicts nothing).
     attention = torch.cat(
         [batch.prompt_attention.index_select(0, rows), batch.completion_attention[:, :-1]], dim=1
@@ -239,14 +240,28 @@ def shared_prompt_logprobs(
         input_ids=targets[:, :-1],
         attention_mask=attention,
         position_ids=batch.completion_positions[:, :-1],
-        past_key_values=cache,
+        cache=out.cache,
         use_cache=True,
     ).logits  # (B, C-1, V)
     logp, ent = logp_entropy(rest, targets[:, 1:], temperature)
     return torch.cat([logp0, logp], dim=1), torch.cat([ent0, ent], dim=1)
 
 
-def _fused_adamw_ok(params: list[torch.Tensor]) -> bool | None:
+def _expand_rows(cache: Cache, rows: torch.Tensor) -> None:
+    """Give every completion its prompt's KV cache, in place: each layer's keys and values go
+    from (U, H, P, D), one row per distinct prompt, to (B, H, P, D), row b = rows[b].
+
+    index_select carries the gradient back to the shared prompt (summed over its rows). The
+    cache comes from the model's own forward (transformers' `cache` output); a layer that holds
+    no keys and values (e.g. a linear-attention state) is refused rather than silently skipped."""
+    for layer in cache.layers:
+        if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
+            raise NotImplementedError(f"shared-prompt training: KV-cache layer {layer!r}")
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+
+
+def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool | None:
     """Whether torch's fused AdamW kernel applies (floating-point parameters on CPU or CUDA)."""
     floats = (torch.float32, torch.float16, torch.bfloat16)
     ok = all(p.device.type in ("cpu", "cuda") and p.dtype in floats for p in params)
@@ -340,9 +355,9 @@ class SlowTrainer:
             "entropy": stats["entropy_sum"] / trained if trained else math.nan,
         }
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
