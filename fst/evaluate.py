@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from fst.model import chat_prompt_ids
 from fst.rollout import RolloutEngine, SamplingParams
@@ -20,7 +21,7 @@ class EvalResult:
 
 def evaluate_prompt(
     engine: RolloutEngine,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     task: Task,
     problems: list[Problem],
     system_prompt: str,
@@ -66,7 +67,7 @@ class Decomposition:
 def channel_decomposition(
     base_engine: RolloutEngine,
     trained_engine: RolloutEngine,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     task: Task,
     problems: list[Problem],
     seed_prompt: str,

@@ -42,10 +42,14 @@ from fst.run_state import read_checkpoint_files, write_checkpoint_files
 from fst.slow.advantages import group_advantages
 from fst.slow.trainer import SlowTrainer
 from fst.store.checkpoints import CheckpointStore, latest_step, open_store, prune
-from fst.store.db import Lease, RunDB, RunLockedError, database_url
+from fst.store.db import DEFAULT_LEASE_S, Lease, RunDB, RunLockedError, database_url
 from fst.tasks import Problem, Task, build_task
 
 log = logging.getLogger(__name__)
+
+# The run's writer lease in the database (seconds): heartbeats every quarter of it; a run whose
+# lease could not be confirmed for this long stops (another trainer may have taken it over).
+LEASE_S = DEFAULT_LEASE_S
 
 
 class RunError(RuntimeError):
@@ -138,6 +142,14 @@ class Run:
     fast_s: float = 0.0  # wall time spent in GEPA rounds, whole run (resumes included)
     slow_s: float = 0.0  # wall time spent in RL steps, whole run
     reflector: Any = None  # GEPA reflection_lm (openai/local) or custom proposer (digest)
+    lease: Lease | None = None  # the run's writer lease (train() sets it)
+
+    def ensure_writer(self) -> None:
+        """Raise RunLockedError if this process is no longer the run's writer. Called at every
+        step boundary and right before every write (metrics, population, checkpoint): a run
+        that lost its lease writes nothing more."""
+        if self.lease is not None:
+            self.lease.check()
 
     @property
     def sampling(self) -> SamplingParams:
@@ -176,6 +188,23 @@ def load_task(cfg: TrainConfig) -> Task:
     return task
 
 
+def initial_population(cfg: TrainConfig) -> list[PromptRecord]:
+    """The prompts a run starts from: `fast.initialPopulation` (a stream's hand-over), else the
+    seed prompt. Mode rl trains the weights under the seed prompt ALONE, whatever the
+    population says: an rl run (or an rl stage after an fst one) is the weights-only baseline,
+    and evolved prompts would mix the fast channel into it."""
+    seed = [PromptRecord(cfg.fast.seed_prompt)]
+    if cfg.mode == "rl":
+        if cfg.fast.initial_population:
+            log.info(
+                "mode rl: fast.initialPopulation (%d prompts) is ignored; every rollout uses "
+                "fast.seedPrompt",
+                len(cfg.fast.initial_population),
+            )
+        return seed
+    return [PromptRecord(t) for t in cfg.fast.initial_population] or seed
+
+
 def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
     keep_freed_memory()
     generator = seed_everything(cfg.seed)
@@ -189,7 +218,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
         # here, so a CPU install never needs it (fst/rollout/vllm.py).
         from fst.rollout.vllm import VLLMRolloutEngine
 
-        engine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
+        engine: RolloutEngine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
     else:
         engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
@@ -206,8 +235,7 @@ def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
         generator,
         store,
         sink,
-        population=[PromptRecord(t) for t in cfg.fast.initial_population]
-        or [PromptRecord(cfg.fast.seed_prompt)],
+        population=initial_population(cfg),
     )
     if cfg.mode != "rl":
         base = reference if reference is not None else policy
@@ -263,6 +291,7 @@ def gepa_round(run: Run) -> dict[str, Any]:
     run.fast_s += result.seconds
     # Recorded under the step it precedes (run.step + 1): a checkpoint at run.step was saved
     # BEFORE this round, so a resume from it must drop this record and run the round again.
+    run.ensure_writer()
     run.sink.write_population(run.step + 1, round_idx, run.population, result.candidates)
     scores = [p.mean_score for p in run.population]
     log.info(
@@ -335,7 +364,7 @@ def rl_step(run: Run) -> dict[str, Any]:
     if cfg.metrics.kl_prompts > 0 and run.step % cfg.metrics.kl_every == 0:
         t2 = time.perf_counter()
         record["kl"] = kl_to_base(
-            run.policy, run.reference, run.engine, run.kl_prompts, run.sampling, run.engine.pad_id
+            run.policy, run.reference, run.engine, run.kl_prompts, run.sampling, run.trainer.pad_id
         )
         record["kl_s"] = time.perf_counter() - t2
     record["step_s"] = time.perf_counter() - t0
@@ -440,10 +469,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     try:
         db.upgrade()
         # One writer per run across machines (pods): a lease in the database, kept alive by a
-        # heartbeat; a second trainer of the same run gets RunLockedError.
-        lease = db.acquire_run(cfg.run, cfg.mode, cfg.model_dump(mode="json", by_alias=True))
+        # heartbeat; a second trainer of the same run gets RunLockedError, and this one stops
+        # (writing nothing more) if it loses the lease (Run.ensure_writer).
+        config = cfg.model_dump(mode="json", by_alias=True)
+        lease = db.acquire_run(cfg.run, cfg.mode, config, lease_s=LEASE_S)
         lease.keep_alive()
         run = build_run(cfg, run_dir, db)
+        run.lease = lease
         existing = latest_step(run.store)
         if existing is not None and not resume:
             raise RunError(
@@ -451,6 +483,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                 f"{run.store.uri}; pass --resume to continue it, or pick another "
                 "run name. Nothing was overwritten."
             )
+        run.ensure_writer()  # loading the model can take a while
         if resume and restore_latest(run) is not None:
             log.info("resumed %s at step %d", cfg.run, run.step)
             db.log_event(cfg.run, "resumed", f"from step {run.step}")
@@ -459,7 +492,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
             run.sink.truncate_after(0)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-        _loop(run, progress, lease, db)
+        _loop(run, progress, db)
         db.log_event(cfg.run, "finished", f"step {run.step}")
         lease.release("finished")
         finished = True
@@ -475,12 +508,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         raise
     finally:
         if lease is not None and not finished:
-            lease.release("failed")
+            try:
+                lease.release("failed")
+            except Exception as e:  # the database may be why we are here: keep the first error
+                log.warning("run %r: could not release its lease: %s", cfg.run, e)
         db.close()
         lock.release()
 
 
-def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
+def _loop(run: Run, progress: bool, db: RunDB) -> None:
+    """Steps until cfg.steps. Every write is preceded by a lease check (Run.ensure_writer), so
+    a run that lost its lease to another trainer stops without writing anything more."""
     cfg = run.cfg
     bar = tqdm(
         total=cfg.steps,
@@ -493,18 +531,22 @@ def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
     last_kl = None
     every = cfg.metrics.eval_every
     if every and run.step == 0:
-        run.sink.write({"step": 0, **heldout_eval(run)})  # the base point of the curve
+        point = {"step": 0, **heldout_eval(run)}  # the base point of the curve
+        run.ensure_writer()
+        run.sink.write(point)
     while run.step < cfg.steps:
+        run.ensure_writer()  # the step boundary: stop here once the lease is lost
         round_metrics = {}
         if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
             bar.set_description(f"{cfg.run} [{cfg.mode}] GEPA round")
-            round_metrics = gepa_round(run)
+            round_metrics = gepa_round(run)  # checks the lease before writing its record
             bar.set_description(f"{cfg.run} [{cfg.mode}]")
         record = {**rl_step(run), **round_metrics}
         if every and (run.step % every == 0 or run.step == cfg.steps):
             record.update(heldout_eval(run))
         total = run.fast_s + run.slow_s
         record["fast_time_share"] = run.fast_s / total if total > 0 else 0.0
+        run.ensure_writer()  # the step took a while: still the run's writer?
         run.sink.write(record)
         bar.update(1)
         last_kl = record.get("kl", last_kl)
@@ -514,7 +556,7 @@ def _loop(run: Run, progress: bool, lease: Lease, db: RunDB) -> None:
             s_step=f"{record['step_s']:.1f}",
         )
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
-            lease.check()  # never write a checkpoint after losing the run to another writer
+            run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)
             db.log_event(cfg.run, "checkpoint", uri)  # the operator mirrors it into status
             log.info("step %d: checkpoint %s", run.step, uri)

@@ -14,8 +14,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -94,8 +96,32 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_policy(cfg: ModelConfig) -> PreTrainedModel:
-    """The trainable model (with LoRA adapters if configured), on cfg.device."""
+    """The trainable model on cfg.device: the weights of `cfg.name`, with fresh LoRA adapters
+    on top when `cfg.lora` is set.
+
+    `cfg.name` may be one of our checkpoints (a stream's next stage starts from the previous
+    stage's final one): its `model/` folder is a plain transformers model, for a LoRA run the
+    MERGED weights W + (alpha/r)·B·A (see fst/run_state.py for why). So a next stage that
+    itself uses LoRA starts NEW adapters (B = 0) on top of the merged weights: what the
+    previous stage learned is in the base weights from then on, and KL is still measured
+    against `cfg.reference` (the stream's original base). A resumed run does not get its
+    adapters from here: it rebuilds its policy exactly as it started (the same base, fresh
+    adapters) and then loads the checkpoint's `adapter/` into it.
+
+    With LoRA the returned object is a peft PeftModel. It is typed as the PreTrainedModel it
+    wraps because that is how the rest of the code uses it: PeftModel forwards `forward`,
+    `generate`, `config`, `device`... to the wrapped model.
+    """
     src = resolve_source(cfg)
+    folder = Path(src.path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        # A PEFT adapter folder alone (what LoRA checkpoints held before they saved the merged
+        # model): transformers would try to load its base from the path recorded inside it.
+        raise ValueError(
+            f"model.name: {src.path} holds only a LoRA adapter, not a model; point model.name "
+            "at a checkpoint written by this version (its model/ is the merged model), or "
+            "merge the adapter into its base first (peft: merge_and_unload)"
+        )
     log.info("loading model %s%s", src.path, f" ({src.gguf_file})" if src.gguf_file else "")
     if src.gguf_file is not None:
         _quiet_gguf_progress()
@@ -104,28 +130,83 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     )
     if src.gguf_file is not None:
         _forget_gguf_origin(model)
-    model.to(cfg.device)
-    if cfg.lora is not None:
-        from peft import LoraConfig as PeftLoraConfig
-        from peft import PeftModel, get_peft_model
+    # transformers types `to` through a decorator that mypy reads as taking the model itself.
+    model.to(cfg.device)  # type: ignore[arg-type]
+    if cfg.lora is None:
+        return model
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
 
-        adapter = Path(src.path) / "adapter_config.json"
-        if adapter.is_file():  # a LoRA checkpoint of ours: base + saved adapter
-            raise ValueError(
-                "loading a LoRA adapter checkpoint as a base model is not supported; merge it first"
-            )
-        model = get_peft_model(
-            model,
-            PeftLoraConfig(
-                r=cfg.lora.rank,
-                lora_alpha=cfg.lora.alpha,
-                lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules,
-                task_type="CAUSAL_LM",
-            ),
+    lora = PeftLoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers' `is_gradient_checkpointing`, deprecated in
+        # transformers 5 for removal in 6: peft's warning to fix, not ours, on every load.
+        warnings.filterwarnings(
+            "ignore", r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
         )
-        assert isinstance(model, PeftModel)
-    return model
+        # The adapters' A matrices are drawn from torch's global RNG (B starts at 0), which
+        # the loop seeds before loading: a resumed run rebuilds the same initial adapters.
+        peft_model = get_peft_model(model, lora)
+    return cast(PreTrainedModel, peft_model)
+
+
+def is_lora(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft model (LoRA adapters on a transformers model)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a plain transformers model of the same architecture would hold.
+
+    For a LoRA model every adapted layer's weight is W + (alpha/r)·B·A, computed here into new
+    tensors; the policy itself is not modified. (Merging in place and unmerging after would
+    leave W off by float rounding: a run that saved a checkpoint would no longer match one
+    resumed from it.) Other weights are the live tensors, not copies. For a plain model this is
+    its state_dict.
+    """
+    if not is_lora(model):
+        return model.state_dict()
+    peft_model: Any = model  # peft's PeftModel: its methods are untyped
+    base: torch.nn.Module = peft_model.get_base_model()  # the transformers model, LoRA inside
+    modules = dict(base.named_modules())
+    merged: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, tensor in base.state_dict().items():
+            if ".lora_" in name:
+                continue  # the adapters themselves: folded into their base weight below
+            if ".base_layer." not in name:
+                merged[name] = tensor
+                continue
+            owner, leaf = name.rsplit(".base_layer.", 1)
+            layer: Any = modules[owner]  # a peft LoRA layer wrapping the original module
+            if leaf == "weight":
+                for adapter in layer.active_adapters:
+                    if adapter in layer.lora_A:
+                        tensor = tensor + layer.get_delta_weight(adapter).to(tensor.dtype)
+            merged[f"{owner}.{leaf}"] = tensor
+    return merged
+
+
+def save_model_folder(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path
+) -> None:
+    """Write a loadable transformers model folder (config, safetensors weights, tokenizer).
+
+    For a LoRA model the folder holds the MERGED model (merged_state_dict), so whatever loads
+    it (the next stage of a stream, `fst eval`, a server) needs neither peft nor the base."""
+    if is_lora(model):
+        peft_model: Any = model  # peft's PeftModel: its methods are untyped
+        base: PreTrainedModel = peft_model.get_base_model()
+        base.save_pretrained(folder, state_dict=merged_state_dict(model))
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def _quiet_gguf_progress() -> None:
@@ -143,8 +224,10 @@ def _forget_gguf_origin(model: PreTrainedModel) -> None:
     """transformers de-quantizes GGUF weights to float tensors on load but keeps a GGUF
     "quantizer" attached, which makes save_pretrained refuse. The weights are plain floats, so
     drop the marker: checkpoints are then ordinary safetensors models."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # transformers sets these attributes at load time without declaring them on the class, so
+    # mypy types them through nn.Module.__getattr__ (Tensor | Module).
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
@@ -159,7 +242,7 @@ def make_reference(policy: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel
         ref = load_policy(
             cfg.model_copy(update={"name": cfg.reference, "lora": None, "reference": None})
         )
-    elif hasattr(policy, "disable_adapter"):
+    elif is_lora(policy):
         return None
     else:
         ref = copy.deepcopy(policy)

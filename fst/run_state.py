@@ -1,11 +1,25 @@
 """What a checkpoint holds, and how a run is restored from one.
 
-model/            save_pretrained (safetensors) + tokenizer: loadable on its own, which is
-                  how the next stage of a stream starts from this one
+model/            a loadable transformers model folder (safetensors + config + tokenizer): how
+                  the next stage of a stream, `fst eval` and a server start from this one
+adapter/          LoRA runs only: the adapters alone (peft format), for an exact resume
 trainer.pt        AdamW and LR-schedule state
 rng.pt            every random stream: the rollout sampler's generator, torch, python, numpy
-state.json        step, data cursor, best reward, anything the loop needs to continue
+state.json        step, data cursor, population, anything the loop needs to continue
 config.yaml       the run's configuration, for the record
+
+LoRA runs: `model/` is the MERGED model, W + (alpha/r)·B·A in every adapted layer, and the
+adapters are saved again in `adapter/`.
+  - Merged, rather than the adapter alone, because a checkpoint must be loadable on its own:
+    an adapter is only meaningful on top of its exact base, which may be a GGUF file inside a
+    Python package, another stage's checkpoint or an s3:// URI on another machine. The next
+    stage, evaluation and serving (vLLM included) then load a plain model and need no peft.
+    A next stage that uses LoRA again starts new adapters on top of these merged weights.
+  - `adapter/` as well, because a resume must continue EXACTLY: the resumed run rebuilds its
+    policy as it started (the run's own base + fresh adapters) and loads the adapters into it,
+    which restores the trained parameters bit for bit and matches the optimizer's state (one
+    Adam moment per adapter parameter). Resuming from the merged weights with new adapters
+    would give another trajectory. The adapters are small (a few MB for SmolLM2 at rank 16).
 """
 
 from __future__ import annotations
@@ -20,7 +34,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fst.config import TrainConfig, dump_config
+from fst.model import is_lora, save_model_folder
 from fst.slow.trainer import SlowTrainer
+
+MODEL_DIR = "model"
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name inside an adapter folder
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -48,33 +67,56 @@ def write_checkpoint_files(
     generator: torch.Generator,
     state: dict[str, Any],
 ) -> None:
-    model.save_pretrained(folder / "model", safe_serialization=True)
-    tokenizer.save_pretrained(folder / "model")
+    save_model_folder(model, tokenizer, folder / MODEL_DIR)  # merged, for a LoRA model
+    if is_lora(model):
+        # save_embedding_layers=False: we never resize the vocabulary, and peft's "auto" check
+        # would look the base up by name (on the Hub for anything that is not a local folder).
+        model.save_pretrained(folder / ADAPTER_DIR, save_embedding_layers=False)
     torch.save(trainer.state_dict(), folder / "trainer.pt")
     torch.save(rng_state(generator), folder / "rng.pt")
     (folder / "state.json").write_text(json.dumps(state, indent=1))
     (folder / "config.yaml").write_text(dump_config(cfg))
 
 
-def load_weights_into(model: PreTrainedModel, folder: Path) -> None:
-    """Copy saved weights into an already-built model (same architecture)."""
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    model_dir = folder / "model"
-    if (model_dir / "adapter_model.safetensors").is_file():
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(model_dir / "adapter_model.safetensors"))
-        return
     shards = sorted(model_dir.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{model_dir}: no safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
         state.update(load_file(shard))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # Tied embeddings are saved once; the tied lm_head is legitimately "missing".
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    return state
+
+
+def load_weights_into(model: PreTrainedModel, folder: Path) -> None:
+    """Make an already-built model (same architecture) compute what the checkpoint in `folder`
+    computes, from its `model/` weights: what evaluation needs.
+
+    A LoRA model gets the merged weights in its base layers and its adapters zeroed (B = 0, so
+    they add nothing), whichever base it was built on: a stage's checkpoint holds weights
+    trained on top of the previous stages, which adapters on the stream's base cannot express.
+    To continue training a run, use `restore_policy` instead (exact adapters)."""
+    model_dir = folder / MODEL_DIR
+    if (model_dir / ADAPTER_WEIGHTS).is_file() and not (model_dir / "config.json").is_file():
+        # A checkpoint of an older version: the adapters alone, on the run's own base.
+        _load_adapters(model, model_dir)
+        return
+    state = _read_safetensors(model_dir)
+    target: torch.nn.Module = model
+    if is_lora(model):
+        target = _zero_adapters(model)
+        # The base layers of adapted modules are named `<module>.base_layer.<param>` inside
+        # peft; the merged checkpoint names them like the plain model, `<module>.<param>`.
+        names = {
+            k.replace(".base_layer.", "."): k for k in target.state_dict() if ".lora_" not in k
+        }
+        state = {names.get(k, k): v for k, v in state.items()}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    # Tied embeddings are saved once (the tied lm_head is legitimately "missing"), and a LoRA
+    # model's adapters are not in a merged checkpoint.
+    missing = [k for k in missing if not k.endswith("lm_head.weight") and ".lora_" not in k]
     if missing or unexpected:
         raise RuntimeError(
             f"{model_dir}: weights do not match the model "
@@ -82,10 +124,64 @@ def load_weights_into(model: PreTrainedModel, folder: Path) -> None:
         )
 
 
+def _zero_adapters(model: PreTrainedModel) -> torch.nn.Module:
+    """Set every LoRA B matrix to 0 (the adapters then add nothing); return the base model."""
+    peft_model: Any = model  # peft's PeftModel: its methods are untyped
+    base: torch.nn.Module = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if ".lora_B." in name or ".lora_embedding_B." in name:
+                param.zero_()
+    return base
+
+
+def _load_adapters(model: PreTrainedModel, adapter_dir: Path) -> None:
+    """Load the adapter weights saved by peft in `adapter_dir` into the LoRA model `model`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not is_lora(model):
+        raise RuntimeError(
+            f"{adapter_dir}: the checkpoint holds LoRA adapters (it was written by a LoRA run); "
+            "load or resume it with the same model.lora settings"
+        )
+    # torch's _IncompatibleKeys (missing_keys, unexpected_keys); peft annotates it `namedtuple`.
+    result: Any = set_peft_model_state_dict(model, load_file(adapter_dir / ADAPTER_WEIGHTS))
+    missing = [k for k in result.missing_keys if ".lora_" in k]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{adapter_dir}: adapters do not match the model's model.lora settings "
+            f"(missing {missing[:3]}, unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def restore_policy(model: PreTrainedModel, folder: Path) -> None:
+    """Put the checkpoint's trained parameters into the run's freshly built policy, exactly.
+
+    Full fine-tuning: every weight from `model/`. LoRA: the adapters from `adapter/`; the base
+    weights are the ones the run was built on (unchanged by training), so together they are
+    the trained policy bit for bit."""
+    adapter_dir = folder / ADAPTER_DIR
+    if not adapter_dir.is_dir() and (folder / MODEL_DIR / ADAPTER_WEIGHTS).is_file():
+        adapter_dir = folder / MODEL_DIR  # an older LoRA checkpoint: the adapters in model/
+    if adapter_dir.is_dir():
+        _load_adapters(model, adapter_dir)
+    elif is_lora(model):
+        raise RuntimeError(
+            f"{folder}: the checkpoint has no {ADAPTER_DIR}/ (it was written by a full "
+            "fine-tuning run); resume it without model.lora"
+        )
+    else:
+        load_weights_into(model, folder)
+
+
 def read_checkpoint_files(
     folder: Path, model: PreTrainedModel, trainer: SlowTrainer, generator: torch.Generator
 ) -> dict[str, Any]:
-    load_weights_into(model, folder)
+    """Restore a run from the checkpoint in `folder`: the policy's trained parameters, the
+    optimizer and schedule, every RNG. Returns the loop's state (state.json)."""
+    restore_policy(model, folder)
     trainer.load_state_dict(torch.load(folder / "trainer.pt", weights_only=False))
     restore_rng(torch.load(folder / "rng.pt", weights_only=False), generator)
-    return json.loads((folder / "state.json").read_text())
+    state: dict[str, Any] = json.loads((folder / "state.json").read_text())
+    return state

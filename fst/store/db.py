@@ -11,15 +11,17 @@ holder's heartbeat expired), which the database serializes, so two trainers on o
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -42,11 +44,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine import CursorResult, Dialect, Engine, Result
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from fst.fast.population import PromptRecord
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 DEFAULT_LEASE_S = 60.0
@@ -320,29 +324,31 @@ class RunDB:
         t = now()
         stale = self._dead_local_writer(name)
         with self.session.begin() as s:
-            taken = s.execute(
-                update(Run)
-                .where(Run.name == name)
-                .where(
-                    or_(
-                        Run.writer.is_(None),
-                        Run.heartbeat_at.is_(None),
-                        Run.heartbeat_at < t - timedelta(seconds=lease_s),
-                        Run.writer == stale,
+            taken = _rowcount(
+                s.execute(
+                    update(Run)
+                    .where(Run.name == name)
+                    .where(
+                        or_(
+                            Run.writer.is_(None),
+                            Run.heartbeat_at.is_(None),
+                            Run.heartbeat_at < t - timedelta(seconds=lease_s),
+                            Run.writer == stale,
+                        )
+                    )
+                    .values(
+                        writer=token,
+                        heartbeat_at=t,
+                        status="running",
+                        mode=mode,
+                        config=config,
+                        updated_at=t,
                     )
                 )
-                .values(
-                    writer=token,
-                    heartbeat_at=t,
-                    status="running",
-                    mode=mode,
-                    config=config,
-                    updated_at=t,
-                )
-            ).rowcount
+            )
         if taken != 1:
             raise RunLockedError(self._locked_message(name, lease_s))
-        return Lease(self, name, token)
+        return Lease(self, name, token, lease_s)
 
     def _ensure_run(self, name: str, mode: str, config: dict[str, Any]) -> None:
         t = now()
@@ -498,7 +504,7 @@ class RunDB:
                 .where(Event.run_id == self._run_id(s, run))
                 .order_by(Event.id)
             ).all()
-        return [tuple(r) for r in rows]
+        return [(at, kind, message) for at, kind, message in rows]
 
     def progress(self, run: str) -> RunProgress | None:
         """What a run's status shows: its last step's reward, the last KL measured, the last
@@ -602,45 +608,96 @@ class RunDB:
 
 
 class Lease:
-    """The writer lease on one run. Keep it alive with `heartbeat()` (or `keep_alive()`, a
-    background thread) more often than the lease length; `release()` when done."""
+    """The writer lease on one run.
 
-    def __init__(self, db: RunDB, run: str, token: str) -> None:
-        self.db, self.run, self.token = db, run, token
+    Keep it alive with `heartbeat()` (or `keep_alive()`, a background thread) more often than
+    the lease length, call `check()` before every write the run makes, `release()` when done.
+
+    The lease is LOST, for good, when
+      - a heartbeat finds another writer in the row (ours expired and was taken over), or
+      - no heartbeat has succeeded for longer than the lease length (`lease_s`): another
+        trainer may by then have taken the run over, since the database shows our heartbeat
+        as expired. A heartbeat that fails (database unreachable, locked...) is logged and
+        retried at the next beat until then.
+    Times are this process's monotonic clock, counted from the START of the last successful
+    heartbeat (the time it wrote), so we give the run up no later than a competitor may take
+    it, clock skew between the hosts aside.
+    """
+
+    def __init__(self, db: RunDB, run: str, token: str, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.db, self.run, self.token, self.lease_s = db, run, token, lease_s
         self.lost: str | None = None  # why the lease was lost, if it was
+        self._confirmed = time.monotonic()  # the lease was just taken
+        self._lost_lock = threading.Lock()  # the heartbeat thread and the loop both may lose it
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def heartbeat(self) -> None:
-        """Refresh the lease; RunLockedError if someone took it over (ours had expired)."""
+        """Refresh the lease; RunLockedError if someone took it over (ours had expired). A
+        database error propagates (the lease is then neither refreshed nor known to be lost)."""
+        started = time.monotonic()
         with self.db.session.begin() as s:
             t = now()
-            n = s.execute(
-                update(Run)
-                .where(Run.name == self.run, Run.writer == self.token)
-                .values(heartbeat_at=t, updated_at=t)
-            ).rowcount
+            n = _rowcount(
+                s.execute(
+                    update(Run)
+                    .where(Run.name == self.run, Run.writer == self.token)
+                    .values(heartbeat_at=t, updated_at=t)
+                )
+            )
         if n != 1:
-            self.lost = f"run {self.run!r}: lease {self.token} was lost (it expired and was taken)"
+            self._lose(f"run {self.run!r}: lease {self.token} was lost (it expired and was taken)")
             raise RunLockedError(self.lost)
+        self._confirmed = started
 
     def check(self) -> None:
-        """Raise if the background heartbeat found the lease lost (call before writing)."""
-        if self.lost:
+        """Raise RunLockedError if the lease is lost, or has not been confirmed for longer than
+        its length (call before every write: metrics, populations, checkpoints)."""
+        if self.lost is None:
+            silent = time.monotonic() - self._confirmed
+            if silent > self.lease_s:
+                self._lose(
+                    f"run {self.run!r}: lease {self.token} was lost: no heartbeat succeeded "
+                    f"for {silent:.0f}s, longer than the lease ({self.lease_s:.0f}s), so "
+                    "another trainer may have taken the run over"
+                )
+        if self.lost is not None:
             raise RunLockedError(self.lost)
 
-    def keep_alive(self, every_s: float = DEFAULT_LEASE_S / 4) -> None:
+    def keep_alive(self, every_s: float | None = None) -> None:
+        """Heartbeat in a background thread every `every_s` (default: a quarter of the lease,
+        so three beats may fail before the lease is lost)."""
+        interval = self.lease_s / 4 if every_s is None else every_s
+
         def beat() -> None:
-            while not self._stop.wait(every_s):
+            while not self._stop.wait(interval):
                 try:
                     self.heartbeat()
                 except RunLockedError:
+                    return  # lost (logged by _lose); check() stops the run
+                except Exception as e:
+                    # A database blip: say so, and try again at the next beat.
+                    log.warning(
+                        "run %r: lease heartbeat failed (%s: %s); retrying in %.1fs",
+                        self.run,
+                        type(e).__name__,
+                        e,
+                        interval,
+                    )
+                try:
+                    self.check()  # gives up once the lease length has passed unconfirmed
+                except RunLockedError:
                     return
-                except Exception:  # a database blip: try again at the next beat
-                    continue
 
         self._thread = threading.Thread(target=beat, name=f"lease-{self.run}", daemon=True)
         self._thread.start()
+
+    def _lose(self, why: str) -> None:
+        with self._lost_lock:
+            if self.lost is not None:
+                return  # lost already: the first reason stands
+            self.lost = why
+            log.error("%s; the run stops at its next step and writes nothing more", why)
 
     def release(self, status: str = "stopped") -> None:
         self._stop.set()
@@ -658,6 +715,12 @@ class Lease:
 
     def __exit__(self, exc_type: object, *_: object) -> None:
         self.release("failed" if exc_type else "stopped")
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE matched. Session.execute returns a CursorResult for DML statements; its
+    static type is the general Result, which has no rowcount."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def _finite(v: float) -> float | None:

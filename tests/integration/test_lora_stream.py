@@ -1,0 +1,72 @@
+"""LoRA on the real model (SmolLM2-135M-Instruct): train 2 steps and checkpoint, resume to
+step 3 (the same metrics as a run that was never interrupted), then load the checkpoint as a
+stream's next stage does: `model.name` = the checkpoint folder, the base as the reference, and
+new LoRA adapters on top of the merged weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import fst.loop
+from fst.config import ModelConfig, validate_config
+from fst.model import chat_prompt_ids, is_lora, load_policy, load_tokenizer
+from tests.conftest import comparable, tiny_config
+from tests.tiny_model import one_torch_thread  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+LORA = {"rank": 8, "alpha": 16}
+
+
+def config(tmp_path, steps: int):
+    raw = tiny_config(tmp_path, steps=steps, **{"model.lora": LORA})
+    raw["metrics"]["klPrompts"] = 1
+    return validate_config(raw)
+
+
+def read_metrics(cfg) -> list[dict]:
+    lines = (cfg.run_dir / "metrics.jsonl").read_text().splitlines()
+    return [comparable(json.loads(line)) for line in lines if line.strip()]
+
+
+def test_lora_trains_checkpoints_resumes_and_hands_over_to_a_next_stage(tmp_path):
+    straight = config(tmp_path / "straight", steps=3)
+    fst.loop.train(straight, progress=False)
+
+    # 2 steps and a checkpoint; then the same run resumed from it, to step 3.
+    first = config(tmp_path / "resumed", steps=2)
+    fst.loop.train(first, progress=False)
+    resumed = config(tmp_path / "resumed", steps=3)
+    fst.loop.train(resumed, resume=True, progress=False)
+
+    want, got = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert any(m["updated"] for m in want), "the adapters should have been trained"
+    for a, b in zip(want, got, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+            else:
+                assert b[key] == a[key], (a["step"], key)
+
+    # The next stage: the checkpoint folder as the model (what the stream hands over), the
+    # base as KL reference, LoRA again: new adapters that start at the merged weights.
+    folder = resumed.run_dir / "checkpoints" / "step-00000003"
+    assert (folder / "model" / "model.safetensors").is_file()
+    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    next_stage = ModelConfig(name=str(folder), lora=LORA, reference="smollm2-135m-instruct")
+    policy = load_policy(next_stage)
+    assert is_lora(policy)
+    tok = load_tokenizer(next_stage)
+    ids = torch.tensor([chat_prompt_ids(tok, "Be brief.", "Compute 3 + 4.")])
+    with torch.no_grad():
+        start = policy(input_ids=ids).logits
+        with policy.disable_adapter():  # the merged weights alone
+            merged = policy(input_ids=ids).logits
+        base = load_policy(ModelConfig())(input_ids=ids).logits
+    assert torch.allclose(start, merged)  # new adapters add nothing yet
+    assert not torch.allclose(merged, base, atol=1e-4)  # the merged weights carry stage 1

@@ -1,0 +1,53 @@
+"""Mode rl trains the weights under the seed prompt alone: `fast.initialPopulation` (what a
+stream hands over from a previous fst stage) is ignored, and said so in the log."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+import fst.loop
+from fst.config import validate_config
+from tests.tiny_model import (  # noqa: F401 (fixtures)
+    one_torch_thread,
+    tiny_model_dir,
+    tiny_run_config,
+)
+
+EVOLVED = ["An evolved prompt from an fst stage.", "Another evolved prompt."]
+
+
+def config(tmp_path, model_dir, mode: str):
+    raw = tiny_run_config(tmp_path, model_dir, mode=mode, steps=2)
+    raw["fast"]["initialPopulation"] = EVOLVED
+    return validate_config(raw)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_rl_run_uses_only_the_seed_prompt(tmp_path, tiny_model_dir, monkeypatch, caplog):  # noqa: F811
+    cfg = config(tmp_path, tiny_model_dir, "rl")
+    systems: list[str | None] = []
+    chat_prompt_ids = fst.loop.chat_prompt_ids
+
+    def spy(tok, system, user):
+        systems.append(system)
+        return chat_prompt_ids(tok, system, user)
+
+    monkeypatch.setattr(fst.loop, "chat_prompt_ids", spy)
+    with caplog.at_level(logging.INFO, logger="fst.loop"):
+        fst.loop.train(cfg, progress=False)
+
+    assert systems and set(systems) == {cfg.fast.seed_prompt}
+    state = json.loads((cfg.run_dir / "checkpoints" / "step-00000002" / "state.json").read_text())
+    assert [p["text"] for p in state["population"]] == [cfg.fast.seed_prompt]
+    assert "mode rl: fast.initialPopulation (2 prompts) is ignored" in caplog.text
+
+
+def test_fst_run_starts_from_the_initial_population(tmp_path, tiny_model_dir, caplog):  # noqa: F811
+    cfg = config(tmp_path, tiny_model_dir, "fst")
+    with caplog.at_level(logging.INFO, logger="fst.loop"):
+        run = fst.loop.build_run(cfg, cfg.run_dir)
+    assert [p.text for p in run.population] == EVOLVED
+    assert "is ignored" not in caplog.text
