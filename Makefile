@@ -52,7 +52,7 @@ test: test-deps
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check fst tests
+	$(VENV)/bin/ruff format --check fst tests operator
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit/test_imports.py
 

@@ -188,7 +188,8 @@ class FastConfig(Schema):
     initial_population: list[str] = Field(
         default_factory=list,
         description="Prompts the population starts from, best first (default: [seedPrompt]). "
-        "A task stream hands the previous stage's population over through this field.",
+        "A task stream hands the previous stage's population over through this field. "
+        "Ignored in mode rl, which samples with seedPrompt alone.",
     )
 
 
