@@ -450,22 +450,30 @@ _PLAN_STATUS = {
 }
 
 
+def _stage_identity(run: dict[str, Any]) -> dict[str, Any]:
+    """What a child FastSlowRun says of the stage run it is (labels and annotations)."""
+    meta = run["metadata"]
+    annotations = meta.get("annotations") or {}
+    return {
+        "stage": meta["labels"][LABEL_STAGE],
+        "version": int(annotations.get(ANNOTATION_STAGE_VERSION, "1")),
+        "run": meta["name"],
+        "source": annotations.get(ANNOTATION_SOURCE) or None,
+    }
+
+
 def stage_runs(children: list[dict[str, Any]]) -> list[StageRun]:
     """The stream's child FastSlowRuns, oldest first, as the StageRuns fst.plan reads: the
     same records `fst stream` keeps in stream.json."""
     out = []
     for run in sorted(children, key=_sequence):
-        meta, status = run["metadata"], read_status(run)
-        annotations = meta.get("annotations") or {}
+        status = read_status(run)
+        phase = Phase(status.phase) if status.phase else None
+        plan_status = PlanStatus.PENDING if phase is None else _PLAN_STATUS.get(phase)
         out.append(
             StageRun(
-                stage=meta["labels"][LABEL_STAGE],
-                version=int(annotations.get(ANNOTATION_STAGE_VERSION, "1")),
-                run=meta["name"],
-                source=annotations.get(ANNOTATION_SOURCE) or None,
-                status=_PLAN_STATUS.get(Phase(status.phase), PlanStatus.RUNNING)
-                if status.phase
-                else PlanStatus.PENDING,
+                **_stage_identity(run),
+                status=plan_status or PlanStatus.RUNNING,
                 checkpoint=status.checkpoint_uri,
             )
         )
@@ -515,14 +523,10 @@ def stream_status(
     conds = old.conditions
     stages = []
     for run in sorted(children, key=_sequence):
-        meta, s = run["metadata"], read_status(run)
-        annotations = meta.get("annotations") or {}
+        s = read_status(run)
         stages.append(
             StageStatus(
-                stage=meta["labels"][LABEL_STAGE],
-                version=int(annotations.get(ANNOTATION_STAGE_VERSION, "1")),
-                run=meta["name"],
-                source=annotations.get(ANNOTATION_SOURCE) or None,
+                **_stage_identity(run),
                 phase=s.phase or Phase.PENDING,
                 step=s.step,
                 reward=s.reward,

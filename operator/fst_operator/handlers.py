@@ -253,12 +253,18 @@ def ensure_attempt(
     """The attempt's ConfigMap and Job, adopted by the run, created unless they exist."""
     config_map = builders.config_map(dict(run), cfg)
     job = builders.job(dict(run), spec, attempt, SETTINGS.defaults)
-    kopf.adopt([config_map, job], owner=run)
+    create_child(config_map, run)
+    return create_child(job, run)
+
+
+def create_child(obj: dict[str, Any], owner: kopf.Body) -> dict[str, Any]:
+    """Adopt `obj` (owner reference, namespace) and create it unless it exists. An object of
+    that name made by someone else is never taken over: a Warning says so, and kopf retries."""
+    kopf.adopt(obj, owner=owner)
     try:
-        kube.create_if_absent(config_map)
-        return kube.create_if_absent(job)
+        return kube.create_if_absent(obj)
     except kube.NotOwnedError as e:
-        kopf.event(run, type="Warning", reason="NameTaken", message=str(e))
+        kopf.event(owner, type="Warning", reason="NameTaken", message=str(e))
         raise kopf.TemporaryError(str(e), delay=60) from e
 
 
@@ -315,12 +321,7 @@ def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
             planned = next_stage(model, runs, _fingerprint, _population)
             if planned is not None and planned not in runs:  # a new stage version to start
                 run = builders.run_for_stage(stream, model, planned, len(runs))
-                kopf.adopt(run, owner=body)
-                try:
-                    kube.create_if_absent(run)
-                except kube.NotOwnedError as e:
-                    kopf.event(body, type="Warning", reason="NameTaken", message=str(e))
-                    raise kopf.TemporaryError(str(e), delay=60) from e
+                create_child(run, body)
                 inherited = len(planned.start_population or [])
                 kopf.event(
                     body,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
@@ -21,6 +22,7 @@ from kubernetes.config.incluster_config import (
 from fst.k8s.api import GROUP, VERSION
 
 log = logging.getLogger("fst_operator")
+T = TypeVar("T")
 _api: client.ApiClient | None = None
 _namespaces: list[str] = []
 
@@ -86,25 +88,34 @@ def _as_dict(obj: object) -> dict[str, Any]:
     return obj
 
 
-def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+def _or_none(read: Callable[[], T]) -> T | None:
+    """`read()`, or None when the object does not exist (404)."""
     try:
-        return _plain(client.BatchV1Api(api()).read_namespaced_job(name, namespace))
+        return read()
     except ApiException as e:
         if e.status == 404:
             return None
         raise
+
+
+def get_job(namespace: str, name: str) -> dict[str, Any] | None:
+    job = _or_none(lambda: client.BatchV1Api(api()).read_namespaced_job(name, namespace))
+    return None if job is None else _plain(job)
+
+
+def _get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    obj = _or_none(
+        lambda: _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+    )
+    return None if obj is None else _as_dict(obj)
 
 
 def get_run(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        run = _as_dict(
-            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, "fastslowruns", name)
-        )
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return run
+    return _get_custom("fastslowruns", namespace, name)
+
+
+def get_stream(namespace: str, name: str) -> dict[str, Any] | None:
+    return _get_custom("taskstreams", namespace, name)
 
 
 def list_runs(namespace: str, labels: dict[str, str]) -> list[dict[str, Any]]:
@@ -144,12 +155,8 @@ def _read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return get_job(namespace, name)
     if kind == "FastSlowRun":
         return get_run(namespace, name)
-    try:
-        return _plain(client.CoreV1Api(api()).read_namespaced_config_map(name, namespace))
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
+    cm = _or_none(lambda: client.CoreV1Api(api()).read_namespaced_config_map(name, namespace))
+    return None if cm is None else _plain(cm)
 
 
 def create_if_absent(obj: dict[str, Any]) -> dict[str, Any]:
@@ -178,18 +185,6 @@ def patch_run_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     _custom().patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, "fastslowruns", name, {"status": patch}
     )
-
-
-def get_stream(namespace: str, name: str) -> dict[str, Any] | None:
-    try:
-        stream = _as_dict(
-            _custom().get_namespaced_custom_object(GROUP, VERSION, namespace, "taskstreams", name)
-        )
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-    return stream
 
 
 def patch_stream_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
