@@ -214,7 +214,10 @@ def _database(cfg: TrainConfig) -> RunDB:
     <outputDir>/fst.db): the stream's stages are recorded next to their runs."""
     from fst.store.db import RunDB, database_url
 
-    return RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)  # where the default SQLite file goes
+    db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
+    db.upgrade()  # the stages table may be the first this database gets (as train() does)
+    return db
 
 
 def _final_checkpoint(cfg: TrainConfig) -> tuple[Path, str]:
