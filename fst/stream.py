@@ -154,6 +154,7 @@ class StreamRunner:
             checkpoint_uri=uri,
             population_version=version.version if version else None,
         )
+        db.close()
         log.info("stage %s done: %s", run.name, json.dumps(run.evaluation))
 
     def evaluate(self, run: StageRun, folder: Path, ckpt_state: dict[str, Any]) -> dict[str, Any]:
