@@ -6,9 +6,8 @@ field is one edit here, checked by the type checker and by tests/unit/test_crd.p
 
 Conventions (Kubernetes API conventions, Kubeflow Trainer's TrainJob):
 - `conditions` are the facts: one entry per ConditionType, each with a named Reason.
-- `phase` is a one-word summary of those conditions for `kubectl get`; it is computed by the
-  operator from the same observation in the same place (fst_operator/builders.py), never
-  written separately.
+- `phase` is a one-word summary of those conditions for `kubectl get`, computed from them by
+  `phase_of()` and never decided separately.
 - Times are RFC 3339 strings (`metav1.Time`), as every Kubernetes status has them.
 """
 
@@ -132,6 +131,25 @@ def set_condition(
 
 def remove_condition(conditions: list[Condition], type_: ConditionType) -> list[Condition]:
     return [c for c in conditions if c.type != type_]
+
+
+def phase_of(conditions: list[Condition]) -> Phase:
+    """THE phase of a resource: a one-word summary of its conditions, for `kubectl get`.
+
+    Failed (Invalid when the reason is InvalidSpec) > Succeeded > Suspended > Running >
+    Pending: whichever of those conditions is True first."""
+    true = {c.type: c for c in conditions if c.status == "True"}
+    if ConditionType.FAILED in true:
+        invalid = true[ConditionType.FAILED].reason == Reason.INVALID_SPEC
+        return Phase.INVALID if invalid else Phase.FAILED
+    for type_, phase in (
+        (ConditionType.SUCCEEDED, Phase.SUCCEEDED),
+        (ConditionType.SUSPENDED, Phase.SUSPENDED),
+        (ConditionType.RUNNING, Phase.RUNNING),
+    ):
+        if type_ in true:
+            return phase
+    return Phase.PENDING
 
 
 class FastSlowRunStatus(StatusModel):

@@ -33,6 +33,7 @@ from fst.k8s.status import (
     StageStatus,
     TaskStreamStatus,
     now,
+    phase_of,
     remove_condition,
     set_condition,
 )
@@ -343,8 +344,13 @@ def decide_run(
     apply_progress(status, progress)
     if old.phase in (Phase.SUCCEEDED, Phase.FAILED):
         return RunDecision(status)  # terminal: only progress is refreshed
+    # A spec that was invalid and is valid now (e.g. its trainer section was fixed) starts over.
+    conds = old.conditions
+    failed = old.condition(ConditionType.FAILED)
+    if failed is not None and failed.reason == Reason.INVALID_SPEC:
+        conds = remove_condition(conds, ConditionType.FAILED)
     conds = set_condition(
-        old.conditions,
+        conds,
         ConditionType.CREATED,
         True,
         Reason.JOB_CREATED,
@@ -354,7 +360,6 @@ def decide_run(
     outcome, message = job_outcome(job)
     create = None
     running = (False, Reason.POD_PENDING, message)
-    phase = outcome
     if outcome == Phase.FAILED:
         error = (progress.last_error if progress else None) or message
         status.last_error = error
@@ -365,7 +370,6 @@ def decide_run(
             msg = f"attempt {attempt - 1} failed ({error}); attempt {attempt} resumes from "
             msg += status.checkpoint_uri or "the start (no checkpoint yet)"
             running = (False, Reason.RETRYING, msg)
-            phase = Phase.PENDING
         else:
             status.completion_time = now()
             running = (False, Reason.FAILED, error)
@@ -403,7 +407,8 @@ def decide_run(
     else:
         reason, why = Reason.NOT_SUSPENDED, ""
     conds = set_condition(conds, ConditionType.SUSPENDED, suspended, reason, why, gen)
-    status.phase, status.conditions = phase, conds
+    status.conditions = conds
+    status.phase = phase_of(conds)
     return RunDecision(status, create)
 
 
@@ -414,7 +419,8 @@ def invalid_status(run: dict[str, Any], message: str) -> FastSlowRunStatus:
         status.conditions, ConditionType.CREATED, False, Reason.INVALID_SPEC, message, gen
     )
     conds = set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, message, gen)
-    status.phase, status.observed_generation, status.conditions = Phase.INVALID, gen, conds
+    status.observed_generation, status.conditions = gen, conds
+    status.phase = phase_of(conds)  # Invalid
     return status
 
 
@@ -537,23 +543,21 @@ def stream_status(
         )
     current = stages[-1] if stages else None
     if invalid is not None:
-        phase = Phase.INVALID
         conds = set_condition(conds, ConditionType.FAILED, True, Reason.INVALID_SPEC, invalid, gen)
     elif current is None:
-        phase = Phase.PENDING
+        pass  # Pending: no stage run yet
     elif current.phase in (Phase.FAILED, Phase.INVALID):
-        phase = Phase.FAILED
         msg = f"stage {current.stage} (run {current.run}) failed"
         conds = set_condition(conds, ConditionType.RUNNING, False, Reason.STAGE_FAILED, msg, gen)
         conds = set_condition(conds, ConditionType.FAILED, True, Reason.STAGE_FAILED, msg, gen)
     elif current.phase != Phase.SUCCEEDED:
-        phase = Phase.RUNNING
         msg = f"stage {current.stage} (run {current.run})"
+        conds = remove_condition(conds, ConditionType.FAILED)  # a failed run was replaced
         conds = set_condition(conds, ConditionType.RUNNING, True, Reason.STAGE_RUNNING, msg, gen)
         conds = set_condition(conds, ConditionType.SUCCEEDED, False, Reason.STAGE_RUNNING, msg, gen)
     else:
-        phase = Phase.SUCCEEDED
         msg = f"{len(stages)} stage run(s) done; waiting for new stages or data"
+        conds = remove_condition(conds, ConditionType.FAILED)
         conds = set_condition(conds, ConditionType.RUNNING, False, Reason.ALL_STAGES_DONE, msg, gen)
         conds = set_condition(
             conds, ConditionType.SUCCEEDED, True, Reason.ALL_STAGES_DONE, msg, gen
@@ -563,7 +567,7 @@ def stream_status(
         if failed is not None and failed.reason == Reason.INVALID_SPEC:
             conds = remove_condition(conds, ConditionType.FAILED)
     return TaskStreamStatus(
-        phase=phase,
+        phase=phase_of(conds),
         observed_generation=gen,
         stages=stages,
         conditions=conds,

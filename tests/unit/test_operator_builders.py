@@ -275,3 +275,33 @@ def test_the_indexed_job_summary_decides_like_the_whole_job() -> None:
                 c.pop("lastTransitionTime")
             s.pop("startTime", None)
         assert whole == small
+
+
+def test_phase_is_computed_from_the_conditions() -> None:
+    from fst.k8s.status import Reason, phase_of
+
+    def conds(*pairs: tuple[ConditionType, bool, Reason]) -> list:
+        out: list = []
+        for type_, value, reason in pairs:
+            out = set_condition(out, type_, value, reason, "", 1)
+        return out
+
+    c, r = ConditionType, Reason
+    assert phase_of([]) == "Pending"
+    assert phase_of(conds((c.RUNNING, True, r.POD_RUNNING))) == "Running"
+    assert phase_of(conds((c.RUNNING, False, r.SUSPENDED), (c.SUSPENDED, True, r.QUEUED))) == (
+        "Suspended"
+    )
+    assert phase_of(conds((c.SUCCEEDED, True, r.COMPLETED))) == "Succeeded"
+    assert phase_of(conds((c.FAILED, True, r.BACKOFF_LIMIT_EXCEEDED))) == "Failed"
+    assert phase_of(conds((c.SUCCEEDED, True, r.COMPLETED), (c.FAILED, True, r.INVALID_SPEC))) == (
+        "Invalid"
+    )
+
+
+def test_an_invalid_run_made_valid_starts_over() -> None:
+    run = run_object()
+    invalid = builders.invalid_status(run, "spec.trainer.s3Secret: nope").dump()
+    assert invalid["phase"] == "Invalid"
+    d = decide(invalid, {"spec": {}, "status": {"active": 1}})
+    assert d.status.phase == "Running" and d.status.condition(ConditionType.FAILED) is None
