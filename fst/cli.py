@@ -304,13 +304,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     from fst.loop import RunError
+    from fst.run_state import UnsafeCheckpointError
 
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (RunError, FileNotFoundError) as e:
+    except (RunError, UnsafeCheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

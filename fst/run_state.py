@@ -25,6 +25,7 @@ adapters are saved again in `adapter/`.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,36 @@ from fst.slow.trainer import SlowTrainer
 MODEL_DIR = "model"
 ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name inside an adapter folder
+
+
+# A checkpoint is data, never code: trainer.pt and rng.pt are read with torch.load(
+# weights_only=True), whose unpickler builds only tensors, containers and numbers, plus the
+# numpy classes np.random.get_state() needs (a uint32 array). A planted pickle with a
+# rewritten manifest (the manifest's sha256 proves integrity, not authorship) is refused
+# instead of run.
+_NUMPY_RNG_GLOBALS: list[Any] = [
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+    np.zeros(1).__reduce__()[0],  # numpy's array _reconstruct, wherever this numpy keeps it
+]
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file holds more than tensors and plain data: it is not loaded."""
+
+
+def load_data_file(path: Path) -> Any:
+    """torch.load of a checkpoint's data file (trainer.pt, rng.pt) that never runs code."""
+    try:
+        with torch.serialization.safe_globals(_NUMPY_RNG_GLOBALS):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[-1][:300]
+        raise UnsafeCheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data, "
+            f"as a tampered checkpoint would ({first_line})"
+        ) from None
 
 
 def rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -181,7 +212,7 @@ def read_checkpoint_files(
     """Restore a run from the checkpoint in `folder`: the policy's trained parameters, the
     optimizer and schedule, every RNG. Returns the loop's state (state.json)."""
     restore_policy(model, folder)
-    trainer.load_state_dict(torch.load(folder / "trainer.pt", weights_only=False))
-    restore_rng(torch.load(folder / "rng.pt", weights_only=False), generator)
+    trainer.load_state_dict(load_data_file(folder / "trainer.pt"))
+    restore_rng(load_data_file(folder / "rng.pt"), generator)
     state: dict[str, Any] = json.loads((folder / "state.json").read_text())
     return state

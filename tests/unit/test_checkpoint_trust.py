@@ -1,0 +1,60 @@
+"""A checkpoint is data, never code (issue 16, item 2): resuming from a checkpoint whose
+trainer.pt or rng.pt was replaced by a pickle that runs something, with its manifest rewritten
+to match (the sha256 proves integrity, not authorship), refuses to load it and runs nothing.
+An honest checkpoint still resumes (numpy's RNG state is allowlisted by its exact classes)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import fst.loop
+from fst.config import validate_config
+from fst.run_state import UnsafeCheckpointError, load_data_file
+from tests.tiny_model import (  # noqa: F401 (fixtures)
+    one_torch_thread,
+    tiny_model_dir,
+    tiny_run_config,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Planted:
+    """What an attacker writes: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (self.marker,))
+
+
+def rewrite_manifest(folder: Path, name: str) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("name", ["rng.pt", "trainer.pt"])
+def test_a_planted_pickle_is_refused_and_runs_nothing(tmp_path, tiny_model_dir, name):  # noqa: F811
+    raw = tiny_run_config(tmp_path, tiny_model_dir, steps=1, **{"checkpoint.every": 1})
+    cfg = validate_config(raw)
+    fst.loop.train(cfg, progress=False)
+    folder = cfg.run_dir / "checkpoints" / "step-00000001"
+    # The honest files load as data (numpy's RNG state included).
+    assert set(load_data_file(folder / "rng.pt")) == {"sampler", "torch", "python", "numpy"}
+
+    marker = tmp_path / "pwned"
+    torch.save({"numpy": Planted(marker)}, folder / name)
+    rewrite_manifest(folder, name)
+    longer = validate_config({**raw, "steps": 2})
+    with pytest.raises(UnsafeCheckpointError, match=name):
+        fst.loop.train(longer, resume=True, progress=False)
+    assert not marker.exists()
