@@ -40,6 +40,11 @@ test-deps: install
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
 	  echo "installing PostgreSQL (Debian package postgresql)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+	# The codeio sandbox (fst/tasks/sandbox.py) runs generated code under bubblewrap; its
+	# tests compile a hostile native extension with gcc.
+	@command -v bwrap >/dev/null && command -v gcc >/dev/null || { \
+	  echo "installing bubblewrap and gcc (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc; }
 	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
 	# The test Kubernetes control plane (etcd, kube-apiserver, -controller-manager,
 	# -scheduler, kwok, helm) from Go modules into $(FST_CACHE)/k8s once: ~15 min cold.

@@ -9,7 +9,13 @@ from pydantic import ValidationError
 
 from fst.config import TaskConfig
 from fst.tasks import build_task
-from fst.tasks.codeio import TEMPLATES, CodeIOTask, run_sandboxed, score_output
+from fst.tasks.codeio import (
+    TEMPLATES,
+    CodeIOTask,
+    SandboxUnavailableError,
+    run_sandboxed,
+    score_output,
+)
 
 
 def make_task(seed: int = 0, sizes: tuple[int, int, int] = (8, 8, 4), **params) -> CodeIOTask:
@@ -127,6 +133,14 @@ def test_answers_match_in_process_evaluation() -> None:
         assert repr(eval(p.meta["call"], ns)) == p.answer
         assert p.meta["code"] in p.prompt and p.meta["call"] in p.prompt
         assert task.score(p, f"It returns \\boxed{{{p.answer}}}").reward == 1.0
+
+
+def test_problems_fail_closed_without_a_sandbox(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap here: never run the code unsandboxed
+    with pytest.raises(SandboxUnavailableError, match=r"bubblewrap \('bwrap'\) not found"):
+        make_task().problems("test")
 
 
 def test_template_selection() -> None:
