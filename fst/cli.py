@@ -4,6 +4,11 @@ fst train -c CONFIG [--override key=value ...] [--resume]
 fst eval  -c CONFIG [--checkpoint latest|PATH] [--split test] [--limit N]
 fst prompts show RUN
 fst prompts diff RUN A B
+
+Errors: a problem with the input (config, manifest, data, model folder, checkpoint, a run held
+by another trainer, a diverged run) ends with ONE line `error: <what, naming the field, file or
+line>` on stderr and exit code 2; anything else is a bug, reported as one `internal error:` line
+with exit code 1. `--debug` (or FST_DEBUG=1) also prints the traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -219,6 +225,9 @@ def cmd_prompts_diff(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+DEBUG_HELP = "on an error, also print the Python traceback"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fst",
@@ -228,10 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # `fst train --debug ...` works too: SUPPRESS keeps the main parser's value when absent.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
     p = sub.add_parser(
         "train",
+        parents=[common],
         help="train one run (mode rl, fst or gepa)",
         description="Train one run. Writes <outputDir>/<run>/metrics.jsonl, population.jsonl "
         "(modes fst, gepa) and checkpoints; --resume continues from the latest checkpoint "
@@ -250,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "stream",
+        parents=[common],
         help="run a TaskStream manifest's stages in order on this machine",
         description="Run the stages of a TaskStream (the same file `kubectl apply` takes) one "
         "after another: each starts from the previous stage's final checkpoint and prompt "
@@ -266,12 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stream)
 
-    p = sub.add_parser("report", help="HTML report with plots for a run or a stream")
+    p = sub.add_parser(
+        "report", parents=[common], help="HTML report with plots for a run or a stream"
+    )
     p.add_argument("path", help="a run or stream folder, or a name under ./runs")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "eval",
+        parents=[common],
         help="four-way channel decomposition of a checkpoint (greedy)",
         description="Evaluate base and trained weights, each with the seed prompt and with the "
         "best evolved (FST) prompt, on a split with greedy decoding: the channel decomposition "
@@ -286,12 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("prompts", help="inspect a run's prompt population")
+    p = sub.add_parser("prompts", parents=[common], help="inspect a run's prompt population")
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    q = actions.add_parser("show", help="the latest population with scores and lineage")
+    q = actions.add_parser(
+        "show", parents=[common], help="the latest population with scores and lineage"
+    )
     q.add_argument("run", help="run folder, or a run name under ./runs")
     q.set_defaults(func=cmd_prompts_show)
-    q = actions.add_parser("diff", help="unified diff of two prompts (ids or id prefixes)")
+    q = actions.add_parser(
+        "diff", parents=[common], help="unified diff of two prompts (ids or id prefixes)"
+    )
     q.add_argument("run", help="run folder, or a run name under ./runs")
     q.add_argument("a", help="prompt id (or unique prefix)")
     q.add_argument("b", help="prompt id (or unique prefix)")
@@ -299,24 +321,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Error messages longer than this are cut (one line on a terminal, a few in a narrow one).
+MAX_ERROR_CHARS = 1000
+
+
+def one_line(text: str) -> str:
+    """`text` on one line (newlines become `; `), cut to MAX_ERROR_CHARS characters."""
+    line = "; ".join(part.strip() for part in text.splitlines() if part.strip())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+# The error classes of the input, by module: an exception can only be an instance of a class
+# whose module is imported, so the check imports nothing (a config error stays instant).
+USER_ERRORS = (
+    ("fst.schema", "ConfigError"),  # also fst.model.ModelLoadError
+    ("fst.tasks.jsonl", "DataError"),
+    ("fst.loop", "RunError"),
+    ("fst.store.db", "RunLockedError"),
+    ("fst.store.layout", "CheckpointError"),
+    ("fst.run_state", "UnsafeCheckpointError"),
+    ("fst.handover", "HandoverError"),
+    ("fst.slow.trainer", "DivergedError"),
+)
+
+
+def user_error(e: BaseException) -> str | None:
+    """The message of an error caused by the input (config, manifest, data, model, checkpoint,
+    a run held by another trainer, a diverged run), or None for anything else (a bug)."""
+    for module, name in USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and isinstance(e, cls):
+            return str(e)
+    pydantic = sys.modules.get("pydantic")
+    if pydantic is not None and isinstance(e, pydantic.ValidationError):
+        from fst.schema import format_validation_error
+
+        return format_validation_error(e, e.title)
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(e, yaml.YAMLError):
+        return f"YAML error: {e}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 text ({e.reason} at byte {e.start})"
+    if isinstance(e, OSError):
+        if e.filename is not None:
+            target = f" -> {e.filename2}" if e.filename2 is not None else ""
+            return f"{e.filename}{target}: {e.strerror or type(e).__name__}"
+        return str(e) or type(e).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from fst.loop import RunError
-    from fst.run_state import UnsafeCheckpointError
-
+    debug = args.debug or os.environ.get("FST_DEBUG", "") not in ("", "0")
     try:
-        return args.func(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (RunError, UnsafeCheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        try:
+            message = user_error(e)
+        except Exception:  # never let the error report hide the error
+            message = None
+        if message is not None:
+            print(f"error: {one_line(message)}", file=sys.stderr)
+            return 2
+        print(
+            f"internal error: {one_line(f'{type(e).__name__}: {e}')} "
+            "(run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

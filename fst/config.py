@@ -9,6 +9,7 @@ falls back to a default.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,13 +21,22 @@ from pydantic import (
     ModelWrapValidatorHandler,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 # Schema, ConfigError and format_validation_error live in the leaf module fst.schema (task
 # modules build on them too); they stay importable from here.
-from fst.schema import DNS_LABEL, ConfigError, Schema, format_validation_error
+from fst.schema import (
+    DNS_LABEL,
+    MAX_POPULATION,
+    MAX_PROMPT_CHARS,
+    ConfigError,
+    Schema,
+    format_validation_error,
+)
 from fst.tasks import validate_task_params
+from fst.yamlio import load_yaml, read_yaml_file
 
 # ----------------------------------------------------------------------------- model
 
@@ -152,6 +162,42 @@ class SlowConfig(Schema):
 # ----------------------------------------------------------------------------- fast channel
 
 
+# Environment variables `fast.reflector.apiKeyEnv` may not name: the credentials fastslow itself
+# uses (FST_*, the S3 keys AWS_*, the database URL and libpq's PG*) and other well-known
+# infrastructure secrets. Compared in upper case.
+SECRET_ENV_PREFIXES = (
+    "FST_",
+    "AWS_",
+    "PG",
+    "POSTGRES",
+    "MINIO_",
+    "AZURE_",
+    "GOOGLE_",
+    "GCP_",
+    "KUBE",
+    "MYSQL_",
+    "REDIS_",
+    "SSH_",
+    "DOCKER_",
+    "VAULT_",
+)
+SECRET_ENV_NAMES = frozenset(
+    {
+        "DATABASE_URL",
+        "GITHUB_TOKEN",
+        "GH_TOKEN",
+        "GITLAB_TOKEN",
+        "NPM_TOKEN",
+        "PYPI_TOKEN",
+        "TWINE_PASSWORD",
+        "CI_JOB_TOKEN",
+        "HOME",
+        "PATH",
+    }
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 class ReflectorConfig(Schema):
     kind: Literal["digest", "local", "openai"] = Field(
         "digest",
@@ -170,6 +216,22 @@ class ReflectorConfig(Schema):
     )
     max_new_tokens: int = Field(512, gt=0)
     temperature: float = Field(0.7, ge=0.0)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _not_a_credential_of_ours(cls, v: str) -> str:
+        # The variable's value is sent as a bearer token to `baseUrl`, which the config names:
+        # a config must not be able to ship the database password or the S3 keys anywhere.
+        if not _ENV_NAME.fullmatch(v):
+            raise ValueError(f"{v[:40]!r} is not an environment variable name")
+        upper = v.upper()
+        if upper in SECRET_ENV_NAMES or upper.startswith(SECRET_ENV_PREFIXES):
+            raise ValueError(
+                f"{v} holds credentials of fastslow or its infrastructure (database, S3, "
+                "cloud, cluster) and is never sent to a reflector endpoint; put the "
+                "reflector's own key in a variable of its own, e.g. OPENAI_API_KEY"
+            )
+        return v
 
 
 DEFAULT_SEED_PROMPT = "You are a helpful assistant. Think step by step, then give the final answer."
@@ -191,6 +253,33 @@ class FastConfig(Schema):
         "A task stream hands the previous stage's population over through this field. "
         "Ignored in mode rl, which samples with seedPrompt alone.",
     )
+
+    # Bounds as validators rather than Field(max_length=...): the CRDs are generated from the
+    # fields' JSON schema (fst/k8s/crd.py), and these are checked where the config is built.
+    @field_validator("seed_prompt")
+    @classmethod
+    def _prompt_size(cls, v: str) -> str:
+        _check_prompt(v)
+        return v
+
+    @field_validator("initial_population")
+    @classmethod
+    def _population_size(cls, v: list[str]) -> list[str]:
+        if len(v) > MAX_POPULATION:
+            raise ValueError(f"{len(v)} prompts; at most {MAX_POPULATION}")
+        for i, prompt in enumerate(v):
+            try:
+                _check_prompt(prompt)
+            except ValueError as e:
+                raise ValueError(f"member {i}: {e}") from None
+        return v
+
+
+def _check_prompt(text: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ValueError(
+            f"a prompt of {len(text)} characters; at most {MAX_PROMPT_CHARS} (about 4k tokens)"
+        )
 
 
 # ----------------------------------------------------------------------------- run plumbing
@@ -273,40 +362,31 @@ class TrainConfig(Schema):
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides to a raw config dict; values are parsed as YAML scalars."""
+    """Apply `a.b.c=value` overrides to a raw config dict; values are parsed as YAML (with the
+    checks of fst.yamlio: size, aliases, duplicate keys)."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--override {item!r}: expected key.path=value")
+            raise ConfigError(f"--override {item[:80]!r}: expected key.path=value")
         key, value = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
         if not parts:
-            raise ConfigError(f"--override {item!r}: empty key")
+            raise ConfigError(f"--override {item[:80]!r}: empty key")
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
             if child is None:
                 child = node[p] = {}
             if not isinstance(child, dict):
-                raise ConfigError(f"--override {item!r}: {p} is not a mapping")
+                raise ConfigError(f"--override {item[:80]!r}: {p} is not a mapping")
             node = child
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = load_yaml(value, f"--override {key.strip()[:80]}")
     return raw
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a syntax error names the file, line and column."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{path}{at}: YAML syntax error: {problem}") from e
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML mapping (at most MAX_YAML_BYTES, UTF-8, no duplicate keys, no alias bombs:
+    fst.yamlio); an error names the file, and the line and column where there is one."""
+    data = read_yaml_file(path, what)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -326,6 +406,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
     return validate_config(raw, str(path))
 
 
+# ----------------------------------------------------------------------------- secrets
+
+# `scheme://user:password@host...`: the password part; and `password=...` in a query string.
+_URL_PASSWORD = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:\s]*):([^/?#\s]*)@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd|secret|token)=)[^&#\s]*", re.I)
+REDACTED = "***"
+
+
+def redact_url(value: str) -> str:
+    """`postgresql+psycopg://user:secret@host/db` -> `postgresql+psycopg://user:***@host/db`
+    (and `?password=...` -> `?password=***`), wherever a URL appears in `value`; other text
+    is returned unchanged."""
+    if "://" not in value:
+        return value
+    value = _URL_PASSWORD.sub(rf"\1:{REDACTED}@", value)
+    return _QUERY_PASSWORD.sub(rf"\g<1>{REDACTED}", value)
+
+
+def redact(data: Any) -> Any:
+    """A copy of a config's plain data (dicts, lists, strings) with every URL's password
+    replaced by `***`: what is written to disk, S3 and the database."""
+    if isinstance(data, dict):
+        return {k: redact(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    if isinstance(data, str):
+        return redact_url(data)
+    return data
+
+
+def public_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as persisted (camelCase keys, passwords redacted). A run never reads it back:
+    a resume takes the database URL from the user's config or $FST_DATABASE_URL again."""
+    dumped: dict[str, Any] = redact(cfg.model_dump(mode="json", by_alias=True))
+    return dumped
+
+
 def dump_config(cfg: TrainConfig) -> str:
-    """YAML with camelCase keys: what a user would write, and what round-trips."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """YAML with camelCase keys: what a user would write, and what round-trips (passwords in
+    URLs are redacted: this is what gets written next to a run and into its checkpoints)."""
+    return yaml.safe_dump(public_config(cfg), sort_keys=False)

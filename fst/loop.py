@@ -22,6 +22,7 @@ import fcntl
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fst.config import ConfigError, TrainConfig, dump_config
+from fst.config import ConfigError, TrainConfig, dump_config, public_config, redact_url
 from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
 from fst.fast.population import PromptRecord
 from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
@@ -40,8 +41,15 @@ from fst.rollout import Rollout, RolloutEngine, SamplingParams
 from fst.rollout.hf import HFRolloutEngine
 from fst.run_state import read_checkpoint_files, write_checkpoint_files
 from fst.slow.advantages import group_advantages
-from fst.slow.trainer import SlowTrainer
-from fst.store.checkpoints import CheckpointStore, latest_step, open_store, prune
+from fst.slow.trainer import DivergedError, SlowTrainer, outputs_finite
+from fst.store.checkpoints import (
+    CheckpointError,
+    CheckpointStore,
+    check_s3_credentials,
+    latest_step,
+    open_store,
+    prune,
+)
 from fst.store.db import DEFAULT_LEASE_S, Lease, RunDB, RunLockedError, database_url
 from fst.tasks import Problem, Task, build_task
 
@@ -165,7 +173,17 @@ class Run:
                 k = (slots[g] + p_idx) % K  # rotate so every prompt is used when K > G
                 used.append(k)
                 prompts.append(chat_prompt_ids(self.tokenizer, population[k].text, problem.prompt))
-        rollouts = self.engine.generate(prompts, self.sampling, self.generator)
+        try:
+            rollouts = self.engine.generate(prompts, self.sampling, self.generator)
+        except (RuntimeError, IndexError, ValueError) as e:
+            # NaN/Inf logits surface in the sampler as index or probability errors: say so.
+            if not outputs_finite(self.policy, prompts[0]):
+                raise DivergedError(
+                    "the model's outputs are NaN or infinite, so nothing can be sampled: its "
+                    "weights are broken (e.g. a checkpoint saved after a diverged step by an "
+                    "older version); start from an earlier checkpoint"
+                ) from e
+            raise
         rewards, feedback = [], []
         for i, r in enumerate(rollouts):
             score = self.task.score(problems[i // G], r.text)
@@ -205,10 +223,13 @@ def initial_population(cfg: TrainConfig) -> list[PromptRecord]:
     return [PromptRecord(t) for t in cfg.fast.initial_population] or seed
 
 
-def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
+def build_run(
+    cfg: TrainConfig, run_dir: Path, db: RunDB | None = None, task: Task | None = None
+) -> Run:
     keep_freed_memory()
     generator = seed_everything(cfg.seed)
-    task = load_task(cfg)
+    task = task if task is not None else load_task(cfg)
+    store = checkpoint_store(cfg)  # before the (slow) model load: a bad URI is reported now
     tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model)
     reference = make_reference(policy, cfg.model) if cfg.metrics.kl_prompts > 0 else None
@@ -222,7 +243,6 @@ def build_run(cfg: TrainConfig, run_dir: Path, db: RunDB | None = None) -> Run:
     else:
         engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
     trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
-    store = checkpoint_store(cfg)
     sink = MetricsSink(run_dir, cfg.metrics.tensorboard, db, cfg.run)
     run = Run(
         cfg,
@@ -332,7 +352,10 @@ def rl_step(run: Run) -> dict[str, Any]:
     if cfg.mode == "gepa":  # weights frozen: measure only
         train_metrics: dict[str, float] = {"updated": 0.0}
     else:
-        train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist())
+        try:
+            train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist())
+        except DivergedError as e:
+            raise DivergedError(diverged_message(run, str(e))) from None
         if train_metrics.get("updated"):
             # A separate sampler (vLLM) holds its own copy of the weights: push the new ones
             # before the next rollout. A no-op for the HF engine, which samples from the policy.
@@ -370,6 +393,31 @@ def rl_step(run: Run) -> dict[str, Any]:
     record["step_s"] = time.perf_counter() - t0
     run.slow_s += record["step_s"]
     return record
+
+
+def diverged_message(run: Run, what: str) -> str:
+    """One line: which step diverged, what was seen, what is saved, and the likely cause."""
+    lr = run.cfg.slow.lr
+    try:
+        last = latest_step(run.store)
+    except CheckpointError:
+        last = None
+    saved = f"the latest checkpoint is step {last}" if last is not None else "no checkpoint exists"
+    if lr > LARGE_LR:
+        cause = f"slow.lr={lr:g} too large? (usual values: 1e-6 to 1e-4)"
+    else:
+        cause = (
+            f"check slow.lr={lr:g}, slow.gradClip={run.cfg.slow.grad_clip:g} and "
+            f"model.dtype={run.cfg.model.dtype} (float16 overflows easily)"
+        )
+    return (
+        f"step {run.step + 1}: training diverged: {what}. The run stopped; nothing of step "
+        f"{run.step + 1} was saved ({saved}). Likely cause: {cause}"
+    )
+
+
+# A learning rate above this is reported as the likely cause of a divergence, and warned about.
+LARGE_LR = 1e-2
 
 
 def heldout_eval(run: Run) -> dict[str, float]:
@@ -419,7 +467,43 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
 
 def checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
     """The run's checkpoint store: `checkpoint.uri`, default <outputDir>/<run>/checkpoints."""
-    return open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
+    try:
+        return open_store(cfg.checkpoint.uri or str(cfg.run_dir / "checkpoints"))
+    except CheckpointError as e:
+        if cfg.checkpoint.uri:
+            raise CheckpointError(f"checkpoint.uri: {e}") from None
+        raise
+
+
+def check_output_dir(output_dir: str | Path, field: str = "outputDir") -> None:
+    """A ConfigError naming `field` when the folder cannot be one: an existing file, or a path
+    under a file. Nothing is created."""
+    path = Path(output_dir).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is" if p == path else f"is under {p}, which is"
+                raise ConfigError(f"{field}: {path} {what} a file, not a folder")
+            return
+
+
+def preflight(cfg: TrainConfig) -> Task:
+    """What can be checked before anything is written (run folder, database): the output
+    folder, the S3 credentials a remote checkpoint or model needs, and the task's data (built
+    here and handed to build_run). Errors name the field."""
+    check_output_dir(cfg.output_dir)
+    for field_name, uri in (("checkpoint.uri", cfg.checkpoint.uri), ("model.name", cfg.model.name)):
+        if uri and uri.startswith("s3://"):
+            try:
+                check_s3_credentials(uri)
+            except CheckpointError as e:
+                raise ConfigError(f"{field_name}: {e}") from None
+    if cfg.slow.lr > LARGE_LR and cfg.mode != "gepa":
+        log.warning(
+            "slow.lr=%g is unusually large (usual values: 1e-6 to 1e-4); training may diverge",
+            cfg.slow.lr,
+        )
+    return load_task(cfg)
 
 
 def latest_checkpoint(cfg: TrainConfig) -> Path | None:
@@ -460,21 +544,33 @@ class RunLock:
         self.fd.close()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run `cfg` to `cfg.steps` steps. With `resume`, continue from the latest checkpoint."""
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    progress: bool = True,
+    on_start: Callable[[], None] | None = None,
+) -> Path:
+    """Run `cfg` to `cfg.steps` steps. With `resume`, continue from the latest checkpoint.
+
+    `on_start` is called once the run is built (task, model, checkpoint restored) and about to
+    train: an error before that point means the run never started."""
+    task = preflight(cfg)
     run_dir = cfg.run_dir
     lock = RunLock(run_dir)  # one trainer per run folder on this machine
     db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
-    lease, finished = None, False
+    lease, finished, started = None, False, False
+    previous: str | None = None  # the run's status before this attempt
     try:
         db.upgrade()
         # One writer per run across machines (pods): a lease in the database, kept alive by a
         # heartbeat; a second trainer of the same run gets RunLockedError, and this one stops
         # (writing nothing more) if it loses the lease (Run.ensure_writer).
-        config = cfg.model_dump(mode="json", by_alias=True)
+        config = public_config(cfg)  # the database URL's password redacted
+        info = db.run_info(cfg.run)
+        previous = info["status"] if info else None
         lease = db.acquire_run(cfg.run, cfg.mode, config, lease_s=LEASE_S)
         lease.keep_alive()
-        run = build_run(cfg, run_dir, db)
+        run = build_run(cfg, run_dir, db, task)
         run.lease = lease
         existing = latest_step(run.store)
         if existing is not None and not resume:
@@ -492,6 +588,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
             db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
             run.sink.truncate_after(0)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
+        started = True
+        if on_start is not None:
+            on_start()
         _loop(run, progress, db)
         db.log_event(cfg.run, "finished", f"step {run.step}")
         lease.release("finished")
@@ -504,12 +603,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         # log is gone with the pod, the database row is not.
         if lease is not None:
             with contextlib.suppress(Exception):
-                db.log_event(cfg.run, "error", f"{type(e).__name__}: {e}"[:2000])
+                db.log_event(cfg.run, "error", redact_url(f"{type(e).__name__}: {e}")[:2000])
         raise
     finally:
         if lease is not None and not finished:
+            # An attempt that failed before training (a bad model, a refused resume) leaves the
+            # run as it was: a finished run stays finished.
+            keep = not started and previous not in (None, "created", "running")
+            status = previous if keep and previous is not None else "failed"
             try:
-                lease.release("failed")
+                lease.release(status)
             except Exception as e:  # the database may be why we are here: keep the first error
                 log.warning("run %r: could not release its lease: %s", cfg.run, e)
         db.close()

@@ -27,9 +27,28 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fst.config import ModelConfig
+from fst.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
+
+
+class ModelLoadError(ConfigError):
+    """`model.name` (or `model.reference`) does not name a loadable model: the message names
+    the field and the path, and says what is wrong in one line."""
+
+
+# What transformers, tokenizers and safetensors raise for a folder that is not a model (no or
+# broken config.json, unknown model type, garbage weights, a tokenizer that cannot be built).
+def _load_errors() -> tuple[type[BaseException], ...]:
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # alias -> (python package that ships the file, file name inside it)
 BUILTIN_MODELS: dict[str, tuple[str, str]] = {
@@ -70,8 +89,12 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         return ModelSource(str(folder), filename)
     if name.startswith("s3://"):
         from fst.store.checkpoints import fetch_model_dir
+        from fst.store.layout import CheckpointError
 
-        return ModelSource(str(fetch_model_dir(name)))
+        try:
+            return ModelSource(str(fetch_model_dir(name)))
+        except CheckpointError as e:
+            raise ModelLoadError(f"model.name: {e}") from None
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(str(path.parent), path.name)
@@ -79,19 +102,44 @@ def resolve_source(cfg: ModelConfig) -> ModelSource:
         # One of our checkpoints: the loadable model lives in its `model/` subfolder.
         if (path / "manifest.json").is_file() and (path / "model").is_dir():
             path = path / "model"
+        _check_model_folder(path, cfg.gguf_file)
         return ModelSource(str(path), cfg.gguf_file)
+    if path.exists():
+        raise ModelLoadError(
+            f"model.name: {name} is a file, not a model (expected a model folder, a .gguf file, "
+            "an s3:// checkpoint URI or a hub id)"
+        )
     if name.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"model.name: no such file or directory: {name}")
+        raise ModelLoadError(f"model.name: no such file or directory: {name}")
     return ModelSource(name, cfg.gguf_file)  # a hub id
+
+
+def _check_model_folder(path: Path, gguf_file: str | None) -> None:
+    """A folder must hold a transformers model (config.json), a LoRA adapter (refused with its
+    own message by load_policy) or the GGUF file named by model.ggufFile."""
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise ModelLoadError(f"model.ggufFile: {path / gguf_file}: no such file")
+        return
+    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"model.name: {path} is not a model folder (no config.json; expected a Hugging "
+            "Face model folder, one of our checkpoints, a .gguf file or a hub id)"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     src = resolve_source(cfg)
-    tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    try:
+        tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
+    except _load_errors() as e:
+        raise ModelLoadError(
+            f"model.name: {cfg.name}: cannot load its tokenizer: {_first_line(e)}"
+        ) from e
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
-        raise ValueError(f"model {cfg.name!r}: the tokenizer has no chat template")
+        raise ModelLoadError(f"model.name: {cfg.name}: the tokenizer has no chat template")
     return tok
 
 
@@ -117,7 +165,7 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         # A PEFT adapter folder alone (what LoRA checkpoints held before they saved the merged
         # model): transformers would try to load its base from the path recorded inside it.
-        raise ValueError(
+        raise ModelLoadError(
             f"model.name: {src.path} holds only a LoRA adapter, not a model; point model.name "
             "at a checkpoint written by this version (its model/ is the merged model), or "
             "merge the adapter into its base first (peft: merge_and_unload)"
@@ -125,9 +173,14 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     log.info("loading model %s%s", src.path, f" ({src.gguf_file})" if src.gguf_file else "")
     if src.gguf_file is not None:
         _quiet_gguf_progress()
-    model = AutoModelForCausalLM.from_pretrained(
-        src.path, gguf_file=src.gguf_file, dtype=DTYPES[cfg.dtype]
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.path, gguf_file=src.gguf_file, dtype=DTYPES[cfg.dtype]
+        )
+    except _load_errors() as e:
+        raise ModelLoadError(
+            f"model.name: {cfg.name}: not a loadable model: {_first_line(e)}"
+        ) from e
     if src.gguf_file is not None:
         _forget_gguf_origin(model)
     # transformers types `to` through a decorator that mypy reads as taking the model itself.
@@ -239,9 +292,12 @@ def make_reference(policy: PreTrainedModel, cfg: ModelConfig) -> PreTrainedModel
     weights. With LoRA and no separate reference, the base is the policy with its adapters
     disabled, so no copy is made (None)."""
     if cfg.reference and cfg.reference != cfg.name:
-        ref = load_policy(
-            cfg.model_copy(update={"name": cfg.reference, "lora": None, "reference": None})
-        )
+        try:
+            ref = load_policy(
+                cfg.model_copy(update={"name": cfg.reference, "lora": None, "reference": None})
+            )
+        except ModelLoadError as e:
+            raise ModelLoadError(str(e).replace("model.name:", "model.reference:", 1)) from e
     elif is_lora(policy):
         return None
     else:

@@ -28,7 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
-from fst.k8s.api import STAGE_SECTIONS, StageSpec, TaskStream
+from fst.k8s.api import StageSpec, TaskStream
 
 # A stage run's name must leave room for the Job suffix `-a<attempt>` (Job names are DNS
 # labels of at most 63 characters): the FastSlowRun CRD caps names at 52.
@@ -64,6 +64,7 @@ class StageRun(BaseModel):
     evaluation: dict[str, Any] | None = None
     started: float | None = None
     finished: float | None = None
+    error: str | None = Field(None, description="Why the run failed (status failed), one line.")
 
     @property
     def name(self) -> str:
@@ -117,11 +118,7 @@ def stage_config(
 
     Raises pydantic's ValidationError naming the field when the merge is invalid."""
     spec = stream.spec
-    raw: dict[str, Any] = copy.deepcopy(spec.defaults)
-    for section in STAGE_SECTIONS:
-        value = getattr(stage, section)
-        if value is not None:
-            raw = _deep_merge(raw, {section: value})
+    raw = _deep_merge(spec.defaults.overrides(), stage.overrides())
     model = spec.model.model_dump(mode="json", by_alias=True)
     if start_checkpoint is not None:
         model["name"] = start_checkpoint
@@ -151,7 +148,47 @@ def check_stages(stream: TaskStream, source: str) -> None:
 
 
 def stage_spec(stream: TaskStream, name: str) -> StageSpec:
-    return next(s for s in stream.spec.stages if s.name == name)
+    for s in stream.spec.stages:
+        if s.name == name:
+            return s
+    raise ConfigError(f"spec.stages: no stage named {name!r} in the manifest")
+
+
+def check_history(stream: TaskStream, runs: list[StageRun], source: str) -> None:
+    """The manifest must still describe the stream's history: every stage that has a run keeps
+    its name, and the stages that have runs stay first, in the order they first ran. Stages are
+    added at the end. A ConfigError names the stage otherwise.
+
+    Why no rename or reorder: a stage's name is the identity of its runs (run names, folders,
+    checkpoints, database rows, a cluster's child objects), and the stream is a sequence in
+    time, each stage trained on the previous one's weights. A renamed stage would be planned
+    as a new stage (its old runs orphaned, retention unable to find it), and moving a stage
+    before one that already ran cannot change what that run started from. Both executors call
+    this before planning."""
+    ran: list[str] = []
+    for r in runs:
+        if r.stage not in ran:
+            ran.append(r.stage)
+    names = [s.name for s in stream.spec.stages]
+    for i, name in enumerate(ran):
+        if name in names:
+            continue
+        last = next(r for r in reversed(runs) if r.stage == name)
+        maybe = names[i] if i < len(names) and names[i] not in ran else None
+        hint = f" (renamed to {maybe!r}?)" if maybe else ""
+        raise ConfigError(
+            f"{source}: spec.stages: stage {name!r}{hint} is gone from the manifest, but it "
+            f"has run ({last.run}, {last.status}); a stage that has run cannot be renamed or "
+            f"removed: restore the name {name!r}, or start a new stream (another metadata.name)"
+        )
+    for i, name in enumerate(ran):
+        if names[i] != name:
+            raise ConfigError(
+                f"{source}: spec.stages.{i} ({names[i]}): expected stage {name!r} here; the "
+                f"stages that have run ({', '.join(ran)}) must stay first, in that order: "
+                "reordering them or inserting a stage before one that has run is not "
+                "supported; add new stages at the end"
+            )
 
 
 # ----------------------------------------------------------------------------- the planner

@@ -18,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from fst.metrics import read_metrics
+from fst.schema import ConfigError
 
 
 @dataclass
@@ -35,14 +36,33 @@ class Segment:
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for lineno, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                raise ConfigError(f"{path}:{lineno}: not a JSON record ({e})") from None
+    return records
+
+
+def _read_stream_entries(stream_file: Path) -> list[dict[str, Any]]:
+    try:
+        entries = json.loads(stream_file.read_text(errors="replace"))["stages"]
+        if not isinstance(entries, list) or not all(
+            isinstance(e, dict) and "run" in e and "name" in e for e in entries
+        ):
+            raise ValueError("stages must be a list of stage runs")
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{stream_file}: not a stream state file ({e})") from None
+    return entries
 
 
 def load_segments(path: Path) -> tuple[list[Segment], str]:
     """(segments, kind): a stream folder (stream.json) or a single run folder."""
     stream_file = path / "stream.json"
     if stream_file.is_file():
-        entries = json.loads(stream_file.read_text())["stages"]
+        entries = _read_stream_entries(stream_file)
         segments, offset = [], 0
         for e in entries:
             run_dir = path / e["run"]
@@ -63,7 +83,7 @@ def load_segments(path: Path) -> tuple[list[Segment], str]:
         return [
             Segment(path.name, path, 0, _step_records(path), _read_jsonl(path / "population.jsonl"))
         ], "run"
-    raise FileNotFoundError(f"{path}: neither a stream (stream.json) nor a run (metrics.jsonl)")
+    raise ConfigError(f"{path}: neither a stream (stream.json) nor a run (metrics.jsonl)")
 
 
 def _step_records(run_dir: Path) -> list[dict[str, Any]]:

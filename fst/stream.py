@@ -15,7 +15,10 @@ What starts a new stage: a stage added to the file, or new data in a stage's sou
 file whose content hash changed): the stage then runs again as `<name>-v2`, `-v3`, ... from the
 latest checkpoint. State lives in `<outputDir>/<stream>/stream.json` (written atomically), so
 running the command again resumes: finished stages are skipped and an interrupted stage
-continues from its last checkpoint.
+continues from its last checkpoint. A stage's entry is written when its run has started
+training (a data file that is missing, a model that does not load leave stream.json as it was);
+a run that fails after that is marked `failed` with the reason, and retried by the next
+`fst stream`. Stages that have run may not be renamed or reordered (fst.plan.check_history).
 """
 
 from __future__ import annotations
@@ -32,7 +35,14 @@ from pydantic import ValidationError
 from fst.config import ConfigError, TrainConfig, format_validation_error, read_yaml
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import TaskStream
-from fst.plan import StageRun, StageStatus, check_stages, stage_config, stage_spec
+from fst.plan import (
+    StageRun,
+    StageStatus,
+    check_history,
+    check_stages,
+    stage_config,
+    stage_spec,
+)
 from fst.plan import next_stage as plan_next_stage
 
 if TYPE_CHECKING:
@@ -45,7 +55,7 @@ __all__ = ["StreamRunner", "StreamState", "load_stream", "run_stream"]
 
 def load_stream(path: str | Path) -> TaskStream:
     """Parse and validate a TaskStream file; every error names its field (and the file)."""
-    raw = read_yaml(path)
+    raw = read_yaml(path, "stream manifest")
     try:
         stream = TaskStream.model_validate(raw)
     except ValidationError as e:
@@ -100,14 +110,23 @@ def next_stage(stream: TaskStream, state: StreamState) -> StageRun | None:
 class StreamRunner:
     """Runs a stream's stages; keeps the base model loaded for the evaluations."""
 
-    def __init__(self, stream: TaskStream, progress: bool = True) -> None:
-        self.stream, self.progress = stream, progress
+    def __init__(self, stream: TaskStream, progress: bool = True, source: str = "<stream>") -> None:
+        from fst.loop import check_output_dir
+
+        self.stream, self.progress, self.source = stream, progress, source
+        check_output_dir(stream.spec.output_dir, "spec.outputDir")
         self.dir = Path(stream.spec.output_dir) / stream.metadata.name
         self.state = StreamState.load(self.dir / "stream.json")
         self._base: Any = None
 
+    def check(self, stream: TaskStream) -> None:
+        """`stream` (the manifest, maybe edited) against the history in stream.json: a
+        ConfigError names a stage that was renamed, removed or moved after it ran."""
+        check_history(stream, self.state.runs, self.source)
+
     def run_pending(self) -> int:
         """Run every stage that needs a run; returns how many ran."""
+        self.check(self.stream)
         ran = 0
         while (run := next_stage(self.stream, self.state)) is not None:
             self.run_stage(run)
@@ -117,13 +136,14 @@ class StreamRunner:
     def run_stage(self, run: StageRun) -> None:
         from fst.loop import train
 
-        if run not in self.state.runs:
-            self.state.runs.append(run)
-        run.status = StageStatus.RUNNING
-        run.started = run.started or time.time()
-        self.state.save()
         stage = stage_spec(self.stream, run.stage)
-        cfg = stage_config(self.stream, stage, run.run, run.start_checkpoint, run.start_population)
+        try:
+            cfg = stage_config(
+                self.stream, stage, run.run, run.start_checkpoint, run.start_population
+            )
+        except ValidationError as e:  # e.g. an inherited prompt over the size limit
+            where = f"{self.source}: stage {run.name} (run {run.run})"
+            raise ConfigError(format_validation_error(e, where)) from None
         log.info(
             "stage %s: run %s, %d steps, from %s%s",
             run.name,
@@ -134,19 +154,38 @@ class StreamRunner:
             if run.start_population
             else "",
         )
-        index = self.state.runs.index(run)
         db = _database(cfg)
-        db.start_stage(self.stream.metadata.name, index, run.name, run.run)
-        train(cfg, resume=True, progress=self.progress)
-        folder, uri = _final_checkpoint(cfg)
-        ckpt_state = json.loads((folder / "state.json").read_text())
-        run.checkpoint = uri
-        run.population = checkpoint_population(uri)  # what the next stage will inherit
-        run.best_prompt_id = ckpt_state["population"][0]["id"]
-        run.evaluation = self.evaluate(run, folder, ckpt_state)
+
+        def on_start() -> None:
+            # Only now is the stage running: an error before (a missing data file, a model that
+            # does not load) leaves a new stage out of stream.json and the database.
+            if run not in self.state.runs:
+                self.state.runs.append(run)
+            run.status = StageStatus.RUNNING
+            run.started = run.started or time.time()
+            run.error = None
+            self.state.save()
+            db.start_stage(self.stream.metadata.name, self.state.runs.index(run), run.name, run.run)
+
+        try:
+            train(cfg, resume=True, progress=self.progress, on_start=on_start)
+            folder, uri = _final_checkpoint(cfg)
+            ckpt_state = json.loads((folder / "state.json").read_text())
+            run.checkpoint = uri
+            run.population = checkpoint_population(uri)  # what the next stage will inherit
+            run.best_prompt_id = ckpt_state["population"][0]["id"]
+            run.evaluation = self.evaluate(run, folder, ckpt_state)
+        except Exception as e:
+            if run in self.state.runs:  # it ran (now or in an earlier attempt): say why it failed
+                self._failed(run, e, db)
+            db.close()
+            if isinstance(e, ConfigError):  # name the stage: the manifest has several
+                raise ConfigError(f"{self.source}: stage {run.name} (run {run.run}): {e}") from e
+            raise
         run.status = StageStatus.SUCCEEDED
         run.finished = time.time()
         self.state.save()
+        index = self.state.runs.index(run)
         version = db.latest_population(run.run)
         db.finish_stage(
             self.stream.metadata.name,
@@ -156,6 +195,21 @@ class StreamRunner:
         )
         db.close()
         log.info("stage %s done: %s", run.name, json.dumps(run.evaluation))
+
+    def _failed(self, run: StageRun, error: Exception, db: RunDB) -> None:
+        """Mark `run` failed in stream.json (and the database) with a one-line reason; the next
+        `fst stream` retries it from its latest checkpoint."""
+        from fst.config import redact_url
+
+        reason = redact_url(" ".join(str(error).split()) or type(error).__name__)
+        run.status = StageStatus.FAILED
+        run.error = reason[:500]
+        run.finished = None
+        self.state.save()
+        try:
+            db.finish_stage(self.stream.metadata.name, self.state.runs.index(run), "failed")
+        except Exception as e:  # the database may be why we are here: keep the first error
+            log.warning("stage %s: could not record its failure: %s", run.name, e)
 
     def evaluate(self, run: StageRun, folder: Path, ckpt_state: dict[str, Any]) -> dict[str, Any]:
         """Retention on every stage so far and the channel decomposition on this one."""
@@ -238,7 +292,7 @@ def run_stream(
     """`fst stream FILE [--watch]`. With watch, re-read the file and the data sources every
     `watchIntervalSeconds` and run what became pending; `max_polls` bounds that (tests)."""
     stream = load_stream(path)
-    runner = StreamRunner(stream, progress)
+    runner = StreamRunner(stream, progress, str(path))
     runner.run_pending()
     polls = 0
     while watch and (max_polls is None or polls < max_polls):
@@ -246,6 +300,7 @@ def run_stream(
         polls += 1
         try:
             stream = load_stream(path)  # a stage may have been added
+            runner.check(stream)
         except ConfigError as e:
             log.error("not reloading %s: %s", path, e)  # keep running the last valid spec
             continue

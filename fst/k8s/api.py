@@ -2,10 +2,10 @@
 
 A FastSlowRun's `spec.config` IS a TrainConfig (fst/config.py), minus the fields the operator
 owns (OPERATOR_OWNED); `spec.trainer` says where and how the trainer pod runs. A TaskStream is
-the manifest `fst stream` reads AND the custom resource the operator reconciles: its stages are
-TrainConfig sections, and its TrainerSpec is copied into each stage's run. crds/ is generated
-from these models (fst/k8s/crd.py), so `fst train`, `fst stream` and the apiserver validate
-against one schema.
+the manifest `fst stream` reads AND the custom resource the operator reconciles: its defaults
+and stages override TrainConfig sections (override models generated from them), and its
+TrainerSpec is copied into each stage's run. crds/ is generated from these models
+(fst/k8s/crd.py), so `fst train`, `fst stream` and the apiserver validate against one schema.
 
 Following Kubeflow Trainer / JobSet: `spec` says intent, `status` says facts. The status is
 written by the operator only; its typed models are in fst/k8s/status.py.
@@ -13,10 +13,13 @@ written by the operator only; its typed models are in fst/k8s/status.py.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import functools
+import types
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union, get_args, get_origin
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from fst.config import ModelConfig, Schema, TaskConfig, TrainConfig
 from fst.schema import DNS_LABEL
@@ -134,27 +137,109 @@ class FastSlowRunSpec(Schema):
 # ----------------------------------------------------------------------------- TaskStream
 
 
-class StageSpec(Schema):
-    """One stage: a task (or data source) and how long to train on it."""
+# A stage overrides only the settings it names: `fst.plan.stage_config` deep-merges the built-in
+# defaults < the stream's `defaults` < the stage's sections. So a stage's sections (and the
+# stream's defaults) are "override" models, generated from the TrainConfig sections rather
+# than written twice: the same fields, aliases, descriptions and per-field constraints (ranges,
+# patterns, enums), unknown keys rejected, but every field optional and without a default (an
+# unset field is not dumped, so it cannot override anything). A nested config model (e.g.
+# fast.reflector) becomes an override model too, since the merge goes into it key by key;
+# lists, tuples and scalars are replaced whole and keep their type. What spans fields (a
+# model's validators, e.g. fst mode's topK <= groupSize) is checked on the merged TrainConfig.
+
+
+class Overrides(Schema):
+    """Base of the generated override models (`overrides_of`)."""
+
+    # The generated fields (a subclass such as StageSpec adds its own, which are not settings).
+    override_fields: ClassVar[tuple[str, ...]] = ()
+    # True: a null field means unset (a stage's `slow:` left empty). False: null is a value,
+    # the one a field that is `X | None` in the config model may override a default with.
+    null_is_unset: ClassVar[bool] = False
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given, camelCase, nested overrides included: what to deep-merge."""
+        given = self.model_dump(
+            mode="json", by_alias=True, exclude_unset=True, include=set(self.override_fields)
+        )
+        return {k: v for k, v in given.items() if v is not None or not self.null_is_unset}
+
+
+def _override_type(annotation: Any) -> Any:
+    """A field's type in an override model: a config model (alone or in `X | None`) becomes
+    its override model; anything else is replaced whole by a merge, so it keeps its type."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return overrides_of(annotation)
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = tuple(_override_type(a) for a in get_args(annotation))
+        return Union[options]  # noqa: UP007 (a runtime tuple of types)
+    return annotation
+
+
+@functools.cache
+def overrides_of(
+    model: type[BaseModel],
+    fields: tuple[str, ...] | None = None,
+    name: str | None = None,
+    nullable: bool = False,
+) -> type[Overrides]:
+    """The override model of `model` (or of its `fields` only): every field optional, no
+    defaults, the same constraints. `nullable`: each field may also be null, meaning unset
+    (a stage's `slow:` left empty)."""
+    fields = fields or tuple(model.model_fields)
+    defs: dict[str, Any] = {}
+    for field_name in fields:
+        info = model.model_fields[field_name]
+        kind = _override_type(info.annotation)
+        if nullable:
+            kind = kind | None
+        field = FieldInfo.from_field(
+            None,
+            alias=info.alias,
+            validation_alias=info.validation_alias,
+            serialization_alias=info.serialization_alias,
+            description=info.description,
+            examples=info.examples,
+            json_schema_extra=info.json_schema_extra,
+            discriminator=info.discriminator,
+            deprecated=info.deprecated,
+        )
+        # The constraints (Gt, MaxLen, pattern, ...), as pydantic keeps them. Not through
+        # Annotated[...]: typing caches those by equality, and Gt(0) == Gt(0.0).
+        field.metadata = list(info.metadata)
+        defs[field_name] = (kind, field)
+    override_model = create_model(
+        name or f"{model.__name__.removesuffix('Config')}Overrides",
+        __base__=Overrides,
+        __doc__=model.__doc__,
+        __module__=__name__,
+        **defs,
+    )
+    override_model.override_fields, override_model.null_is_unset = fields, nullable
+    return override_model
+
+
+if TYPE_CHECKING:  # mypy cannot see generated fields; it sees the base of every override model
+    StageSettings = Overrides
+else:
+    StageSettings = overrides_of(TrainConfig, STAGE_SECTIONS, "StageSettings", nullable=True)
+
+
+class StreamDefaults(StageSettings):
+    """Settings shared by all stages (a stage's own settings win, key by key)."""
+
+
+class StageSpec(StageSettings):
+    """One stage: a task (or data source), its steps, and the settings it overrides."""
 
     name: str = Field(pattern=DNS_LABEL, max_length=40)
     task: TaskConfig
     steps: int = Field(gt=0)
-    mode: Literal["rl", "fst", "gepa"] | None = None
-    seed: int | None = None
-    rollout: dict[str, Any] | None = None
-    slow: dict[str, Any] | None = None
-    fast: dict[str, Any] | None = None
-    metrics: dict[str, Any] | None = None
-    checkpoint: dict[str, Any] | None = None
 
 
 class TaskStreamSpec(Schema):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
-    defaults: dict[str, Any] = Field(
-        default_factory=dict,
-        description=f"Settings shared by all stages: any of {', '.join(STAGE_SECTIONS)}.",
-    )
+    defaults: StreamDefaults = Field(default_factory=StreamDefaults)
     output_dir: str = Field("runs", description="Local folder for stream state and runs.")
     eval_problems: int = Field(
         16, ge=0, description="Test problems per stage for retention and the decomposition."
@@ -170,14 +255,6 @@ class TaskStreamSpec(Schema):
         2, ge=0, le=100, description="Cluster only: retries of each stage's run."
     )
     suspend: bool = Field(False, description="Cluster only: start no new stage while true.")
-
-    @field_validator("defaults")
-    @classmethod
-    def _known_sections(cls, v: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(v) - set(STAGE_SECTIONS))
-        if unknown:
-            raise ValueError(f"unknown keys {unknown}; allowed: {', '.join(STAGE_SECTIONS)}")
-        return v
 
     @field_validator("stages")
     @classmethod

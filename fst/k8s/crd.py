@@ -6,9 +6,14 @@
 Pydantic emits JSON Schema 2020-12; the apiserver wants a *structural* OpenAPI v3.0 schema.
 `structural()` translates: $refs inlined, Optional[X] -> X + nullable, numeric
 exclusiveMinimum -> minimum + exclusiveMinimum: true, tuples -> arrays with min/maxItems,
-free-form dicts -> x-kubernetes-preserve-unknown-fields, titles dropped. Rules that span
-fields are CEL (x-kubernetes-validations), each mirrored by a pydantic validator so `fst`
-and the apiserver refuse the same things (tests/unit/test_crd.py checks both).
+free-form dicts -> x-kubernetes-preserve-unknown-fields, titles dropped. A TaskStream's stage
+sections and defaults are override models (fst/k8s/api.py overrides_of): typed like the
+TrainConfig sections, without defaults, so the apiserver checks them and fills nothing in.
+Unknown keys: a structural schema cannot say `additionalProperties: false` beside
+`properties`; the apiserver refuses them under strict field validation (kubectl's default)
+and prunes them otherwise. Rules that span fields are CEL (x-kubernetes-validations), each
+mirrored by a pydantic validator so `fst` and the apiserver refuse the same things
+(tests/unit/test_crd.py checks both).
 """
 
 from __future__ import annotations
@@ -70,7 +75,8 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
     if "default" in node and node["default"] is not None:
         out["default"] = node["default"]
-    kind = out.get("type")
+    # A union was converted above, as its one option.
+    kind = out.get("type") if any_of is None else None
     if kind == "array":
         if "prefixItems" in node:  # a fixed-length tuple of one item type
             types = {p["type"] for p in node["prefixItems"]}
@@ -84,13 +90,16 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             out["properties"] = {k: _convert(v, defs) for k, v in props.items()}
             # An omitted section still gets its fields' defaults: the apiserver defaults
             # an object field only when the object itself is present.
-            for v in out["properties"].values():
+            # Not so for an override (default null, fst/k8s/api.py overrides_of): unset, it
+            # overrides nothing.
+            for k, v in out["properties"].items():
                 if (
                     v.get("type") == "object"
                     and "properties" in v
                     and not v.get("required")
                     and not v.get("nullable")
                     and "default" not in v
+                    and not ("default" in props[k] and props[k]["default"] is None)
                 ):
                     v["default"] = {}
             if node.get("required"):

@@ -268,6 +268,30 @@ def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool | None:
     return True if ok and params else None  # None: torch's own default
 
 
+class DivergedError(RuntimeError):
+    """A step's loss or gradient norm, or the updated model's output, is NaN or infinite.
+
+    Raised before the optimizer step when the loss or the gradient norm is not finite (the
+    update is refused), or right after it when the updated policy's logits are not (the weights
+    in memory are then broken: the caller must stop without saving them)."""
+
+
+def outputs_finite(model: PreTrainedModel, ids: Sequence[int]) -> bool:
+    """Whether the model's logits on the token sequence `ids` are all finite: a cheap probe (one
+    short sequence, no gradient) of weights that may have been broken by an update."""
+    if not ids:
+        return True
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+            logits = model(input_ids=x).logits
+        return bool(torch.isfinite(logits).all())
+    finally:
+        model.train(was_training)
+
+
 class SlowTrainer:
     def __init__(
         self, model: PreTrainedModel, cfg: SlowConfig, temperature: float, pad_id: int
@@ -299,13 +323,28 @@ class SlowTrainer:
         return dapo_loss(logp, b.old_logp, b.adv, b.mask, c.clip_low, c.clip_high, num_tokens)
 
     def step(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
-        """One optimizer step on the whole batch. Returns the step's training metrics."""
+        """One optimizer step on the whole batch. Returns the step's training metrics.
+
+        Raises DivergedError (see there) when the loss, the gradient norm or the updated
+        model's output on one of the batch's sequences is NaN or infinite."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(rollouts, advantages)
         if metrics["trained_seqs"] > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-            metrics["grad_norm"] = float(norm)
+            if not math.isfinite(metrics["loss"]):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise DivergedError(
+                    f"the loss is {metrics['loss']}; the update was refused (the weights "
+                    "were already broken, or the inputs produce non-finite log-probabilities)"
+                )
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            if not math.isfinite(norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise DivergedError(f"the gradient norm is {norm}; the update was refused")
+            metrics["grad_norm"] = norm
             self.optimizer.step()
+            probe = next(r for r, a in zip(rollouts, advantages, strict=True) if a != 0.0)
+            if not outputs_finite(self.model, probe.prompt_ids + probe.completion_ids):
+                raise DivergedError("the update made the model's outputs NaN or infinite")
         else:
             # Every group had zero variance: no gradient. Skipping the update keeps Adam's
             # momentum and weight decay from moving the weights on a step without signal.

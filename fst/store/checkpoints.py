@@ -128,16 +128,36 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+S3_KEY_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+
+
+def check_s3_credentials(uri: str) -> None:
+    """A CheckpointError, at once, when the environment has no S3 keys for `uri` (instead of a
+    minute of retried anonymous requests): the S3 store reads its endpoint and keys only from
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."""
+    missing = [v for v in S3_KEY_VARIABLES if not os.environ.get(v)]
+    if missing:
+        raise CheckpointError(
+            f"{uri}: no S3 credentials: {' and '.join(missing)} not set (set "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and, for a server other than AWS, "
+            "AWS_ENDPOINT_URL)"
+        )
+
+
 def open_store(uri: str) -> CheckpointStore:
     """`s3://bucket/prefix` -> S3CheckpointStore (endpoint and keys from the environment);
     anything else is a local folder."""
     if uri.startswith("s3://"):
         from fst.store.s3 import S3CheckpointStore
 
+        check_s3_credentials(uri)
         return S3CheckpointStore(uri)
     if "://" in uri:
         raise CheckpointError(f"{uri!r}: unsupported checkpoint URI (use s3:// or a folder)")
-    return LocalCheckpointStore(uri)
+    try:
+        return LocalCheckpointStore(uri)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise CheckpointError(f"{uri}: not a folder ({e.strerror})") from None
 
 
 def latest_step(store: CheckpointStore) -> int | None:

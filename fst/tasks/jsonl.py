@@ -22,7 +22,9 @@ A small file is clamped so that train keeps at least one record: test gets
 min(testSize, n - 1), then val gets min(valSize, n - 1 - test), so val (then test) may be empty.
 
 Bad input raises DataError naming the file and line, e.g. "data.jsonl:7: invalid JSON: ...".
-Blank lines are skipped (line numbers still count them).
+Blank lines are skipped (line numbers still count them). A record (line) is at most
+MAX_RECORD_CHARS characters and a file at most MAX_DATA_FILE_BYTES (fst/schema.py): a record
+becomes a prompt, and a file is read whole into memory.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Literal, cast
 
 from pydantic import Field
 
-from fst.schema import Schema
+from fst.schema import MAX_DATA_FILE_BYTES, MAX_RECORD_CHARS, Schema
 from fst.tasks import register
 from fst.tasks.base import Problem, Score, Split, TaskSettings, extract_boxed, params_of
 
@@ -68,27 +70,48 @@ def read_records(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     `path` may be an s3:// object, or a prefix whose objects are read in key order."""
     try:
         if str(path).startswith("s3://"):
+            from fst.store.checkpoints import check_s3_credentials
             from fst.store.s3 import fetch_text
 
+            try:
+                check_s3_credentials(str(path))
+            except Exception as e:
+                raise DataError(str(e)) from None
             try:
                 text = fetch_text(str(path))
             except Exception as e:  # minio's errors are not OSErrors
                 raise DataError(f"{path}: cannot read from S3: {e}") from e
         else:
-            text = Path(path).read_text(encoding="utf-8-sig")
+            size = Path(path).stat().st_size
+            if size > MAX_DATA_FILE_BYTES:
+                raise DataError(
+                    f"{path}: {size} bytes; a data file is at most {MAX_DATA_FILE_BYTES}"
+                )
+            data = Path(path).read_bytes()
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                at = data[: e.start].count(b"\n") + 1
+                raise DataError(
+                    f"{path}:{at}: not UTF-8 text ({e.reason} at byte {e.start})"
+                ) from None
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     records = []
     # split("\n"), not splitlines(): JSON strings may legally contain U+2028 and friends.
     for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_CHARS:
+            raise DataError(
+                f"{path}:{lineno}: a record of {len(line)} characters; at most {MAX_RECORD_CHARS}"
+            )
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from e
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: invalid JSON: nested too deeply") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         records.append((lineno, obj))

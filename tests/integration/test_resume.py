@@ -56,7 +56,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
     kill_after_checkpoint(cfg_b, run_b / "checkpoints" / "step-00000002" / "manifest.json")
     # Without --resume the saved run is protected, not overwritten.
     refused = run_fst("train", "-c", str(cfg_b), "--no-progress", check=False)
-    assert refused.returncode == 1 and "--resume" in refused.stderr
+    assert refused.returncode == 2 and "--resume" in refused.stderr
     run_fst("train", "-c", str(cfg_b), "--resume", "--no-progress")
 
     run_a = Path(straight["outputDir"]) / "t"

@@ -68,12 +68,14 @@ def server_factory():
 
 
 def reflector(url: str) -> OpenAIReflector:
-    cfg = ReflectorConfig(kind="openai", base_url=url, model="judge-1", api_key_env="FST_TEST_KEY")
+    cfg = ReflectorConfig(
+        kind="openai", base_url=url, model="judge-1", api_key_env="REFLECTOR_TEST_KEY"
+    )
     return OpenAIReflector(cfg, timeout_s=5, retries=3)
 
 
 def test_request_shape_key_and_reply(server_factory, monkeypatch):
-    monkeypatch.setenv("FST_TEST_KEY", "sk-test")
+    monkeypatch.setenv("REFLECTOR_TEST_KEY", "sk-test")
     srv = server_factory([(200, "hello")])
     assert reflector(srv.url)("reflect on this") == "hello"
     req = srv.requests[0]

@@ -81,6 +81,8 @@ def test_part_size_below_s3_minimum_is_refused():
 
 def test_open_store_dispatches_on_scheme(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     assert isinstance(open_store("s3://bucket/prefix"), S3CheckpointStore)
     assert isinstance(open_store(str(tmp_path / "ckpt")), LocalCheckpointStore)
     with pytest.raises(CheckpointError, match="unsupported"):

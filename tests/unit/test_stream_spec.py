@@ -3,14 +3,20 @@ the next-stage logic (resume, new stage, new data version) on plain state."""
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
+
 import pytest
 import yaml
 
 from fst import plan
-from fst.config import ConfigError
+from fst.config import DEFAULT_SEED_PROMPT, ConfigError, RolloutConfig, TrainConfig
 from fst.handover import HandoverError, checkpoint_population, source_fingerprint
+from fst.k8s.api import STAGE_SECTIONS, TaskStream
 from fst.plan import StageRun, StageStatus, stage_config, stage_run_name
 from fst.stream import StreamState, load_stream
+
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = {
     "apiVersion": "fastslow.io/v1alpha1",
@@ -39,8 +45,6 @@ def write(tmp_path, doc) -> str:
 
 
 def broken(path: list, value) -> dict:
-    import copy
-
     doc = copy.deepcopy(GOOD)
     node = doc
     for key in path[:-1]:
@@ -68,15 +72,137 @@ def test_good_stream_merges_defaults_and_stage_settings(tmp_path):
         (["spec", "stages", 0, "steps"], 0, "spec.stages.0.steps"),
         (["spec", "stages", 1, "name"], "one", "repeated: ['one']"),
         (["spec", "stages", 0, "task"], {"name": "nope"}, "unknown task 'nope'"),
-        (["spec", "defaults"], {"modee": "rl"}, "unknown keys ['modee']"),
-        (["spec", "stages", 1, "slow"], {"groupSize": "x"}, "spec.stages.1 (two)"),
-        (["spec", "stages", 1, "slow"], {"groupSize": "x"}, "slow.groupSize"),
+        (["spec", "defaults"], {"modee": "rl"}, "spec.defaults.modee: Extra inputs"),
+        (["spec", "stages", 1, "slow"], {"groupSize": "x"}, "spec.stages.1.slow.groupSize"),
+        (["spec", "stages", 1, "slow"], {"lrr": 1}, "spec.stages.1.slow.lrr: Extra inputs"),
+        (["spec", "stages", 1, "rollout"], {"topP": 2}, "spec.stages.1.rollout.topP"),
+        (["spec", "stages", 1, "fast"], {"reflector": {"kind": "x"}}, "fast.reflector.kind"),
+        (["spec", "defaults", "checkpoint"], {"every": None}, "spec.defaults.checkpoint.every"),
+        (
+            ["spec", "stages", 0, "task"],
+            {"name": "arithmetic", "params": {"maxOperand": "big"}},
+            "spec.stages.0.task.params.maxOperand",
+        ),
+        # Only the merged config can say this one (topK 8 > the defaults' groupSize 4).
+        (["spec", "stages", 1, "fast"], {"topK": 8}, "spec.stages.1 (two)"),
     ],
 )
 def test_invalid_stream_errors_name_the_field(tmp_path, path, value, expected):
     with pytest.raises(ConfigError) as e:
         load_stream(write(tmp_path, broken(path, value)))
     assert expected in str(e.value) and "stream.yaml" in str(e.value)
+
+
+def merged_as_before(doc: dict, i: int) -> dict:
+    """Stage i's settings merged as stage_config merged them before the typed overrides: the
+    stream's defaults and the stage's sections deep-merged as the raw mappings of the file."""
+    spec = doc["spec"]
+    raw = copy.deepcopy(spec.get("defaults", {}))
+    for section in STAGE_SECTIONS:
+        if spec["stages"][i].get(section) is not None:
+            raw = plan._deep_merge(raw, {section: spec["stages"][i][section]})
+    return raw
+
+
+def nested_overrides() -> dict:
+    """examples/taskstream.yaml with stage settings that go into nested sections."""
+    doc = yaml.safe_load((REPO / "examples" / "taskstream.yaml").read_text())
+    doc["spec"]["defaults"]["checkpoint"]["uri"] = "s3://bucket/acme"
+    doc["spec"]["defaults"]["fast"]["reflector"] = {
+        "kind": "openai",
+        "model": "m",
+        "temperature": 1,
+    }
+    doc["spec"]["stages"][0].update(
+        mode="rl",
+        seed=7,
+        slow={"betas": [0.8, 0.9], "lr": 1e-6},
+        fast={"reflector": {"temperature": 0.2}, "topK": 2},
+        checkpoint={"uri": None},  # back to the built-in default (the run folder)
+    )
+    doc["spec"]["stages"][1].update(
+        fast={"reflector": {"kind": "digest"}, "initialPopulation": ["p"]},
+        metrics={"evalEvery": 2},
+        rollout={"temperature": 1},
+    )
+    return doc
+
+
+@pytest.mark.parametrize("make", [nested_overrides, None], ids=["nested", "example"])
+def test_stage_configs_merge_as_before_the_typed_overrides(tmp_path, make):
+    """stage_config deep-merges the typed overrides into the same TrainConfig as it did the
+    raw mappings: examples/taskstream.yaml, and nested overrides (fast.reflector, a nullable
+    checkpoint.uri set back to null, a tuple, an int for a float)."""
+    if make is None:
+        doc = yaml.safe_load((REPO / "examples" / "taskstream.yaml").read_text())
+    else:
+        doc = make()
+    stream = load_stream(write(tmp_path, doc))
+    for i, stage in enumerate(stream.spec.stages):
+        cfg = stage_config(stream, stage, f"demo-{stage.name}")
+        before = TrainConfig.model_validate(
+            {**merged_as_before(doc, i), "task": doc["spec"]["stages"][i]["task"]}
+        )
+        sections = set(STAGE_SECTIONS)
+        assert cfg.model_dump(include=sections) == before.model_dump(include=sections)
+
+
+def test_nested_overrides_merge_key_by_key(tmp_path):
+    """A golden of the merged sections: stream defaults < stage, key by key, also inside
+    fast.reflector."""
+    stream = load_stream(write(tmp_path, nested_overrides()))
+    one, two = (stage_config(stream, s, s.name) for s in stream.spec.stages[:2])
+    dump = {"mode": "json", "by_alias": True}
+    assert (one.mode, one.seed, one.slow.betas, one.slow.lr) == ("rl", 7, (0.8, 0.9), 1e-6)
+    assert one.slow.group_size == 8 and one.slow.warmup_steps == 1  # from the defaults
+    assert one.fast.model_dump(**dump) == {
+        "seedPrompt": DEFAULT_SEED_PROMPT,
+        "everySteps": 3,
+        "topK": 2,
+        "metricCalls": 16,
+        "minibatchSize": 4,
+        "paretoSize": 8,
+        "reflector": {
+            "kind": "openai",
+            "model": "m",
+            "baseUrl": None,
+            "apiKeyEnv": "OPENAI_API_KEY",
+            "maxNewTokens": 512,
+            "temperature": 0.2,
+        },
+        "initialPopulation": [],
+    }
+    assert one.checkpoint.model_dump(**dump) == {"every": 3, "keepLast": 1, "uri": None}
+    assert two.fast.reflector.model_dump(**dump) == {
+        "kind": "digest",
+        "model": "m",
+        "baseUrl": None,
+        "apiKeyEnv": "OPENAI_API_KEY",
+        "maxNewTokens": 512,
+        "temperature": 1.0,
+    }
+    assert two.fast.initial_population == ["p"] and two.checkpoint.uri == "s3://bucket/acme"
+    assert two.metrics.model_dump(**dump) == {
+        "klPrompts": 4,
+        "klEvery": 3,
+        "tensorboard": False,
+        "evalEvery": 2,
+        "evalProblems": 32,
+    }
+    assert two.rollout.temperature == 1.0 and two.rollout.max_new_tokens == 48
+
+
+def test_a_stage_overrides_only_what_it_sets():
+    """An empty (null) section sets nothing; snake_case and camelCase keys are one setting."""
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["defaults"]["rollout"] = None
+    doc["spec"]["stages"][1].update(slow={"group_size": 6}, rollout=None, metrics={})
+    stream = TaskStream.model_validate(doc)
+    two = stream.spec.stages[1]
+    assert two.overrides() == {"slow": {"groupSize": 6}, "fast": {"topK": 2}, "metrics": {}}
+    assert stream.spec.defaults.overrides() == {"mode": "fst", "slow": {"groupSize": 4, "lr": 1e-6}}
+    cfg = stage_config(stream, two, "acme-two")
+    assert cfg.slow.group_size == 6 and cfg.slow.lr == 1e-6 and cfg.rollout == RolloutConfig()
 
 
 def test_next_stage_order_resume_and_data_versions(tmp_path):
