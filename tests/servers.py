@@ -260,7 +260,8 @@ def postgres_bin_dir() -> Path:
 
 
 class PostgresServer:
-    """A throwaway cluster on 127.0.0.1 (trust auth, superuser `fst`, fsync off for speed).
+    """A throwaway cluster on 127.0.0.1 (superuser `fst` trusted, other roles by password,
+    fsync off for speed).
     As root it runs as `nobody`: initdb and postgres refuse to run as root."""
 
     def __init__(self, bin_dir: Path, root: Path) -> None:
@@ -310,6 +311,14 @@ class PostgresServer:
             )
         if proc.returncode != 0:
             raise ServerUnavailable(f"initdb failed ({proc.returncode}):\n{log_tail(self.log)}")
+        # The superuser logs in without a password; every other role (the operator's
+        # per-namespace roles) with its password, so the tenancy tests prove a password is
+        # needed, as on a real server.
+        (self.data / "pg_hba.conf").write_text(
+            f"local all all trust\n"
+            f"host all {PG_USER} 127.0.0.1/32 trust\n"
+            f"host all all 127.0.0.1/32 scram-sha-256\n"
+        )
 
     def _accepts(self) -> bool:
         try:

@@ -39,6 +39,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"  # the Job is suspended (spec.suspend, or a queue not admitting it)
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    DATA_READY = "DataReady"  # a TaskStream's data sources and hand-over checkpoint are readable
 
 
 CONDITION_ORDER = [t.value for t in ConditionType]
@@ -61,6 +62,8 @@ class Reason(StrEnum):
     STAGE_RUNNING = "StageRunning"
     STAGE_FAILED = "StageFailed"
     ALL_STAGES_DONE = "AllStagesDone"
+    DATA_READABLE = "DataReadable"
+    DATA_UNREADABLE = "DataUnreadable"  # missing credentials, access denied, no such object
 
 
 def now() -> str:

@@ -17,6 +17,7 @@ Children are returned without owner references: the handlers adopt them (kopf.ad
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from fst.k8s.status import (
 from fst.plan import StageRun, short_name, stage_config, stage_spec
 from fst.plan import StageStatus as PlanStatus
 from fst.store.db import RunProgress
+from fst_operator import policy
 
 LABEL_RUN = "fastslow.io/run"
 LABEL_ATTEMPT = "fastslow.io/attempt"
@@ -51,6 +53,7 @@ ANNOTATION_SEQUENCE = "fastslow.io/sequence"  # order of a stream's runs (timest
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 CONFIG_PATH = "/etc/fastslow/config.yaml"
 SCRATCH = "/scratch"
+TENANT_SECRET = "fastslow-tenant"  # a namespace's own credentials (tenancy.py; the chart's RBAC)
 TRAINER_UID = 10001  # the trainer image's non-root user (trainer-image/Dockerfile)
 TERMINAL = tuple(p.value for p in TERMINAL_PHASES)
 
@@ -62,12 +65,25 @@ class Defaults:
     checkpoint_prefix: str | None = None  # s3://bucket/prefix when a run names none
     database_secret: dict[str, str] | None = None  # {name, key} when a run names none
     s3_secret: str | None = None
+    # One customer per namespace (tenancy.py): s3://bucket/prefix under which namespace N owns
+    # <prefix>/N/. Set: runs save under it by default and their pods get the namespace's own
+    # credentials (the Secret `tenant_secret`) instead of the three defaults above.
+    tenant_prefix: str | None = None
+    tenant_secret: str = TENANT_SECRET
+
+    def tenant_root(self, namespace: str) -> str | None:
+        """`s3://bucket/<prefix>/<namespace>/`, or None without tenancy."""
+        if self.tenant_prefix is None:
+            return None
+        return policy.tenant_root(self.tenant_prefix, namespace)
 
 
 def run_key(namespace: str, name: str) -> str:
     """The run's name for the trainer: in the database and under the checkpoint prefix.
-    Namespaced, so two teams' runs called `acme` never share rows or checkpoints."""
-    return short_name(f"{namespace}-{name}", 63)
+    Namespaced, so two teams' runs called `acme` never share rows or checkpoints; the hash of
+    `namespace/name` keeps `team-a` + `prod-x` and `team-a-prod` + `x` apart."""
+    digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:6]
+    return short_name(f"{namespace}-{name}-{digest}", 63)
 
 
 def job_name(run_name: str, attempt: int) -> str:
@@ -83,17 +99,24 @@ def owned_by(obj: dict[str, Any], owner: dict[str, Any]) -> bool:
 # ----------------------------------------------------------------------------- the run
 
 
-def train_config(run: dict[str, Any], defaults: Defaults) -> tuple[FastSlowRunSpec, TrainConfig]:
+def train_config(
+    run: dict[str, Any], defaults: Defaults, allowed: policy.Policy | None = None
+) -> tuple[FastSlowRunSpec, TrainConfig]:
     """The validated spec and the TrainConfig the trainer gets. Raises ValueError (pydantic's
-    ValidationError) naming the field when the spec is invalid."""
+    ValidationError, or policy.PolicyViolation when the spec asks for what `allowed` does not
+    allow or names storage outside the namespace's) naming the field."""
     spec = FastSlowRunSpec.model_validate(run["spec"])
     meta = run["metadata"]
+    if allowed is not None:
+        policy.enforce(policy.check_run(spec, allowed, defaults.tenant_root(meta["namespace"])))
     key = run_key(meta["namespace"], meta["name"])
     raw = spec.config.model_dump(mode="json", by_alias=True)
     raw.update(run=key, outputDir=f"{SCRATCH}/runs")
     raw.pop("database", None)  # from the Secret, as FST_DATABASE_URL
     uri = spec.config.checkpoint.uri
-    prefix = spec.trainer.checkpoint_uri or defaults.checkpoint_prefix
+    tenant_root = defaults.tenant_root(meta["namespace"])
+    default_prefix = f"{tenant_root}runs" if tenant_root else defaults.checkpoint_prefix
+    prefix = spec.trainer.checkpoint_uri or default_prefix
     if uri is None:
         if prefix is None:
             raise ValueError(
@@ -148,8 +171,20 @@ def job(
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "FST_ATTEMPT", "value": str(attempt)},
+        # codeio's bubblewrap sandbox needs user namespaces, which the restricted pod's
+        # RuntimeDefault seccomp profile (and AppArmor) forbid; in a pod the pod itself is the
+        # boundary (no token, only the namespace's own credentials, NetworkPolicy) and the
+        # process sandbox keeps the trainer's environment unreadable (docs/security.md).
+        {"name": "FST_SANDBOX", "value": "process"},
     ]
-    database = t.database_secret.model_dump() if t.database_secret else defaults.database_secret
+    tenancy = defaults.tenant_prefix is not None
+    env_from: list[dict[str, Any]] = []
+    if tenancy:  # the namespace's own S3 user and database role (FST_DATABASE_URL included)
+        env_from.append({"secretRef": {"name": defaults.tenant_secret}})
+    # A Secret the spec names (allowed by the operator's policy) comes after, so it wins.
+    database = t.database_secret.model_dump() if t.database_secret else None
+    if database is None and not tenancy:
+        database = defaults.database_secret
     if database:
         env.append(
             {
@@ -157,8 +192,9 @@ def job(
                 "valueFrom": {"secretKeyRef": {"name": database["name"], "key": database["key"]}},
             }
         )
-    s3_secret = t.s3_secret or defaults.s3_secret
-    env_from = [{"secretRef": {"name": s3_secret}}] if s3_secret else []
+    s3_secret = t.s3_secret or (None if tenancy else defaults.s3_secret)
+    if s3_secret:
+        env_from.append({"secretRef": {"name": s3_secret}})
     resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
     if t.gpus:
         resources["limits"]["nvidia.com/gpu"] = str(t.gpus)
@@ -522,8 +558,14 @@ def run_for_stage(
 
 
 def stream_status(
-    stream: dict[str, Any], children: list[dict[str, Any]], invalid: str | None = None
+    stream: dict[str, Any],
+    children: list[dict[str, Any]],
+    invalid: str | None = None,
+    data_error: str | None = None,
 ) -> TaskStreamStatus:
+    """The stream's status from its child runs. `invalid`: the spec is wrong (Invalid).
+    `data_error`: a data source or hand-over checkpoint could not be read, so no stage can be
+    planned (DataReady=False; the next poll tries again); None after a successful plan."""
     gen = stream["metadata"].get("generation")
     old = TaskStreamStatus.model_validate(stream.get("status") or {})
     conds = old.conditions
@@ -562,6 +604,13 @@ def stream_status(
         conds = set_condition(
             conds, ConditionType.SUCCEEDED, True, Reason.ALL_STAGES_DONE, msg, gen
         )
+    if data_error is not None:
+        conds = set_condition(
+            conds, ConditionType.DATA_READY, False, Reason.DATA_UNREADABLE, data_error, gen
+        )
+    elif invalid is None:
+        msg = "data sources readable"
+        conds = set_condition(conds, ConditionType.DATA_READY, True, Reason.DATA_READABLE, msg, gen)
     if invalid is None:
         failed = next((c for c in conds if c.type == ConditionType.FAILED), None)
         if failed is not None and failed.reason == Reason.INVALID_SPEC:

@@ -26,24 +26,27 @@ deleting it is a separate, explicit act (no handler here ever deletes data).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, cast
 
 import kopf
+from minio.error import S3Error
 from pydantic import ValidationError
 
 from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec
 from fst.k8s.status import Phase
-from fst.plan import check_stages, next_stage
+from fst.plan import check_history, check_stages, next_stage
 from fst.store.db import RunDB, RunProgress
-from fst_operator import builders, kube, metrics
+from fst_operator import builders, kube, metrics, policy, tenancy
 from fst_operator.settings import Settings
 
 log = logging.getLogger("fst_operator")
 SETTINGS = Settings.from_env()
-_db: RunDB | None = None
+_dbs: dict[str, RunDB] = {}  # by namespace with tenancy, else one under ""
+_tenants: tenancy.TenantProvisioner | None = None
 
 StatusWriter = Callable[[dict[str, Any]], None]  # takes a JSON merge patch of `status`
 
@@ -98,15 +101,49 @@ def database_probe(**_: Any) -> str:
     return "configured" if SETTINGS.database_url else "not configured"
 
 
-def database() -> RunDB | None:
-    global _db
-    if SETTINGS.database_url and _db is None:
-        _db = RunDB(SETTINGS.database_url)
-    return _db
+def tenants() -> tenancy.TenantProvisioner | None:
+    """The maker of per-namespace credentials, when the chart turned tenancy on."""
+    global _tenants
+    if SETTINGS.tenant_prefix and _tenants is None:
+        s3_admin = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+        _tenants = tenancy.TenantProvisioner(
+            SETTINGS.tenant_prefix,
+            s3_admin,
+            SETTINGS.database_url,
+            list(SETTINGS.policy.shared_prefixes),
+        )
+    return _tenants
 
 
-def read_progress(key: str) -> RunProgress | None:
-    db = database()
+def ensure_tenant(body: kopf.Body, namespace: str) -> None:
+    """The namespace's own S3 user, database role and Secret exist (before its first Job)."""
+    provisioner = tenants()
+    if provisioner is None:
+        return
+    try:
+        provisioner.ensure(namespace, kube.read_secret, kube.write_secret)
+    except tenancy.TenantError as e:
+        kopf.event(body, type="Warning", reason="TenantNotReady", message=str(e))
+        raise kopf.TemporaryError(str(e), delay=30) from e
+
+
+def database(namespace: str) -> RunDB | None:
+    """The database as the operator reads it for `namespace`: with tenancy, that namespace's
+    schema (the owner's login, search_path set to it); else the shared tables."""
+    if not SETTINGS.database_url:
+        return None
+    provisioner = tenants()
+    key = namespace if provisioner else ""
+    if key not in _dbs:
+        url = SETTINGS.database_url
+        if provisioner is not None:
+            url = tenancy.schema_url(url, provisioner.tenant(namespace).db_role)
+        _dbs[key] = RunDB(url)
+    return _dbs[key]
+
+
+def read_progress(namespace: str, key: str) -> RunProgress | None:
+    db = database(namespace)
     if db is None:
         return None
     try:
@@ -206,7 +243,7 @@ def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[
     old = run.get("status") or {}
     with metrics.reconciling("fastslowrun"):
         try:
-            spec, cfg = builders.train_config(run, SETTINGS.defaults)
+            spec, cfg = builders.train_config(run, SETTINGS.defaults, SETTINGS.policy)
         except (ValidationError, ValueError) as e:
             message = _spec_error(e, f"FastSlowRun {namespace}/{name}")
             if old.get("phase") != Phase.INVALID:
@@ -220,7 +257,7 @@ def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[
         job = _indexed_job(jobs, namespace, name, attempt)
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
-        decision = builders.decide_run(run, spec, job, read_progress(cfg.run))
+        decision = builders.decide_run(run, spec, job, read_progress(namespace, cfg.run))
         if decision.create_attempt is not None:
             # Create the next attempt BEFORE recording it: killed in between, the next
             # reconcile sees the failed attempt again, re-creates (409: it exists) and records.
@@ -250,7 +287,9 @@ def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[
 def ensure_attempt(
     run: kopf.Body, spec: FastSlowRunSpec, cfg: TrainConfig, attempt: int
 ) -> dict[str, Any]:
-    """The attempt's ConfigMap and Job, adopted by the run, created unless they exist."""
+    """The attempt's ConfigMap and Job, adopted by the run, created unless they exist; first
+    the namespace's own credentials, which the Job's pod reads."""
+    ensure_tenant(run, run["metadata"]["namespace"])
     config_map = builders.config_map(dict(run), cfg)
     job = builders.job(dict(run), spec, attempt, SETTINGS.defaults)
     create_child(config_map, run)
@@ -311,14 +350,32 @@ def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
         try:
             model = builders.stream_model(stream)
             check_stages(model, f"TaskStream {namespace}/{name}")
+            # A stage that has run keeps its name and place (fst.plan.check_history).
+            check_history(model, builders.stage_runs(children), f"TaskStream {namespace}/{name}")
+            # Before planning lists any of its data with the operator's own credentials.
+            root = SETTINGS.defaults.tenant_root(namespace)
+            policy.enforce(policy.check_stream(model, SETTINGS.policy, root))
         except (ValidationError, ConfigError, ValueError) as e:
             message = _spec_error(e, f"TaskStream {namespace}/{name}")
             invalid = builders.stream_status(stream, children, invalid=message)
-            write_status(builders.status_patch(old, invalid.dump()))
+            changes = builders.status_patch(old, invalid.dump())
+            if changes:
+                write_status(changes)
+                kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
             return
         if not model.spec.suspend:
             runs = builders.stage_runs(children)
-            planned = next_stage(model, runs, _fingerprint, _population)
+            try:
+                planned = next_stage(model, runs, _fingerprint, _population)
+            except DataSourceError as e:
+                # Credentials missing, access denied, S3 down: say so in status and an Event
+                # (once per message); the next poll tries again.
+                status = builders.stream_status(stream, children, data_error=str(e))
+                changes = builders.status_patch(old, status.dump())
+                if changes:
+                    write_status(changes)
+                    kopf.event(body, type="Warning", reason="DataUnreadable", message=str(e))
+                return
             if planned is not None and planned not in runs:  # a new stage version to start
                 run = builders.run_for_stage(stream, model, planned, len(runs))
                 create_child(run, body)
@@ -337,12 +394,17 @@ def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
             write_status(changes)
 
 
+class DataSourceError(RuntimeError):
+    """A stage's data source or a hand-over checkpoint cannot be read right now."""
+
+
 def _fingerprint(task: TaskConfig) -> str | None:
     try:
         return source_fingerprint(task)
     except Exception as e:  # unreachable data: keep the current stage, say why
         log.warning("data source %s: %s", task.params.get("path"), e)
-        raise kopf.TemporaryError(f"data source {task.params.get('path')}: {e}", delay=30) from e
+        message = f"data source {task.params.get('path')}: {_one_line(e)}"
+        raise DataSourceError(message) from e
 
 
 def _population(checkpoint: str) -> list[str]:
@@ -350,7 +412,16 @@ def _population(checkpoint: str) -> list[str]:
         return checkpoint_population(checkpoint)
     except Exception as e:  # S3 down, or the checkpoint not readable yet: try again later
         log.warning("population of %s: %s", checkpoint, e)
-        raise kopf.TemporaryError(f"population of {checkpoint}: {e}", delay=30) from e
+        raise DataSourceError(f"population of {checkpoint}: {_one_line(e)}") from e
+
+
+def _one_line(e: Exception) -> str:
+    """The error in one stable line: an S3 error's code and message without its request ids,
+    so a status condition and its Event change only when the problem does."""
+    if isinstance(e, S3Error):
+        return f"S3 {e.code}: {e.message}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:400] + "..."
 
 
 # ----------------------------------------------------------------------------- helpers

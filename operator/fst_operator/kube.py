@@ -181,6 +181,27 @@ def create_if_absent(obj: dict[str, Any]) -> dict[str, Any]:
     return existing
 
 
+def read_secret(namespace: str, name: str) -> dict[str, str] | None:
+    """A Secret's data, decoded; None if it does not exist. The operator's RBAC allows this
+    for the tenant Secret's name only (resourceNames), never for other Secrets."""
+    import base64
+
+    secret = _or_none(lambda: client.CoreV1Api(api()).read_namespaced_secret(name, namespace))
+    if secret is None:
+        return None
+    return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+
+def write_secret(obj: dict[str, Any], replace: dict[str, str] | None = None) -> None:
+    """Create the Secret; `replace` (its current data) set: it exists, so replace it."""
+    core = client.CoreV1Api(api())
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    if replace is not None:
+        core.replace_namespaced_secret(name, ns, obj)  # type: ignore[arg-type]
+    else:
+        core.create_namespaced_secret(ns, obj)  # type: ignore[arg-type]
+
+
 def patch_run_status(namespace: str, name: str, patch: dict[str, Any]) -> None:
     _custom().patch_namespaced_custom_object_status(
         GROUP, VERSION, namespace, "fastslowruns", name, {"status": patch}

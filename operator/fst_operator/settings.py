@@ -13,6 +13,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from fst_operator.builders import Defaults
+from fst_operator.policy import Policy, tenant_root
 
 
 def _env(name: str) -> Any:
@@ -37,6 +38,15 @@ class Settings(BaseSettings):
         description="name/key of the Secret with the database URL (key default: url)",
     )
     s3_secret: str | None = _env("FST_DEFAULT_S3_SECRET")
+    # What specs may ask for (fst_operator/policy.py): one JSON object with the chart's
+    # `policy:` keys, e.g. FST_POLICY='{"images": ["ghcr.io/fastslow/"], "maxGpus": 8}'.
+    # Unset or {}: the built-in defaults (the chart's); keys left out keep their default.
+    policy_config: Annotated[Policy, NoDecode] = Field(
+        default_factory=Policy, validation_alias=AliasChoices("FST_POLICY")
+    )
+    # s3://bucket/prefix: each namespace's storage is s3://bucket/prefix/<namespace>/, and
+    # every s3:// URI a spec names must lie below it. Unset: storage URIs are not checked.
+    tenant_prefix: str | None = _env("FST_TENANT_PREFIX")
     progress_interval: float = Field(
         10.0, gt=0, validation_alias=AliasChoices("FST_PROGRESS_INTERVAL")
     )  # seconds between progress reads of a running run
@@ -72,11 +82,35 @@ class Settings(BaseSettings):
         return v.upper() if isinstance(v, str) else v
 
     @field_validator(
-        "database_url", "checkpoint_prefix", "database_secret", "s3_secret", mode="before"
+        "database_url",
+        "checkpoint_prefix",
+        "database_secret",
+        "s3_secret",
+        "tenant_prefix",
+        mode="before",
     )
     @classmethod
     def _empty_is_unset(cls, v: Any) -> Any:
         return v or None  # the chart passes "" for an unset default
+
+    @field_validator("policy_config", mode="before")
+    @classmethod
+    def _json(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            return v
+        if not v.strip():
+            return {}
+        try:
+            return json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not JSON: {e}") from None
+
+    @field_validator("tenant_prefix")
+    @classmethod
+    def _tenant_prefix(cls, v: str | None) -> str | None:
+        if v is not None:
+            tenant_root(v, "namespace")  # ValueError names the problem
+        return v
 
     @property
     def defaults(self) -> Defaults:
@@ -84,7 +118,25 @@ class Settings(BaseSettings):
         if self.database_secret:
             name, _, key = self.database_secret.partition("/")
             secret = {"name": name, "key": key or "url"}
-        return Defaults(self.checkpoint_prefix, secret, self.s3_secret)
+        return Defaults(
+            self.checkpoint_prefix, secret, self.s3_secret, tenant_prefix=self.tenant_prefix
+        )
+
+    @property
+    def policy(self) -> Policy:
+        """FST_POLICY, also allowing by name the Secrets a run gets when it names none (naming
+        them gives nothing more): the namespace's tenant Secret with FST_TENANT_PREFIX, else
+        the operator's default Secrets. With tenancy the default Secrets (the root
+        credentials) are NOT allowed unless FST_POLICY lists them."""
+        if self.tenant_prefix:
+            return self.policy_config.with_secrets([self.defaults.tenant_secret])
+        database = self.database_secret.partition("/")[0] if self.database_secret else None
+        return self.policy_config.with_secrets([n for n in (self.s3_secret, database) if n])
+
+    def tenant_root(self, namespace: str) -> str | None:
+        """The namespace's storage root (s3://bucket/prefix/<namespace>/), or None when
+        FST_TENANT_PREFIX is unset (storage URIs are then not checked)."""
+        return self.defaults.tenant_root(namespace)
 
     @staticmethod
     def from_env() -> Settings:
@@ -96,7 +148,9 @@ class Settings(BaseSettings):
             for err in e.errors():
                 name = str(err["loc"][0]) if err["loc"] else "?"
                 alias = fields[name].validation_alias if name in fields else None
-                env = alias.choices[0] if isinstance(alias, AliasChoices) else name
+                env = str(alias.choices[0]) if isinstance(alias, AliasChoices) else name
+                # Inside a JSON value (FST_POLICY): the key, e.g. FST_POLICY.maxGpus.
+                env += "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"][1:])
                 problems.append(f"{env}={err.get('input')!r}: {err['msg']}")
             raise SystemExit("operator settings: " + "; ".join(problems)) from None
 
@@ -109,5 +163,7 @@ class Settings(BaseSettings):
             "streamPollInterval": self.stream_poll_interval,
             "metricsPort": self.metrics_port,
             "livenessPort": self.liveness_port,
+            "policy": self.policy.model_dump(mode="json", by_alias=True),
+            "tenantPrefix": self.tenant_prefix or "none (storage URIs are not checked)",
         }
         return json.dumps(shown, default=str)

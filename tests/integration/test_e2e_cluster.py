@@ -10,6 +10,7 @@ run `fst train` against the test MinIO and PostgreSQL.
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,18 @@ def test_helm_install_apply_a_stream_and_uninstall(
             }
         },
         "database": {"external": {"url": pg_url}},
-        "defaults": {"checkpointUri": s3_uri},
+        # One customer per namespace: the operator makes this namespace's own MinIO user and
+        # database role (the stores' admin logins stay in the chart's Secrets).
+        "tenancy": {"prefix": f"{s3_uri}/tenants"},
+        # The policy for this cluster: the test image, the process node's label and taint.
+        "policy": {
+            "images": ["fastslow/trainer"],
+            "nodeSelectors": [f"{k}={v}" for k, v in PROCESS_NODE_SELECTOR.items()],
+            "tolerations": [
+                f"{PROCESS_NODE_TOLERATION['key']}:{PROCESS_NODE_TOLERATION['effect']}"
+            ],
+            "maxGpus": 0,
+        },
     }
     values_file = tmp_path / "values.yaml"
     values_file.write_text(yaml.safe_dump(values))
@@ -155,13 +167,18 @@ def test_helm_install_apply_a_stream_and_uninstall(
     for run in (first, second):
         s = run["status"]
         assert s["phase"] == "Succeeded" and s["step"] == 2, dump(s)
-        assert s["checkpointUri"].startswith(s3_uri) and "reward" in s and "kl" in s, dump(s)
+        assert s["checkpointUri"].startswith(f"{s3_uri}/tenants/{ns}/runs/"), dump(s)
+        assert "reward" in s and "kl" in s, dump(s)
     # Stage 2 started from stage 1's final checkpoint; the defaults came from the chart.
     assert second["spec"]["config"]["model"]["name"] == first["status"]["checkpointUri"]
     job = k8s.BatchV1Api(api).read_namespaced_job("customer-add-a1", ns)
-    env = {e.name: e for e in job.spec.template.spec.containers[0].env}
-    assert env["FST_DATABASE_URL"].value_from.secret_key_ref.name == f"{RELEASE}-database"
-    assert job.spec.template.spec.containers[0].env_from[0].secret_ref.name == f"{RELEASE}-s3"
+    # The trainers got only the namespace's own credentials, which the operator made through
+    # its RBAC (create, then get/update of that one name).
+    (container,) = job.spec.template.spec.containers
+    assert [e.secret_ref.name for e in container.env_from] == ["fastslow-tenant"]
+    assert "FST_DATABASE_URL" not in {e.name for e in container.env}
+    tenant = core.read_namespaced_secret("fastslow-tenant", ns).data
+    assert base64.b64decode(tenant["AWS_ACCESS_KEY_ID"]).decode() == f"fst-{ns}"
     assert [s["phase"] for s in stream["status"]["stages"]] == ["Succeeded", "Succeeded"]
 
     # Uninstall: the user's stream first (its runs, Jobs, ConfigMaps go with it), then the

@@ -455,19 +455,28 @@ def test_operator_deployment_gives_the_operator_what_it_reads(helm: Helm) -> Non
         ]:
             ref = env[var]["configMapKeyRef"]
             assert ref == {"name": config["metadata"]["name"], "key": key}, (variant, var)
+        ref = env["FST_TENANT_PREFIX"]["configMapKeyRef"]
+        assert ref == {"name": config["metadata"]["name"], "key": "tenantPrefix"}, variant
+        # With tenancy (all but namespaced-external) runs get no default Secret: the operator
+        # makes each namespace's own; the root/owner Secrets are the operator's alone.
+        tenancy = variant != "namespaced-external"
+        assert config["data"]["tenantPrefix"] == {
+            "all-bundled": "s3://checkpoints/tenants",
+            "namespaced-external": "",
+        }.get(variant, ""), variant
         db = expected_db[variant]
         if db is None:
             assert "FST_DATABASE_URL" not in env and config["data"]["databaseSecret"] == ""
         else:
             ref = env["FST_DATABASE_URL"]["secretKeyRef"]
             assert (ref["name"], ref["key"]) == db, variant
-            assert config["data"]["databaseSecret"] == "/".join(db)
+            assert config["data"]["databaseSecret"] == ("" if tenancy else "/".join(db))
         s3 = expected_s3[variant]
         if s3 is None:
             assert "envFrom" not in c and config["data"]["s3Secret"] == ""
         else:
             assert c["envFrom"] == [{"secretRef": {"name": s3}}], variant
-            assert config["data"]["s3Secret"] == s3
+            assert config["data"]["s3Secret"] == ("" if tenancy else s3)
     # Options reach the pod.
     docs = helm.template("rel", ns, *value_args("all-bundled"))
     (deploy,) = _by_kind(docs, "Deployment")
@@ -478,6 +487,57 @@ def test_operator_deployment_gives_the_operator_what_it_reads(helm: Helm) -> Non
     assert pod["tolerations"][0]["key"] == "dedicated" and "nodeAffinity" in pod["affinity"]
     (config,) = _by_kind(docs, "ConfigMap")
     assert config["data"]["checkpointUri"] == "s3://checkpoints/checkpoints"
+
+
+def test_root_credentials_stay_in_the_release_namespace(helm: Helm) -> None:
+    """Tenancy (default): the MinIO root and database owner Secrets exist only where the
+    operator runs; served namespaces get nothing from the chart (the operator makes their own
+    credentials). Tenancy off (one trusted team): copies in every served namespace."""
+    served = ["team-a", "team-b"]
+    args = ["--set", "minio.enabled=true", "--set", "postgres.enabled=true"]
+    args += ["--set", "watchNamespaces={team-a,team-b}"]
+    docs = helm.template("rel", "fastslow", *args)
+    assert {
+        (d["metadata"]["namespace"], d["metadata"]["name"]) for d in _by_kind(docs, "Secret")
+    } == {
+        ("fastslow", "rel-fastslow-s3"),
+        ("fastslow", "rel-fastslow-database"),
+    }
+    (config,) = _by_kind(docs, "ConfigMap")
+    assert config["data"]["tenantPrefix"] == "s3://fastslow/tenants"
+    shared = helm.template("rel", "fastslow", *args, "--set", "tenancy.enabled=false")
+    where = {d["metadata"]["namespace"] for d in _by_kind(shared, "Secret")}
+    assert where == {"fastslow", *served}
+
+
+def test_network_policies_fence_trainers_and_stores(helm: Helm) -> None:
+    args = ["--set", "minio.enabled=true", "--set", "postgres.enabled=true"]
+    docs = helm.template("rel", "fastslow", *args, "--set", "watchNamespaces={team-a}")
+    policies = {
+        (d["metadata"]["namespace"], d["metadata"]["name"]): d["spec"]
+        for d in _by_kind(docs, "NetworkPolicy")
+    }
+    assert set(policies) == {
+        ("fastslow", "rel-fastslow-operator"),
+        ("fastslow", "rel-fastslow-trainers"),
+        ("team-a", "rel-fastslow-trainers"),
+        ("fastslow", "rel-fastslow-minio"),
+        ("fastslow", "rel-fastslow-postgres"),
+    }
+    trainers = policies[("team-a", "rel-fastslow-trainers")]
+    assert trainers["podSelector"] == {
+        "matchLabels": {"app.kubernetes.io/name": "fastslow-trainer"}
+    }
+    assert trainers["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in trainers
+    ports = sorted(p["port"] for rule in trainers["egress"] for p in rule.get("ports", []))
+    assert ports == [53, 53, 5432, 9000]  # DNS, the bundled stores, nothing else
+    minio = policies[("fastslow", "rel-fastslow-minio")]
+    assert minio["policyTypes"] == ["Ingress"]
+    (rule,) = minio["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [9000]
+    assert all("podSelector" in peer for peer in rule["from"])  # never "from anywhere"
+    off = helm.template("rel", "fastslow", *args, "--set", "networkPolicy.enabled=false")
+    assert not _by_kind(off, "NetworkPolicy")
 
 
 def test_every_pod_is_restricted_and_read_only(helm: Helm) -> None:
@@ -538,16 +598,17 @@ def sa_can(
     namespace: str | None,
     group: str = "",
     subresource: str | None = None,
+    name: str | None = None,
 ) -> bool:
     """SubjectAccessReview: may ServiceAccount `sa` (namespace, name) do this?"""
-    ns, name = sa
+    sa_ns, sa_name = sa
     review = k8s.V1SubjectAccessReview(
         spec=k8s.V1SubjectAccessReviewSpec(
-            user=f"system:serviceaccount:{ns}:{name}",
+            user=f"system:serviceaccount:{sa_ns}:{sa_name}",
             # The groups a ServiceAccount token carries: bindings to them count too.
             groups=[
                 "system:serviceaccounts",
-                f"system:serviceaccounts:{ns}",
+                f"system:serviceaccounts:{sa_ns}",
                 "system:authenticated",
             ],
             resource_attributes=k8s.V1ResourceAttributes(
@@ -556,6 +617,7 @@ def sa_can(
                 resource=resource,
                 subresource=subresource,
                 namespace=namespace,
+                name=name,
             ),
         )
     )
@@ -598,8 +660,8 @@ def test_namespaced_rbac_is_least_privilege(k8s_cluster, k8s_namespace, helm: He
     helm.install(release, ns, "--set", f"watchNamespaces={{{served}}}")
     sa = (ns, f"{release}-fastslow-operator")
 
-    def can(verb, resource, namespace, group="", sub=None):
-        return sa_can(api, sa, verb, resource, namespace, group, sub)
+    def can(verb, resource, namespace, group="", sub=None, name=None):
+        return sa_can(api, sa, verb, resource, namespace, group, sub, name)
 
     for where in (ns, served):
         assert can("create", "jobs", where, "batch")
@@ -612,6 +674,11 @@ def test_namespaced_rbac_is_least_privilege(k8s_cluster, k8s_namespace, helm: He
         assert can("create", "events", where, "events.k8s.io")
         assert not can("get", "secrets", where)
         assert not can("list", "secrets", where)
+        # Tenancy: it makes each namespace's own credentials Secret, and reads only that one.
+        assert can("create", "secrets", where)
+        assert can("get", "secrets", where, name="fastslow-tenant")
+        assert not can("get", "secrets", where, name="fsall-s3")
+        assert not can("delete", "secrets", where, name="fastslow-tenant")
         assert not can("create", "pods", where, sub="exec")
         assert not can("get", "pods", where, sub="exec")
         assert not can("create", "pods", where)

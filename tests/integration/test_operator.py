@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fst_operator.builders import run_key
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
@@ -33,6 +34,7 @@ from tests.k8s.operator_proc import (
     dump,
     install_crds,
     phase,
+    tiny_config,
 )
 from tests.k8s.waiting import wait_until
 
@@ -40,23 +42,6 @@ pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
 
 TASK = TINY_TASK
-
-
-def tiny_config(**over: Any) -> dict[str, Any]:
-    """A run that takes seconds per step on CPU."""
-    cfg = {
-        "mode": "rl",
-        "steps": 4,
-        "seed": 3,
-        "task": TASK,
-        "rollout": {"temperature": 0.8, "maxNewTokens": 8, "batchSize": 16},
-        "slow": {"problemsPerStep": 2, "groupSize": 2, "microBatchSize": 4},
-        "fast": {"everySteps": 2, "topK": 2, "metricCalls": 4, "minibatchSize": 2, "paretoSize": 2},
-        "metrics": {"klPrompts": 1, "klEvery": 1},
-        "checkpoint": {"every": 2, "keepLast": 1},
-    }
-    cfg.update(over)
-    return cfg
 
 
 PROCESS_TRAINER = {
@@ -251,7 +236,7 @@ def test_run_becomes_a_restricted_job_with_the_spec(k8s_cluster, res, start_oper
     import yaml
 
     cfg = yaml.safe_load(cm.data["config.yaml"])
-    key = f"{res.ns}-acme"
+    key = run_key(res.ns, "acme")
     assert cfg["run"] == key and cfg["checkpoint"]["uri"] == f"s3://bucket/runs/{key}"
     assert "database" not in cfg
     # A pod was admitted under "restricted" and ran (kwok) to completion.
@@ -351,7 +336,7 @@ def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
 
     run = wait("step-2 checkpoint in status", after_checkpoint, 300, op, poll=0.2)
     s = run["status"]
-    assert s["checkpointUri"].startswith(f"{s3_uri}/{res.ns}-real"), dump(s)
+    assert s["checkpointUri"].startswith(f"{s3_uri}/{run_key(res.ns, 'real')}"), dump(s)
     assert isinstance(s["reward"], int | float) and isinstance(s["kl"], int | float), dump(s)
     assert condition(run, "Running")["status"] == "True"
     pids = trainer_pids(res.ns)
@@ -363,8 +348,8 @@ def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
     assert s["attempt"] == 2 and job_names(res) == ["real-a1", "real-a2"], dump(s)
     assert s["step"] == 4 and s["checkpointUri"].rstrip("/").endswith("step-00000004"), dump(s)
     with RunDB(pg_url) as db:
-        events = [(kind, msg) for _, kind, msg in db.events(f"{res.ns}-real")]
-        steps = sorted(db.metrics(f"{res.ns}-real"))
+        events = [(kind, msg) for _, kind, msg in db.events(run_key(res.ns, "real"))]
+        steps = sorted(db.metrics(run_key(res.ns, "real")))
     assert ("resumed", "from step 2") in events or ("resumed", "from step 3") in events, events
     assert steps == [1, 2, 3, 4]
 
@@ -411,6 +396,37 @@ def upload(uri: str, rows: list[dict[str, Any]]) -> None:
     data = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
     client = make_client(parse_endpoint(os.environ.get("AWS_ENDPOINT_URL") or DEFAULT_ENDPOINT))
     client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def test_unreadable_data_is_reported_in_status_not_retried_blind(
+    res, start_operator, s3_env, s3_uri
+) -> None:
+    """An s3:// source the operator cannot read (wrong keys here): DataReady=False with the
+    reason and a Warning event, no stage run, and no new Event at each poll."""
+    data_uri = f"{s3_uri}/data/qa.jsonl"
+    upload(data_uri, [{"question": "What is 1+1?", "answer": "2"}] * 8)
+    wrong = {**{k: v for k, v in s3_env.items() if k.startswith("AWS_")}}
+    wrong["AWS_SECRET_ACCESS_KEY"] = "not-the-key"
+    op = start_operator(FST_DEFAULT_CHECKPOINT_URI=f"{s3_uri}/ckpt", **wrong)
+    qa_task = {"name": "jsonl", "valSize": 2, "testSize": 2, "params": {"path": data_uri}}
+    stages = [{"name": "qa", "task": qa_task, "steps": 2}]
+    res.create("taskstreams", "TaskStream", "blind", stream_spec(stages, {"gpus": 1}))
+
+    def unreadable() -> dict[str, Any] | None:
+        cond = condition(res.stream("blind"), "DataReady")
+        return cond if cond and cond["status"] == "False" else None
+
+    cond = wait("DataReady False", unreadable, 60, op)
+    assert cond["reason"] == "DataUnreadable" and data_uri in cond["message"], cond
+    assert "S3 SignatureDoesNotMatch" in cond["message"], cond
+    # The creation handler and the first poll may both see the change (at most two Events);
+    # after that, polls (every 3 s) add none while the problem stays the same.
+    time.sleep(4)
+    first = sum("DataUnreadable" in e for e in res.events("blind"))
+    time.sleep(9)
+    assert sum("DataUnreadable" in e for e in res.events("blind")) == first <= 2
+    assert res.runs() == []
+    assert "Traceback" not in op.tail()
 
 
 def test_stream_advances_on_a_spec_change_and_on_new_data(
@@ -479,6 +495,20 @@ def test_stream_advances_on_a_spec_change_and_on_new_data(
     time.sleep(4)  # another data poll: nothing changed, nothing new
     assert len(stage_runs(res)) == 4
 
+    # Renaming a stage that has run is refused (fst.plan.check_history): Invalid, named.
+    renamed = [dict(stages[0], name="addition"), *stages[1:]]
+    res.patch("taskstreams", "acme", {"spec": {"stages": renamed}})
+    stream = wait(
+        "rename refused",
+        lambda: phase(res.stream("acme")) == "Invalid" and res.stream("acme"),
+        30,
+        op,
+    )
+    message = condition(stream, "Failed")["message"]
+    assert "'add'" in message and "renamed" in message, message
+    assert any("InvalidSpec" in e for e in res.events("acme"))
+    assert len(stage_runs(res)) == 4  # nothing planned from the renamed manifest
+
     # Deleting the stream deletes its runs, their Jobs and ConfigMaps (owner references).
     res.custom.delete_namespaced_custom_object(GROUP, VERSION, res.ns, "taskstreams", "acme")
     wait("cascade", lambda: not res.runs() and not res.jobs(), 60, op)
@@ -519,7 +549,7 @@ def test_stream_hands_checkpoint_and_population_to_the_next_stage(
         poll=1,
     )
     one, two = res.run("real-one"), res.run("real-two")
-    assert one["status"]["checkpointUri"].startswith(f"{s3_uri}/{res.ns}-real-one")
+    assert one["status"]["checkpointUri"].startswith(f"{s3_uri}/{run_key(res.ns, 'real-one')}")
     assert one["status"]["bestPrompt"], dump(one["status"])
     cfg = two["spec"]["config"]
     assert cfg["model"]["name"] == one["status"]["checkpointUri"]

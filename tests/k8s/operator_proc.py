@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from fst_operator.policy import Policy
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
@@ -62,6 +63,23 @@ def install_crds(api: k8s.ApiClient) -> None:
             time.sleep(0.2)
 
 
+def tiny_config(**over: Any) -> dict[str, Any]:
+    """A run that takes seconds per step on CPU."""
+    cfg = {
+        "mode": "rl",
+        "steps": 4,
+        "seed": 3,
+        "task": TINY_TASK,
+        "rollout": {"temperature": 0.8, "maxNewTokens": 8, "batchSize": 16},
+        "slow": {"problemsPerStep": 2, "groupSize": 2, "microBatchSize": 4},
+        "fast": {"everySteps": 2, "topK": 2, "metricCalls": 4, "minibatchSize": 2, "paretoSize": 2},
+        "metrics": {"klPrompts": 1, "klEvery": 1},
+        "checkpoint": {"every": 2, "keepLast": 1},
+    }
+    cfg.update(over)
+    return cfg
+
+
 @dataclass
 class OperatorProcess:
     """`python -m fst_operator --namespace NS` with the admin kubeconfig and `env`."""
@@ -84,6 +102,9 @@ class OperatorProcess:
             "FST_LIVENESS_PORT": str(self.liveness_port),
             "FST_PROGRESS_INTERVAL": "2",
             "FST_STREAM_POLL_INTERVAL": "3",
+            # The tests' images, Secrets and nodes are not the chart's defaults: the policy is
+            # tested in tests/unit/test_policy.py and test_operator_tenancy.py.
+            "FST_POLICY": Policy.unrestricted().to_env(),
             "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'operator'}",
             **self.env,
         }

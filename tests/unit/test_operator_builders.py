@@ -46,8 +46,9 @@ DEFAULTS = builders.Defaults(checkpoint_prefix="s3://ckpt/runs")
 
 def test_train_config_fills_in_what_the_operator_owns() -> None:
     _, cfg = builders.train_config(run_object(), DEFAULTS)
-    assert cfg.run == "team-acme" and cfg.output_dir == "/scratch/runs"
-    assert cfg.checkpoint.uri == "s3://ckpt/runs/team-acme"
+    key = builders.run_key("team", "acme")
+    assert cfg.run == key and cfg.output_dir == "/scratch/runs"
+    assert cfg.checkpoint.uri == f"s3://ckpt/runs/{key}"
     assert cfg.database is None
     with pytest.raises(ValueError, match=r"spec\.trainer\.checkpointUri: required"):
         builders.train_config(run_object(), builders.Defaults())
@@ -56,11 +57,29 @@ def test_train_config_fills_in_what_the_operator_owns() -> None:
         builders.train_config(local, DEFAULTS)
 
 
+def test_with_tenancy_a_run_saves_under_its_namespace_with_its_credentials() -> None:
+    tenancy = builders.Defaults(
+        checkpoint_prefix="s3://ckpt/runs",
+        s3_secret="root-s3",
+        database_secret={"name": "owner-db", "key": "url"},
+        tenant_prefix="s3://fastslow/tenants",
+    )
+    spec, cfg = builders.train_config(run_object(), tenancy)
+    key = builders.run_key("team", "acme")
+    assert cfg.checkpoint.uri == f"s3://fastslow/tenants/team/runs/{key}"
+    (c,) = builders.job(run_object(), spec, 1, tenancy)["spec"]["template"]["spec"]["containers"]
+    # Only the namespace's own Secret: never the operator-wide (root/owner) defaults.
+    assert c["envFrom"] == [{"secretRef": {"name": "fastslow-tenant"}}]
+    assert not any(e["name"] == "FST_DATABASE_URL" for e in c["env"])
+
+
 def test_long_names_are_shortened_deterministically() -> None:
     a = builders.run_key("n" * 40, "r" * 40)
     assert len(a) == 63 and a == builders.run_key("n" * 40, "r" * 40)
     assert a != builders.run_key("n" * 40, "r" * 39 + "s")
-    assert builders.run_key("team", "acme") == "team-acme"
+    assert builders.run_key("team", "acme").startswith("team-acme-")
+    # Namespaces and names both hold '-': the key must still tell these apart.
+    assert builders.run_key("team-a", "prod-x") != builders.run_key("team-a-prod", "x")
 
 
 def test_job_without_gpus_or_secrets_has_no_empty_fields() -> None:

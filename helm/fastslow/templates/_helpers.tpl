@@ -128,6 +128,15 @@ inline
 {{- end -}}
 {{- end -}}
 
+{{/* The tenants' s3:// prefix: each served namespace gets <prefix>/<namespace>/. */}}
+{{- define "fastslow.tenantPrefix" -}}
+{{- if .Values.tenancy.prefix -}}
+{{- .Values.tenancy.prefix -}}
+{{- else if .Values.minio.enabled -}}
+{{- printf "s3://%s/tenants" .Values.minio.bucket -}}
+{{- end -}}
+{{- end -}}
+
 {{/* ------------------------------------------------------------------ database */}}
 
 {{/* "bundled", "inline" (external url: the chart makes the Secret), "existing", or "". */}}
