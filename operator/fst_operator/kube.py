@@ -5,6 +5,7 @@ stream's child runs, creating children, and writing a status from a CHILD's even
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from collections.abc import Callable
@@ -184,7 +185,6 @@ def create_if_absent(obj: dict[str, Any]) -> dict[str, Any]:
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:
     """A Secret's data, decoded; None if it does not exist. The operator's RBAC allows this
     for the tenant Secret's name only (resourceNames), never for other Secrets."""
-    import base64
 
     secret = _or_none(lambda: client.CoreV1Api(api()).read_namespaced_secret(name, namespace))
     if secret is None:

@@ -29,7 +29,6 @@ the privilege check is PostgreSQL's own. On AWS the same shape is an IAM role pe
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import secrets
 import threading
@@ -324,7 +323,3 @@ class TenantProvisioner:
         with RunDB(tenant_url) as db:  # the tables belong to the tenant, not to the owner
             db.upgrade()
         return tenant_url
-
-
-def describe(t: Tenant) -> str:
-    return json.dumps({"namespace": t.namespace, "s3": t.root, "databaseRole": t.db_role})
