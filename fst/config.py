@@ -62,7 +62,12 @@ class ModelConfig(Schema):
     )
     gguf_file: str | None = Field(None, description="GGUF file name inside `name` (a directory).")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:[0-9]+)?)$",
+        description="torch device: auto (cuda when a GPU is visible, else cpu), cpu, cuda, "
+        "cuda:1. Under torchrun, cuda means each rank's own GPU (cuda:$LOCAL_RANK).",
+    )
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters instead of all weights.")
     reference: str | None = Field(
         None,
@@ -282,6 +287,34 @@ def _check_prompt(text: str) -> None:
         )
 
 
+# ----------------------------------------------------------------------------- parallel
+
+
+class ParallelConfig(Schema):
+    """How one run spreads over the processes torchrun starts (WORLD_SIZE > 1); with one
+    process none of this applies. See docs/distributed.md."""
+
+    strategy: Literal["auto", "none", "fsdp"] = Field(
+        "auto",
+        description="auto: FSDP2 when torchrun starts more than one process, else none. "
+        "fsdp: shard parameters, gradients and optimizer state (torch FSDP2 fully_shard, one "
+        "unit per decoder layer + the root). none: one process only.",
+    )
+    mixed_precision: Literal["none", "bf16"] = Field(
+        "none",
+        description="bf16: forward/backward in bfloat16 with fp32 master weights, optimizer "
+        "state and gradient reduction (FSDP2 MixedPrecisionPolicy). fsdp only.",
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass."
+    )
+    reference: Literal["sharded", "offload"] = Field(
+        "sharded",
+        description="The KL reference under FSDP: sharded like the policy (1/N of a copy per "
+        "rank) or sharded and kept in CPU memory (offload; nothing on the GPU).",
+    )
+
+
 # ----------------------------------------------------------------------------- run plumbing
 
 
@@ -341,6 +374,7 @@ class TrainConfig(Schema):
     fast: FastConfig = Field(default_factory=FastConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
 
     @model_validator(mode="after")
     def _k_within_g(self) -> TrainConfig:

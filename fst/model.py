@@ -128,6 +128,18 @@ def _check_model_folder(path: Path, gguf_file: str | None) -> None:
         )
 
 
+def resolve_device(device: str) -> torch.device:
+    """`model.device` as a torch device: `auto` is cuda when a GPU is visible, else cpu; under
+    torchrun (LOCAL_RANK set) a bare `cuda` is this rank's own GPU, cuda:$LOCAL_RANK."""
+    import os
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return torch.device(device)
+
+
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     src = resolve_source(cfg)
     try:
@@ -184,7 +196,7 @@ def load_policy(cfg: ModelConfig) -> PreTrainedModel:
     if src.gguf_file is not None:
         _forget_gguf_origin(model)
     # transformers types `to` through a decorator that mypy reads as taking the model itself.
-    model.to(cfg.device)  # type: ignore[arg-type]
+    model.to(resolve_device(cfg.device))  # type: ignore[arg-type]
     if cfg.lora is None:
         return model
     from peft import LoraConfig as PeftLoraConfig
