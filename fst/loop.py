@@ -12,6 +12,10 @@
 
 In mode `rl` the population is the seed prompt alone and never changes; in mode `gepa` the
 weights never change (rollouts are still sampled and scored, to measure the reward).
+
+Under torchrun (several processes, fst/distributed.py) every rank runs this same loop on its
+share of each step's problems; rank 0 alone writes (metrics, population, lease, the checkpoint's
+model export) and runs the GEPA round, whose population it broadcasts.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import fcntl
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +35,34 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel
 
 from fst.config import ConfigError, TrainConfig, dump_config, public_config, redact_url
+from fst.distributed import (
+    SINGLE,
+    RolloutCopy,
+    World,
+    barrier,
+    broadcast,
+    close_world,
+    gather_to_main,
+    init_world,
+    local_share,
+    shard,
+    transformer_of,
+)
 from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
 from fst.fast.population import PromptRecord
 from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
 from fst.metrics import MetricsSink, kl_to_base
-from fst.model import chat_prompt_ids, load_policy, load_tokenizer, make_reference, stop_token_ids
+from fst.model import (
+    chat_prompt_ids,
+    load_policy,
+    load_tokenizer,
+    make_reference,
+    resolve_device,
+    stop_token_ids,
+)
 from fst.rollout import Rollout, RolloutEngine, SamplingParams
 from fst.rollout.hf import HFRolloutEngine
 from fst.run_state import read_checkpoint_files, write_checkpoint_files
@@ -110,11 +136,14 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, rank: int = 0) -> torch.Generator:
+    """Seed every global RNG the same on every rank (LoRA's initial adapters are drawn from
+    torch's, and must be equal on all ranks); return the rollout sampler's generator, which is
+    the rank's own (rank 0's is the single-process one), so ranks sample different tokens."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed(seed + 1_000_003 * rank)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -151,6 +180,16 @@ class Run:
     slow_s: float = 0.0  # wall time spent in RL steps, whole run
     reflector: Any = None  # GEPA reflection_lm (openai/local) or custom proposer (digest)
     lease: Lease | None = None  # the run's writer lease (train() sets it)
+    world: World = SINGLE  # this process among the run's processes (torchrun)
+    rollout_copy: RolloutCopy | None = None  # under FSDP: the full weights this rank samples
+
+    def sync_sampler(self) -> None:
+        """After the weights changed: the sampler must see the new ones."""
+        if self.rollout_copy is not None:
+            self.rollout_copy.sync_from(self.policy)
+        # A separate sampler (vLLM) holds its own copy of the weights: push the new ones.
+        # A no-op for the HF engine, which samples from the policy (or the copy above).
+        self.engine.sync_weights()
 
     def ensure_writer(self) -> None:
         """Raise RunLockedError if this process is no longer the run's writer. Called at every
@@ -164,11 +203,15 @@ class Run:
         r = self.cfg.rollout
         return SamplingParams(r.temperature, r.top_p, r.max_new_tokens)
 
-    def rollout(self, problems: list[Problem], population: list[PromptRecord]) -> StepRollouts:
+    def rollout(
+        self, problems: list[Problem], population: list[PromptRecord], first: int = 0
+    ) -> StepRollouts:
+        """G rollouts of each problem; `first` is the index of problems[0] in the step's batch
+        (a rank's share starts there), so prompts rotate as they would in one process."""
         G, K = self.cfg.slow.group_size, len(population)
         slots = prompt_assignment(G, K)
         prompts, used = [], []
-        for p_idx, problem in enumerate(problems):
+        for p_idx, problem in enumerate(problems, start=first):
             for g in range(G):
                 k = (slots[g] + p_idx) % K  # rotate so every prompt is used when K > G
                 used.append(k)
@@ -223,17 +266,60 @@ def initial_population(cfg: TrainConfig) -> list[PromptRecord]:
     return [PromptRecord(t) for t in cfg.fast.initial_population] or seed
 
 
+def sharded(cfg: TrainConfig, world: World) -> bool:
+    """Whether this run shards its models with FSDP2 (parallel.strategy)."""
+    return cfg.parallel.strategy == "fsdp" or (
+        cfg.parallel.strategy == "auto" and world.distributed
+    )
+
+
+def check_parallel(cfg: TrainConfig, world: World) -> None:
+    """What the world size asks of the config: a ConfigError naming the field, on every rank."""
+    if not world.distributed:
+        if cfg.parallel.strategy == "fsdp":
+            log.info("parallel.strategy fsdp with one process: the model is not sharded")
+        return
+    if cfg.parallel.strategy == "none":
+        raise ConfigError(
+            f"parallel.strategy: none cannot train with {world.size} processes; use fsdp "
+            "(or auto), or start one process"
+        )
+    local_share(cfg.slow.problems_per_step, world)
+    if world.nodes > 1 and not (cfg.checkpoint.uri or "").startswith("s3://"):
+        raise ConfigError(
+            f"checkpoint.uri: a run on {world.nodes} nodes saves each node's shards from its "
+            "own disk, so its checkpoints must go to a store all of them reach (s3://...)"
+        )
+
+
 def build_run(
-    cfg: TrainConfig, run_dir: Path, db: RunDB | None = None, task: Task | None = None
+    cfg: TrainConfig,
+    run_dir: Path,
+    db: RunDB | None = None,
+    task: Task | None = None,
+    world: World = SINGLE,
 ) -> Run:
     keep_freed_memory()
-    generator = seed_everything(cfg.seed)
+    generator = seed_everything(cfg.seed, world.rank)
     task = task if task is not None else load_task(cfg)
     store = checkpoint_store(cfg)  # before the (slow) model load: a bad URI is reported now
     tokenizer = load_tokenizer(cfg.model)
     policy = load_policy(cfg.model)
+    if cfg.parallel.activation_checkpointing:
+        transformer_of(policy).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    # The reference and the rollout copy are taken from the whole model, before sharding.
     reference = make_reference(policy, cfg.model) if cfg.metrics.kl_prompts > 0 else None
     stop = stop_token_ids(tokenizer, policy)
+    rollout_copy = None
+    if sharded(cfg, world):
+        if cfg.rollout.engine == "hf":
+            rollout_copy = RolloutCopy(policy)
+        shard(policy, cfg.parallel)
+        if reference is not None:
+            # Frozen and sharded like the policy: 1/N of a copy per rank, never a whole one.
+            shard(reference, cfg.parallel, offload=cfg.parallel.reference == "offload")
     if cfg.rollout.engine == "vllm":
         # GPU pods: a colocated vLLM samples, the policy above trains; vLLM is imported only
         # here, so a CPU install never needs it (fst/rollout/vllm.py).
@@ -241,9 +327,17 @@ def build_run(
 
         engine: RolloutEngine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
     else:
-        engine = HFRolloutEngine(policy, tokenizer, stop, cfg.rollout.batch_size)
-    trainer = SlowTrainer(policy, cfg.slow, cfg.rollout.temperature, engine.pad_id)
-    sink = MetricsSink(run_dir, cfg.metrics.tensorboard, db, cfg.run)
+        sampler = rollout_copy.model if rollout_copy is not None else policy
+        engine = HFRolloutEngine(sampler, tokenizer, stop, cfg.rollout.batch_size)
+    trainer = SlowTrainer(
+        policy,
+        cfg.slow,
+        cfg.rollout.temperature,
+        engine.pad_id,
+        world,
+        shared_prompt=not cfg.parallel.activation_checkpointing,
+    )
+    sink = MetricsSink(run_dir, cfg.metrics.tensorboard and world.main, db, cfg.run)
     run = Run(
         cfg,
         task,
@@ -256,9 +350,15 @@ def build_run(
         store,
         sink,
         population=initial_population(cfg),
+        world=world,
+        rollout_copy=rollout_copy,
     )
-    if cfg.mode != "rl":
-        base = reference if reference is not None else policy
+    if cfg.mode != "rl" and world.main:  # the GEPA round runs on rank 0 alone
+        base: PreTrainedModel | None = reference if reference is not None else policy
+        if rollout_copy is not None:
+            # The sharded models answer only when every rank calls them: rank 0's local
+            # reflector gets a whole base model of its own.
+            base = None
         run.reflector = make_reflector(cfg, tokenizer, base)
         log.info(
             "fast channel: GEPA every %d steps, top-K %d, reflector %s",
@@ -272,15 +372,21 @@ def build_run(
 
 
 def make_reflector(cfg: TrainConfig, tokenizer: Any, base_model: Any) -> Any:
+    """GEPA's reflection LM (or proposer). A local reflector is `fast.reflector.model`, else
+    `base_model`, else (None) a fresh load of the run's base."""
     r = cfg.fast.reflector
     if r.kind == "openai":
         return OpenAIReflector(r)
     if r.kind == "local":
-        if r.model:
-            from fst.config import ModelConfig
+        from fst.config import ModelConfig
 
+        if r.model:
             mcfg = ModelConfig(name=r.model, device=cfg.model.device)
             return LocalReflector(load_policy(mcfg), load_tokenizer(mcfg), r, cfg.seed)
+        if base_model is None:
+            name = cfg.model.reference or cfg.model.name
+            mcfg = cfg.model.model_copy(update={"name": name, "lora": None, "reference": None})
+            base_model = load_policy(mcfg)
         return LocalReflector(base_model, tokenizer, r, cfg.seed)
     return DigestProposer()
 
@@ -342,11 +448,12 @@ def rl_step(run: Run) -> dict[str, Any]:
     t0 = time.perf_counter()
     train = run.task.problems("train")
     idx = batch_indices(run.cursor, cfg.slow.problems_per_step, len(train), cfg.task.seed)
-    problems = [train[i] for i in idx]
+    share = local_share(len(idx), run.world)  # all of them with one process
+    problems = [train[i] for i in idx[share]]
 
-    out = run.rollout(problems, run.population)
+    out = run.rollout(problems, run.population, first=share.start)
     t_gen = time.perf_counter() - t0
-    adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P, G)
+    adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P_rank, G): whole groups per rank
 
     t1 = time.perf_counter()
     if cfg.mode == "gepa":  # weights frozen: measure only
@@ -357,15 +464,18 @@ def rl_step(run: Run) -> dict[str, Any]:
         except DivergedError as e:
             raise DivergedError(diverged_message(run, str(e))) from None
         if train_metrics.get("updated"):
-            # A separate sampler (vLLM) holds its own copy of the weights: push the new ones
-            # before the next rollout. A no-op for the HF engine, which samples from the policy.
-            run.engine.sync_weights()
+            run.sync_sampler()  # before the next rollout
     t_train = time.perf_counter() - t1
-    run.cursor += len(problems)
+    run.cursor += len(idx)
     run.step += 1
 
-    gen_tokens = sum(len(r.completion_ids) for r in out.rollouts)
-    r = out.rewards
+    # The step's numbers over the WHOLE batch: every rank's rewards and completions.
+    shares = gather_to_main(
+        (out.rewards, [(len(x.completion_ids), x.finished) for x in out.rollouts]), run.world
+    )
+    r = torch.cat([rewards for rewards, _ in shares])  # (P, G)
+    completions = [c for _, rank_completions in shares for c in rank_completions]
+    gen_tokens = sum(n for n, _ in completions)
     record: dict[str, Any] = {
         "step": run.step,
         "reward_mean": float(r.mean()),
@@ -373,8 +483,8 @@ def rl_step(run: Run) -> dict[str, Any]:
         "pass_rate": float((r >= 1.0).float().mean()),
         "solved_any": float((r >= 1.0).any(dim=1).float().mean()),
         "zero_var_groups": float((r.max(1).values == r.min(1).values).float().mean()),
-        "completion_len": gen_tokens / len(out.rollouts),
-        "truncated_frac": sum(not x.finished for x in out.rollouts) / len(out.rollouts),
+        "completion_len": gen_tokens / len(completions),
+        "truncated_frac": sum(not finished for _, finished in completions) / len(completions),
         **train_metrics,
         "gen_tokens": gen_tokens,
         "gen_tokens_per_s": gen_tokens / t_gen if t_gen > 0 else 0.0,
@@ -448,7 +558,18 @@ def heldout_eval(run: Run) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
-    staging = run.store.staging_dir()
+    """Every rank calls this. Each writes its shards into a staging folder on its node; rank 0
+    adds the model export and the loop's state, and commits (manifest last). On several nodes
+    (S3 only: check_parallel) each node first uploads its own folder's files."""
+    world = run.world
+    if world.distributed:
+        # One name from rank 0, each rank's own staging root: the same folder for the ranks of
+        # a node, one per node (each pod its own disk and cache).
+        name = broadcast(uuid.uuid4().hex[:12] if world.main else "", world)
+        staging = run.store.staging_dir(name)
+        barrier(world)  # every node's folder exists before anyone writes into it
+    else:
+        staging = run.store.staging_dir()
     state = {
         "step": run.step,
         "cursor": run.cursor,
@@ -457,12 +578,43 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
         "population": [p.to_dict() for p in run.population],
         **(extra_state or {}),
     }
+    export = run.rollout_copy.model if run.rollout_copy is not None else None
     write_checkpoint_files(
-        staging, run.cfg, run.policy, run.tokenizer, run.trainer, run.generator, state
+        staging,
+        run.cfg,
+        run.policy,
+        run.tokenizer,
+        run.trainer,
+        run.generator,
+        state,
+        world,
+        export,
     )
-    uri = run.store.commit(run.step, staging, {"run": run.cfg.run, "mode": run.cfg.mode})
-    prune(run.store, run.cfg.checkpoint.keep_last)
-    return uri
+    parts: dict[str, Any] = {}
+    if world.nodes > 1 and world.local_rank == 0 and not world.main:
+        from fst.store.s3 import S3CheckpointStore
+
+        assert isinstance(run.store, S3CheckpointStore)  # check_parallel: s3:// on many nodes
+        parts = run.store.upload_part(run.step, staging)
+    uploaded = gather_to_main(parts, world)
+    uri = ""
+    if world.main:
+        meta = {"run": run.cfg.run, "mode": run.cfg.mode, "world_size": world.size}
+        others = {rel: info for part in uploaded for rel, info in part.items()}
+        if others:
+            from fst.store.s3 import S3CheckpointStore
+
+            assert isinstance(run.store, S3CheckpointStore)
+            uri = run.store.commit(run.step, staging, meta, uploaded=others)
+        else:
+            uri = run.store.commit(run.step, staging, meta)
+        prune(run.store, run.cfg.checkpoint.keep_last)
+    elif world.local_rank == 0 and staging.exists():
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)  # another node's copy: uploaded above
+    barrier(world)  # nobody saves again, or reads the store, before the commit
+    return broadcast(uri, world)
 
 
 def checkpoint_store(cfg: TrainConfig) -> CheckpointStore:
@@ -514,15 +666,16 @@ def latest_checkpoint(cfg: TrainConfig) -> Path | None:
 
 
 def restore_latest(run: Run) -> dict[str, Any] | None:
-    step = latest_step(run.store)
+    """Every rank calls this; rank 0 decides which step (the store might change meanwhile)."""
+    step = broadcast(latest_step(run.store) if run.world.main else None, run.world)
     if step is None:
         return None
     folder = run.store.materialize(step)
-    state = read_checkpoint_files(folder, run.policy, run.trainer, run.generator)
+    state = read_checkpoint_files(folder, run.policy, run.trainer, run.generator, run.world)
     run.step, run.cursor = state["step"], state["cursor"]
     run.fast_s, run.slow_s = state.get("fast_s", 0.0), state.get("slow_s", 0.0)
     run.population = [PromptRecord.from_dict(d) for d in state["population"]]
-    run.engine.sync_weights()  # the checkpoint's weights, not the start model's, are sampled
+    run.sync_sampler()  # the checkpoint's weights, not the start model's, are sampled
     return state
 
 
@@ -553,8 +706,40 @@ def train(
     """Run `cfg` to `cfg.steps` steps. With `resume`, continue from the latest checkpoint.
 
     `on_start` is called once the run is built (task, model, checkpoint restored) and about to
-    train: an error before that point means the run never started."""
+    train: an error before that point means the run never started.
+
+    Under torchrun every process calls this; rank 0 holds the run's lock, lease and database,
+    the others only train (fst/distributed.py)."""
     task = preflight(cfg)
+    world = init_world(resolve_device(cfg.model.device))
+    try:
+        check_parallel(cfg, world)
+        if not world.main:
+            _train_worker(cfg, resume, task, world)
+            return cfg.run_dir
+        return _train_main(cfg, resume, progress, on_start, task, world)
+    finally:
+        close_world(world)
+
+
+def _train_worker(cfg: TrainConfig, resume: bool, task: Task, world: World) -> None:
+    """A rank other than 0: the same run, nothing written but its checkpoint shards."""
+    run = build_run(cfg, cfg.run_dir, None, task, world)
+    if resume:
+        restore_latest(run)
+    if not broadcast(True, world):  # rank 0's go: its checks passed (else it exits, and so do we)
+        return
+    _loop(run, False, None)
+
+
+def _train_main(
+    cfg: TrainConfig,
+    resume: bool,
+    progress: bool,
+    on_start: Callable[[], None] | None,
+    task: Task,
+    world: World,
+) -> Path:
     run_dir = cfg.run_dir
     lock = RunLock(run_dir)  # one trainer per run folder on this machine
     db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
@@ -570,7 +755,7 @@ def train(
         previous = info["status"] if info else None
         lease = db.acquire_run(cfg.run, cfg.mode, config, lease_s=LEASE_S)
         lease.keep_alive()
-        run = build_run(cfg, run_dir, db, task)
+        run = build_run(cfg, run_dir, db, task, world)
         run.lease = lease
         existing = latest_step(run.store)
         if existing is not None and not resume:
@@ -589,6 +774,7 @@ def train(
             run.sink.truncate_after(0)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         started = True
+        broadcast(True, world)  # the other ranks start training
         if on_start is not None:
             on_start()
         _loop(run, progress, db)
@@ -619,38 +805,44 @@ def train(
         lock.release()
 
 
-def _loop(run: Run, progress: bool, db: RunDB) -> None:
+def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
     """Steps until cfg.steps. Every write is preceded by a lease check (Run.ensure_writer), so
-    a run that lost its lease to another trainer stops without writing anything more."""
-    cfg = run.cfg
+    a run that lost its lease to another trainer stops without writing anything more. Only
+    rank 0 writes (`main`); every rank trains, measures KL and saves its checkpoint shards."""
+    cfg, world = run.cfg, run.world
+    main = world.main
     bar = tqdm(
         total=cfg.steps,
         initial=run.step,
         desc=f"{cfg.run} [{cfg.mode}]",
-        disable=not progress,
+        disable=not progress or not main,
         unit="step",
         dynamic_ncols=True,
     )
     last_kl = None
     every = cfg.metrics.eval_every
-    if every and run.step == 0:
+    if every and run.step == 0 and main:
         point = {"step": 0, **heldout_eval(run)}  # the base point of the curve
         run.ensure_writer()
         run.sink.write(point)
     while run.step < cfg.steps:
         run.ensure_writer()  # the step boundary: stop here once the lease is lost
-        round_metrics = {}
+        round_metrics: dict[str, Any] = {}
         if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
             bar.set_description(f"{cfg.run} [{cfg.mode}] GEPA round")
-            round_metrics = gepa_round(run)  # checks the lease before writing its record
+            if main:
+                round_metrics = gepa_round(run)  # checks the lease before writing its record
+            # The other ranks wait here for rank 0's new population.
+            run.population, run.fast_s = broadcast((run.population, run.fast_s), world)
             bar.set_description(f"{cfg.run} [{cfg.mode}]")
         record = {**rl_step(run), **round_metrics}
-        if every and (run.step % every == 0 or run.step == cfg.steps):
+        if every and (run.step % every == 0 or run.step == cfg.steps) and main:
             record.update(heldout_eval(run))
         total = run.fast_s + run.slow_s
         record["fast_time_share"] = run.fast_s / total if total > 0 else 0.0
-        run.ensure_writer()  # the step took a while: still the run's writer?
-        run.sink.write(record)
+        if main:
+            run.ensure_writer()  # the step took a while: still the run's writer?
+            run.sink.write(record)
         bar.update(1)
         last_kl = record.get("kl", last_kl)
         bar.set_postfix(
@@ -661,7 +853,8 @@ def _loop(run: Run, progress: bool, db: RunDB) -> None:
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
             run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)
-            db.log_event(cfg.run, "checkpoint", uri)  # the operator mirrors it into status
+            if db is not None:
+                db.log_event(cfg.run, "checkpoint", uri)  # the operator mirrors it into status
             log.info("step %d: checkpoint %s", run.step, uri)
     bar.close()
     run.sink.close()

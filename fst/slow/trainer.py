@@ -30,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from fst.config import SlowConfig
+from fst.distributed import SINGLE, World, full_tensor, max_all, sum_all
 from fst.rollout import Rollout
 from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss
 
@@ -177,13 +178,19 @@ class SharedPromptBatch:
 
 
 def pack_shared(
-    rollouts: list[Rollout], advantages: list[float], pad_id: int, device: torch.device
+    rollouts: list[Rollout],
+    advantages: list[float],
+    pad_id: int,
+    device: torch.device,
+    min_completion: int = 1,
 ) -> SharedPromptBatch:
+    """`min_completion` pads C up (masked positions): under FSDP every rank must run the same
+    number of forwards per micro-batch, and C = 1 would skip the completions' forward."""
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
     U, B = len(distinct), len(rollouts)
     P = max(len(p) for p in distinct)
-    C = max(len(r.completion_ids) for r in rollouts)
+    C = max(min_completion, *(len(r.completion_ids) for r in rollouts))
     prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
     prompt_attention = torch.zeros((U, P), dtype=torch.long)
     for u, p in enumerate(distinct):
@@ -278,7 +285,8 @@ class DivergedError(RuntimeError):
 
 def outputs_finite(model: PreTrainedModel, ids: Sequence[int]) -> bool:
     """Whether the model's logits on the token sequence `ids` are all finite: a cheap probe (one
-    short sequence, no gradient) of weights that may have been broken by an update."""
+    short sequence, no gradient) of weights that may have been broken by an update. (A sharded
+    model: every rank calls it, each with a sequence of its own.)"""
     if not ids:
         return True
     was_training = model.training
@@ -293,10 +301,27 @@ def outputs_finite(model: PreTrainedModel, ids: Sequence[int]) -> bool:
 
 
 class SlowTrainer:
+    """AdamW on the policy's trainable parameters, fed by CISPO (or GRPO/DAPO) on rollouts.
+
+    Under torchrun (`world.distributed`) the policy is FSDP2-sharded (fst/distributed.py) and
+    each rank passes its own rollouts: the loss normaliser, the metrics and the decision to
+    update are global (all-reduced), so every rank takes the same step, and the summed gradient
+    equals the one a single process would compute on the whole batch."""
+
     def __init__(
-        self, model: PreTrainedModel, cfg: SlowConfig, temperature: float, pad_id: int
+        self,
+        model: PreTrainedModel,
+        cfg: SlowConfig,
+        temperature: float,
+        pad_id: int,
+        world: World = SINGLE,
+        shared_prompt: bool = True,
     ) -> None:
         self.model, self.cfg, self.temperature, self.pad_id = model, cfg, temperature, pad_id
+        self.world = world
+        # Activation checkpointing recomputes each layer's forward, which would write the
+        # shared prompt's KV cache twice: the plain (one forward per row) path is used then.
+        self.shared_prompt = shared_prompt
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.params,
@@ -313,7 +338,11 @@ class SlowTrainer:
         )
 
     def _loss(
-        self, logp: torch.Tensor, b: SharedPromptBatch, num_tokens: int, num_seqs: int
+        self,
+        logp: torch.Tensor,
+        b: SharedPromptBatch | PackedBatch,
+        num_tokens: int,
+        num_seqs: int,
     ) -> LossOutput:
         c = self.cfg
         if c.loss == "cispo":
@@ -323,7 +352,8 @@ class SlowTrainer:
         return dapo_loss(logp, b.old_logp, b.adv, b.mask, c.clip_low, c.clip_high, num_tokens)
 
     def step(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
-        """One optimizer step on the whole batch. Returns the step's training metrics.
+        """One optimizer step on the whole batch (this rank's share of it, under torchrun).
+        Returns the step's training metrics (the whole batch's, on every rank).
 
         Raises DivergedError (see there) when the loss, the gradient norm or the updated
         model's output on one of the batch's sequences is NaN or infinite."""
@@ -336,14 +366,20 @@ class SlowTrainer:
                     f"the loss is {metrics['loss']}; the update was refused (the weights "
                     "were already broken, or the inputs produce non-finite log-probabilities)"
                 )
-            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            # Under FSDP the norm is a DTensor over every rank's shard: gathered, it is the
+            # global norm, the same on every rank.
+            norm = float(
+                full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+            )
             if not math.isfinite(norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise DivergedError(f"the gradient norm is {norm}; the update was refused")
             metrics["grad_norm"] = norm
             self.optimizer.step()
-            probe = next(r for r, a in zip(rollouts, advantages, strict=True) if a != 0.0)
-            if not outputs_finite(self.model, probe.prompt_ids + probe.completion_ids):
+            active = [r for r, a in zip(rollouts, advantages, strict=True) if a != 0.0]
+            probe = (active or rollouts)[0]
+            finite = outputs_finite(self.model, probe.prompt_ids + probe.completion_ids)
+            if sum_all([0.0 if finite else 1.0], self.world)[0] > 0:
                 raise DivergedError("the update made the model's outputs NaN or infinite")
         else:
             # Every group had zero variance: no gradient. Skipping the update keeps Adam's
@@ -357,41 +393,66 @@ class SlowTrainer:
         metrics["updated"] = 1.0 if metrics["trained_seqs"] > 0 else 0.0
         return metrics
 
+    def _logprobs(
+        self, rollouts: list[Rollout], advantages: list[float]
+    ) -> tuple[torch.Tensor, torch.Tensor, SharedPromptBatch | PackedBatch]:
+        """log π_θ and entropy (B, C) of one micro-batch, and the batch they belong to."""
+        device = self.model.device
+        if self.shared_prompt:
+            # Under FSDP, C >= 2 keeps the number of forwards (collectives) the same on all ranks.
+            min_c = 2 if self.world.distributed else 1
+            shared = pack_shared(rollouts, advantages, self.pad_id, device, min_c)
+            logp, entropy = shared_prompt_logprobs(self.model, shared, self.temperature)
+            return logp, entropy, shared
+        packed = pack(rollouts, advantages, self.pad_id, device)
+        logp, entropy = token_logprobs(self.model, packed, self.temperature)
+        return logp, entropy, packed
+
     def backward(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
         """The step's loss, backpropagated: gradients accumulate into the parameters' .grad
-        (no optimizer update). Returns the loss and the training metrics."""
-        num_tokens = sum(len(r.completion_ids) for r in rollouts)
-        num_seqs = len(rollouts)
+        (no optimizer update). Returns the loss and the training metrics (whole batch)."""
+        world = self.world
+        num_tokens, num_seqs = sum_all(
+            [float(sum(len(r.completion_ids) for r in rollouts)), float(len(rollouts))], world
+        )
         active = [i for i, a in enumerate(advantages) if a != 0.0]
-        stats = {"loss": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "entropy_sum": 0.0, "tokens": 0.0}
         self.model.train()
         mbs = self.cfg.micro_batch_size
-        for i in range(0, len(active), mbs):
-            idx = active[i : i + mbs]
-            batch = pack_shared(
-                [rollouts[j] for j in idx],
-                [advantages[j] for j in idx],
-                self.pad_id,
-                self.model.device,
+        local = [active[i : i + mbs] for i in range(0, len(active), mbs)]
+        # Every rank runs as many micro-batches as the busiest one (FSDP's forward and backward
+        # are collectives): the extra ones are a real sequence with its loss multiplied by 0.
+        n_micro = max_all(len(local), world) if world.distributed else len(local)
+        stats = torch.zeros(6, dtype=torch.float64)  # loss clipped ratio entropy tokens seqs
+        for m in range(n_micro):
+            idle = m >= len(local)
+            idx = [0] if idle else local[m]
+            logp, entropy, batch = self._logprobs(
+                [rollouts[j] for j in idx], [0.0 if idle else advantages[j] for j in idx]
             )
-            logp, entropy = shared_prompt_logprobs(self.model, batch, self.temperature)
-            out = self._loss(logp, batch, num_tokens, num_seqs)
-            out.loss.backward()
-            stats["loss"] += float(out.loss.detach())
-            stats["clipped"] += float(out.clipped_tokens)
-            stats["ratio_sum"] += float(out.ratio_sum)
-            stats["entropy_sum"] += float((entropy * batch.mask).sum())
-            stats["tokens"] += float(batch.mask.sum())
-
-        trained = stats["tokens"]
+            out = self._loss(logp, batch, int(num_tokens), int(num_seqs))
+            (out.loss * 0.0 if idle else out.loss).backward()
+            if idle:
+                continue
+            stats += torch.tensor(
+                [
+                    float(out.loss.detach()),
+                    float(out.clipped_tokens),
+                    float(out.ratio_sum),
+                    float((entropy * batch.mask).sum()),
+                    float(batch.mask.sum()),
+                    float(len(idx)),
+                ],
+                dtype=torch.float64,
+            )
+        loss, clipped, ratio_sum, entropy_sum, trained, seqs = sum_all(stats.tolist(), world)
         return {
-            "loss": stats["loss"],
+            "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
             "trained_tokens": trained,
-            "trained_seqs": float(len(active)),
-            "clip_frac": stats["clipped"] / trained if trained else 0.0,
-            "ratio_mean": stats["ratio_sum"] / trained if trained else math.nan,
-            "entropy": stats["entropy_sum"] / trained if trained else math.nan,
+            "trained_seqs": seqs,
+            "clip_frac": clipped / trained if trained else 0.0,
+            "ratio_mean": ratio_sum / trained if trained else math.nan,
+            "entropy": entropy_sum / trained if trained else math.nan,
         }
 
     def state_dict(self) -> dict[str, Any]:

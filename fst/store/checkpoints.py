@@ -54,8 +54,10 @@ class CheckpointStore(Protocol):
 
     def delete(self, step: int) -> None: ...
 
-    def staging_dir(self) -> Path:
-        """A fresh local folder to write a checkpoint's files into before `commit`."""
+    def staging_dir(self, name: str | None = None) -> Path:
+        """A fresh local folder to write a checkpoint's files into before `commit`. The ranks
+        of a run (fst/distributed.py) pass one `name`: each gets that folder under its own
+        staging root (shared on one node, one per node on several)."""
         ...
 
 
@@ -70,9 +72,9 @@ class LocalCheckpointStore:
             # Half-written saves of a crashed process: never loadable, safe to drop.
             shutil.rmtree(leftover, ignore_errors=True)
 
-    def staging_dir(self) -> Path:
-        path = self.root / f".staging-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
+    def staging_dir(self, name: str | None = None) -> Path:
+        path = self.root / f".staging-{name or uuid.uuid4().hex[:12]}"
+        path.mkdir(exist_ok=name is not None)
         return path
 
     def commit(self, step: int, staging: Path, meta: dict[str, Any]) -> str:

@@ -268,12 +268,33 @@ class S3CheckpointStore:
 
     # ------------------------------------------------------------------ saving
 
-    def staging_dir(self) -> Path:
+    def staging_dir(self, name: str | None = None) -> Path:
         self.staging_root.mkdir(parents=True, exist_ok=True)
+        if name is not None:  # one folder that a run's ranks share (see CheckpointStore)
+            path = self.staging_root / f"staging-{name}"
+            path.mkdir(exist_ok=True)
+            return path
         _drop_stale(self.staging_root, max_age_s=24 * 3600)
         return Path(tempfile.mkdtemp(prefix="staging-", dir=self.staging_root))
 
-    def commit(self, step: int, staging: Path, meta: dict[str, Any]) -> str:
+    def upload_part(self, step: int, staging: Path) -> dict[str, Any]:
+        """Upload the files of `staging` as part of `step`'s checkpoint, without committing it;
+        return their manifest entries. A run on several nodes: each node uploads the shards
+        on its own disk, then rank 0 commits with `uploaded=` every node's entries."""
+        files: dict[str, Any] = build_manifest(staging, step, {})["files"]
+        for rel, info in files.items():
+            self._upload(staging / rel, self.key(step, rel), info)
+        return files
+
+    def commit(
+        self,
+        step: int,
+        staging: Path,
+        meta: dict[str, Any],
+        uploaded: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload `staging`'s files, then the manifest, which also lists the `uploaded` files
+        (other nodes' parts, already in place: see upload_part)."""
         manifest = build_manifest(staging, step, meta)
         existing = self._step_objects()
         old_keys = set(existing.get(step, {}))
@@ -283,6 +304,9 @@ class S3CheckpointStore:
             self._remove([self.key(step, MANIFEST)])
         for rel, info in manifest["files"].items():
             self._upload(staging / rel, self.key(step, rel), info)
+        for rel, info in (uploaded or {}).items():
+            self._check_uploaded(self.key(step, rel), info)
+        manifest["files"] = dict(sorted({**manifest["files"], **(uploaded or {})}.items()))
         stale = old_keys - {self.key(step, rel) for rel in manifest["files"]}
         self._remove(sorted(stale - {self.key(step, MANIFEST)}))
         self._put_manifest(step, manifest)

@@ -1,5 +1,5 @@
 """A checkpoint is data, never code (issue 16, item 2): resuming from a checkpoint whose
-trainer.pt or rng.pt was replaced by a pickle that runs something, with its manifest rewritten
+trainer.pt, rng.pt or DCP's dcp/.metadata was replaced by a pickle that runs something, with its manifest rewritten
 to match (the sha256 proves integrity, not authorship), refuses to load it and runs nothing.
 An honest checkpoint still resumes (numpy's RNG state is allowlisted by its exact classes)."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ def rewrite_manifest(folder: Path, name: str) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("name", ["rng.pt", "trainer.pt"])
+@pytest.mark.parametrize("name", ["rng.pt", "trainer.pt", "dcp/.metadata"])
 def test_a_planted_pickle_is_refused_and_runs_nothing(tmp_path, tiny_model_dir, name):  # noqa: F811
     raw = tiny_run_config(tmp_path, tiny_model_dir, steps=1, **{"checkpoint.every": 1})
     cfg = validate_config(raw)
@@ -52,7 +53,11 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(tmp_path, tiny_model_dir, 
     assert set(load_data_file(folder / "rng.pt")) == {"sampler", "torch", "python", "numpy"}
 
     marker = tmp_path / "pwned"
-    torch.save({"numpy": Planted(marker)}, folder / name)
+    if name.endswith(".metadata"):
+        # DCP's index of the shards: torch reads it with plain pickle.load; ours refuses.
+        (folder / name).write_bytes(pickle.dumps(Planted(marker)))
+    else:
+        torch.save({"numpy": Planted(marker)}, folder / name)
     rewrite_manifest(folder, name)
     longer = validate_config({**raw, "steps": 2})
     with pytest.raises(UnsafeCheckpointError, match=name):

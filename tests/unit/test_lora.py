@@ -80,7 +80,8 @@ def test_lora_checkpoint_holds_the_merged_model_and_the_adapters(lora_run, tiny_
     folder = checkpoint(lora_run, 2)
     assert (folder / "model" / "config.json").is_file()
     assert not (folder / "model" / "adapter_config.json").exists()
-    assert (folder / "adapter" / "adapter_config.json").is_file()
+    # The trained parameters (the adapters alone: the frozen base is the run's own) and AdamW.
+    assert (folder / "dcp" / ".metadata").is_file()
     assert any(m["updated"] for m in read_metrics(lora_run)), "LoRA should have been trained"
 
     # The trained policy as a resume rebuilds it: the run's base, its adapters restored.

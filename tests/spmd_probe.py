@@ -1,0 +1,84 @@
+"""One CISPO step of fst's SlowTrainer on a fixed batch, in one process or under torchrun.
+
+    python -m tests.spmd_probe OUT MODEL [--lora]                        # one process
+    torchrun --standalone --nproc_per_node 2 -m tests.spmd_probe OUT MODEL [--lora]
+
+Under torchrun the policy is FSDP2-sharded (fst.distributed.shard) and each rank trains on its
+share of the batch's problems, as fst/loop.py does; rank 0 writes {loss, grad_norm, weights
+after the step (gathered), weights before} to OUT (torch.save). tests/integration/
+test_distributed.py compares the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import torch
+
+from fst.config import LoraConfig, ModelConfig, ParallelConfig, SlowConfig
+from fst.distributed import close_world, full_tensor, init_world, local_share, shard
+from fst.model import load_policy
+from fst.rollout import Rollout
+from fst.slow.advantages import group_advantages
+from fst.slow.trainer import SlowTrainer
+
+PROBLEMS, GROUP = 4, 4
+
+
+def fixed_batch(vocab: int, seed: int = 7) -> tuple[list[Rollout], list[float]]:
+    """P problems x G rollouts of random tokens, the same on every rank: one shared prompt per
+    problem, completions of varied lengths, sampler logprobs near the policy's scale."""
+    rng = random.Random(seed)
+    rollouts, rewards = [], []
+    for _ in range(PROBLEMS):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(6, 12))]
+        for _ in range(GROUP):
+            n = rng.randint(1, 10)
+            rollouts.append(
+                Rollout(
+                    prompt_ids=prompt,
+                    completion_ids=[rng.randrange(4, vocab) for _ in range(n)],
+                    logprobs=[-rng.uniform(0.5, 6.0) for _ in range(n)],
+                    text="",
+                    finished=True,
+                )
+            )
+            rewards.append(float(rng.random() < 0.5))
+    adv = group_advantages(torch.tensor(rewards).view(PROBLEMS, GROUP), 1e-6)
+    return rollouts, adv.flatten().tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("model")
+    ap.add_argument("--lora", action="store_true")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)  # LoRA's A matrices: the same on every rank and in one process
+    lora = LoraConfig(rank=4, alpha=8) if args.lora else None
+    policy = load_policy(ModelConfig(name=args.model, device="cpu", lora=lora))
+    world = init_world(torch.device("cpu"))
+    if world.distributed:
+        shard(policy, ParallelConfig())
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    before = {
+        n: full_tensor(p.detach()).clone() for n, p in policy.named_parameters() if p.requires_grad
+    }
+    cfg = SlowConfig(lr=1e-3, micro_batch_size=3, grad_clip=1e9)
+    trainer = SlowTrainer(policy, cfg, temperature=1.0, pad_id=0, world=world)
+    rollouts, adv = fixed_batch(policy.config.vocab_size)
+    share = local_share(PROBLEMS, world, "problems")
+    rows = slice(share.start * GROUP, share.stop * GROUP)
+    metrics = trainer.step(rollouts[rows], adv[rows])
+    after = {
+        n: full_tensor(p.detach()).clone() for n, p in policy.named_parameters() if p.requires_grad
+    }
+    if world.main:
+        torch.save({"metrics": metrics, "names": names, "before": before, "after": after}, args.out)
+    close_world(world)
+
+
+if __name__ == "__main__":
+    main()
