@@ -47,7 +47,8 @@ test-deps: install
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc; }
 	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
 	# The test Kubernetes control plane (etcd, kube-apiserver, -controller-manager,
-	# -scheduler, kwok, helm) from Go modules into $(FST_CACHE)/k8s once: ~15 min cold.
+	# -scheduler, kwok, helm) and Kueue's controller with its CRDs, from Go modules into
+	# $(FST_CACHE)/k8s once: ~15 min cold, Kueue 7-10 min more.
 	@$(PY) -m tests.k8s.binaries
 
 test: test-deps

@@ -59,7 +59,27 @@ class TrainerSpec(Schema):
 
     image: str = Field(DEFAULT_IMAGE, min_length=1, description="The trainer image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    gpus: int = Field(1, ge=0, le=64, description="nvidia.com/gpu per pod (0: CPU only).")
+    nodes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Pods (machines) the run trains on. 1: one pod; more: an Indexed Job of "
+        "`nodes` pods (a headless Service names them) whose torchrun agents rendezvous at pod "
+        "0. Checkpoints must then go to S3.",
+    )
+    gpus_per_node: int | None = Field(
+        None,
+        ge=0,
+        le=16,
+        description="nvidia.com/gpu per pod; torchrun starts one trainer process per GPU "
+        "(0: CPU only, one process). Default: gpus, else 1.",
+    )
+    gpus: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="Deprecated synonym of gpusPerNode for a one-node run (set one of them).",
+    )
     cpu: str | None = Field(None, max_length=32, description="CPU request and limit, e.g. '8'.")
     memory: str | None = Field(
         None, max_length=32, description="Memory request and limit, e.g. '32Gi'."
@@ -101,6 +121,68 @@ class TrainerSpec(Schema):
     )
     priority_class_name: str | None = Field(None, max_length=253)
 
+    @property
+    def node_gpus(self) -> int:
+        """nvidia.com/gpu per pod: gpusPerNode, else the deprecated gpus, else 1."""
+        for value in (self.gpus_per_node, self.gpus):
+            if value is not None:
+                return value
+        return 1
+
+    @property
+    def processes_per_node(self) -> int:
+        """Trainer processes torchrun starts in each pod: one per GPU, one on CPU."""
+        return max(1, self.node_gpus)
+
+    @property
+    def total_gpus(self) -> int:
+        return self.nodes * self.node_gpus
+
+    @model_validator(mode="after")
+    def _gpu_fields(self) -> TrainerSpec:
+        # Mirrored by CEL rules in the CRDs (fst/k8s/crd.py TRAINER_RULES).
+        if self.gpus is not None and self.gpus_per_node is not None:
+            raise ValueError(GPUS_AND_GPUS_PER_NODE)
+        if self.gpus is not None and self.nodes > 1:
+            raise ValueError(GPUS_WITH_NODES)
+        return self
+
+
+# Messages of the rules between spec.trainer's GPUs and the model's device: the CEL rules of
+# the CRDs (fst/k8s/crd.py) and the models' validators give the same text.
+GPUS_AND_GPUS_PER_NODE = (
+    "spec.trainer.gpus is a deprecated synonym of spec.trainer.gpusPerNode: set only gpusPerNode"
+)
+GPUS_WITH_NODES = (
+    "spec.trainer.gpus: only for a one-node run; with spec.trainer.nodes > 1 set gpusPerNode "
+    "(GPUs of each pod) instead"
+)
+
+
+def device_cpu_message(model: str) -> str:
+    """`model`: where the model section is (spec.config.model, or spec.model in a stream)."""
+    return (
+        f"{model}.device: cpu cannot use the GPUs requested by spec.trainer.gpusPerNode (or "
+        f"the deprecated gpus; default 1); set {model}.device to auto or cuda, or "
+        "spec.trainer.gpusPerNode to 0"
+    )
+
+
+def device_cuda_message(model: str) -> str:
+    return (
+        f"{model}.device: cuda needs a GPU, but spec.trainer.gpusPerNode (or the deprecated "
+        f"gpus) is 0; set {model}.device to auto or cpu, or spec.trainer.gpusPerNode to 1 or more"
+    )
+
+
+def check_device(device: str, trainer: TrainerSpec, model: str) -> None:
+    """The model's torch device must fit the GPUs the pods get (ValueError if not): cpu would
+    leave them idle, cuda would find none. `auto` fits both."""
+    if device == "cpu" and trainer.node_gpus > 0:
+        raise ValueError(device_cpu_message(model))
+    if device.startswith("cuda") and trainer.node_gpus == 0:
+        raise ValueError(device_cuda_message(model))
+
 
 class FastSlowRunSpec(Schema):
     """One training run in a cluster: what to train (config) and where (trainer)."""
@@ -132,6 +214,12 @@ class FastSlowRunSpec(Schema):
             # A placeholder name until the operator names the run after the resource.
             data = {**data, "config": {**config, "run": "run"}}
         return data
+
+    @model_validator(mode="after")
+    def _device_fits_gpus(self) -> FastSlowRunSpec:
+        # Mirrored by CEL rules in the CRD (fst/k8s/crd.py device_rules).
+        check_device(self.config.model.device, self.trainer, "spec.config.model")
+        return self
 
 
 # ----------------------------------------------------------------------------- TaskStream
@@ -255,6 +343,13 @@ class TaskStreamSpec(Schema):
         2, ge=0, le=100, description="Cluster only: retries of each stage's run."
     )
     suspend: bool = Field(False, description="Cluster only: start no new stage while true.")
+
+    @model_validator(mode="after")
+    def _device_fits_gpus(self) -> TaskStreamSpec:
+        # Mirrored by CEL rules in the CRD (fst/k8s/crd.py device_rules). `fst stream` ignores
+        # `trainer`, but the same file runs in a cluster, where the two must agree.
+        check_device(self.model.device, self.trainer, "spec.model")
+        return self
 
     @field_validator("stages")
     @classmethod

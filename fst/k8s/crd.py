@@ -26,7 +26,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from fst.k8s.api import GROUP, OPERATOR_OWNED_KEYS, VERSION, FastSlowRunSpec, TaskStreamSpec
+from fst.k8s.api import (
+    GPUS_AND_GPUS_PER_NODE,
+    GPUS_WITH_NODES,
+    GROUP,
+    OPERATOR_OWNED_KEYS,
+    VERSION,
+    FastSlowRunSpec,
+    TaskStreamSpec,
+    device_cpu_message,
+    device_cuda_message,
+)
 from fst.k8s.status import ConditionType, FastSlowRunStatus, TaskStreamStatus
 
 # ----------------------------------------------------------------------------- translation
@@ -161,6 +171,45 @@ TOP_K_RULE = {
     "fieldPath": ".fast.topK",
 }
 
+# spec.trainer (of a FastSlowRun and of a TaskStream); mirrored by TrainerSpec._gpu_fields.
+TRAINER_RULES = [
+    {
+        "rule": "!(has(self.gpus) && has(self.gpusPerNode))",
+        "message": GPUS_AND_GPUS_PER_NODE,
+        "fieldPath": ".gpus",
+    },
+    {
+        "rule": "!has(self.gpus) || !has(self.nodes) || self.nodes <= 1",
+        "message": GPUS_WITH_NODES,
+        "fieldPath": ".gpus",
+    },
+]
+
+
+def device_rules(model: str, model_path: str) -> list[dict[str, str]]:
+    """CEL rules on a spec holding `trainer` and a model section at `model` (CEL, from the
+    spec: self.config.model or self.model), whose path the messages name (`model_path`):
+    the model's device must fit the pods' GPUs. Mirrored by fst.k8s.api.check_device."""
+    # The GPUs of each pod as TrainerSpec.node_gpus computes them: gpusPerNode, else gpus,
+    # else 1 (the apiserver has already filled in defaults; has() guards the optional fields).
+    gpus = (
+        "(!has(self.trainer) ? 1 : has(self.trainer.gpusPerNode) ? self.trainer.gpusPerNode"
+        " : has(self.trainer.gpus) ? self.trainer.gpus : 1)"
+    )
+    device = f"(has({model}) && has({model}.device) ? {model}.device : 'auto')"
+    return [
+        {
+            "rule": f"!({device} == 'cpu' && {gpus} > 0)",
+            "message": device_cpu_message(model_path),
+            "fieldPath": f"{model.removeprefix('self')}.device",
+        },
+        {
+            "rule": f"!({device}.startsWith('cuda') && {gpus} == 0)",
+            "message": device_cuda_message(model_path),
+            "fieldPath": f"{model.removeprefix('self')}.device",
+        },
+    ]
+
 
 def _printer(name: str, path: str, kind: str = "string", priority: int = 0) -> dict[str, Any]:
     col: dict[str, Any] = {"name": name, "type": kind, "jsonPath": path}
@@ -233,6 +282,8 @@ def fastslowrun_crd() -> dict[str, Any]:
             },
         ],
     )
+    _add_rules(spec, ("trainer",), TRAINER_RULES)
+    _add_rules(spec, (), device_rules("self.config.model", "spec.config.model"))
     columns = [
         _printer("Stage", ".metadata.labels.fastslow\\.io/stage"),
         *printer_columns(FastSlowRunStatus),
@@ -268,6 +319,8 @@ def taskstream_crd() -> dict[str, Any]:
             }
         ],
     )
+    _add_rules(spec, ("trainer",), TRAINER_RULES)
+    _add_rules(spec, (), device_rules("self.model", "spec.model"))
     columns = [
         *printer_columns(TaskStreamStatus),
         _printer("Stages", ".status.stages[*].stage", priority=1),

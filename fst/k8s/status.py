@@ -35,6 +35,9 @@ TERMINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED, Phase.INVALID)
 
 class ConditionType(StrEnum):
     CREATED = "Created"  # the trainer Job of the current attempt exists
+    # A queued run's Job admitted by its queue (Kueue's Workload: Admitted, or why not yet).
+    # Only on runs with spec.trainer.queueName; it does not enter the phase (Suspended does).
+    ADMITTED = "Admitted"
     RUNNING = "Running"  # its pod runs (False while pending, retrying, suspended, done)
     SUSPENDED = "Suspended"  # the Job is suspended (spec.suspend, or a queue not admitting it)
     SUCCEEDED = "Succeeded"
@@ -57,7 +60,17 @@ class Reason(StrEnum):
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     SUSPENDED = "Suspended"
     NOT_SUSPENDED = "NotSuspended"
-    QUEUED = "Queued"  # suspended by a queue (Kueue) that has not admitted the Job yet
+    # Waiting for a queue (Kueue): Suspended's reason until admission; Admitted's while
+    # Kueue has not yet tried to fit the Workload.
+    QUEUED = "Queued"
+    # The Admitted condition, mirrored from Kueue's Workload (fst_operator/admission.py).
+    ADMITTED = "Admitted"  # Workload Admitted (or the Job unsuspended by its queue)
+    QUOTA_RESERVED = "QuotaReserved"  # quota held, admission checks pending
+    WAITING_FOR_QUOTA = "WaitingForQuota"  # Kueue's Pending: the ClusterQueue has no room yet
+    INADMISSIBLE = "Inadmissible"  # Kueue's Inadmissible: no such LocalQueue, a stopped queue
+    EVICTED = "Evicted"  # Kueue took the quota back (preempted, queue stopped, ...)
+    NO_WORKLOAD = "NoWorkload"  # Kueue has made no Workload for the Job (yet)
+    NOT_ADMITTED = "NotAdmitted"  # any other reason of Kueue's, named in the message
     INVALID_SPEC = "InvalidSpec"
     STAGE_RUNNING = "StageRunning"
     STAGE_FAILED = "StageFailed"
@@ -200,7 +213,8 @@ class FastSlowRunStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Latest observations: Created, Running, Suspended, Succeeded, Failed.",
+        description="Latest observations: Created, Admitted (queued runs), Running, Suspended, "
+        "Succeeded, Failed.",
     )
 
     def condition(self, type_: ConditionType) -> Condition | None:

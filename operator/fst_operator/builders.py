@@ -6,6 +6,9 @@ lives here, so it is unit-testable without a cluster:
     run_key            the run's name in the database and under the checkpoint prefix
     train_config       FastSlowRun spec -> the TrainConfig the trainer runs
     config_map, job    the trainer's ConfigMap and batch/v1 Job for one attempt
+    trainer_command    `fst train`, or torchrun over the pod's GPUs and the run's nodes
+    service            a multi-node attempt's headless Service (its pods' DNS names)
+    network_policy     a multi-node attempt's pods may connect to each other
     job_suspend_change whether the operator changes a Job's `suspend` (Kueue owns it when queued)
     decide_run         (spec, status, job, progress) -> the new status, the next attempt
     stage_runs         a TaskStream's child runs -> the StageRuns the planner (fst.plan) reads
@@ -24,7 +27,7 @@ from typing import Any
 import yaml
 
 from fst.config import TrainConfig
-from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec, TaskStream
+from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec, TaskStream, TrainerSpec
 from fst.k8s.status import (
     TERMINAL_PHASES,
     ConditionType,
@@ -41,7 +44,7 @@ from fst.k8s.status import (
 from fst.plan import StageRun, short_name, stage_config, stage_spec
 from fst.plan import StageStatus as PlanStatus
 from fst.store.db import RunProgress
-from fst_operator import policy
+from fst_operator import admission, policy
 
 LABEL_RUN = "fastslow.io/run"
 LABEL_ATTEMPT = "fastslow.io/attempt"
@@ -55,6 +58,8 @@ CONFIG_PATH = "/etc/fastslow/config.yaml"
 SCRATCH = "/scratch"
 TENANT_SECRET = "fastslow-tenant"  # a namespace's own credentials (tenancy.py; the chart's RBAC)
 TRAINER_UID = 10001  # the trainer image's non-root user (trainer-image/Dockerfile)
+# torchrun's default master port: a multi-node attempt's static rendezvous at its pod 0.
+RENDEZVOUS_PORT = 29500
 TERMINAL = tuple(p.value for p in TERMINAL_PHASES)
 
 
@@ -117,17 +122,26 @@ def train_config(
     tenant_root = defaults.tenant_root(meta["namespace"])
     default_prefix = f"{tenant_root}runs" if tenant_root else defaults.checkpoint_prefix
     prefix = spec.trainer.checkpoint_uri or default_prefix
+    nodes = spec.trainer.nodes
+    # Several pods: each pod's /scratch is its own, so only S3 holds a checkpoint all ranks
+    # (and the next attempt) can read.
+    multinode = f" (a run on {nodes} nodes saves checkpoints to S3 only)" if nodes > 1 else ""
     if uri is None:
         if prefix is None:
             raise ValueError(
                 "spec.trainer.checkpointUri: required (an s3:// prefix) when "
-                "spec.config.checkpoint.uri is not set and the operator has no default"
+                f"spec.config.checkpoint.uri is not set and the operator has no default{multinode}"
             )
-        raw["checkpoint"]["uri"] = f"{prefix.rstrip('/')}/{key}"
+        uri = raw["checkpoint"]["uri"] = f"{prefix.rstrip('/')}/{key}"
     elif not uri.startswith("s3://"):
         raise ValueError(
             f"spec.config.checkpoint.uri: must be an s3:// URI in a cluster (got {uri!r}): "
             "a pod's local disk is gone with the pod"
+        )
+    if nodes > 1 and not uri.startswith("s3://"):  # the operator's default is a local path
+        raise ValueError(
+            f"spec.trainer.checkpointUri: required (an s3:// prefix){multinode}; the operator's "
+            f"default checkpoint location {uri!r} is not in S3"
         )
     return spec, TrainConfig.model_validate(raw)
 
@@ -152,7 +166,9 @@ def job(
     run: dict[str, Any], spec: FastSlowRunSpec, attempt: int, defaults: Defaults
 ) -> dict[str, Any]:
     """The trainer Job of one attempt. Every attempt runs `fst train --resume`: the first
-    starts fresh (nothing to resume), the next ones continue from the latest checkpoint."""
+    starts fresh (nothing to resume), the next ones continue from the latest checkpoint.
+    Several GPUs or nodes: under torchrun (trainer_command); several nodes: an Indexed Job of
+    one pod per node, named by the headless Service of `service`."""
     meta = run["metadata"]
     t = spec.trainer
     labels = {
@@ -196,30 +212,36 @@ def job(
     if s3_secret:
         env_from.append({"secretRef": {"name": s3_secret}})
     resources: dict[str, dict[str, str]] = {"requests": {}, "limits": {}}
-    if t.gpus:
-        resources["limits"]["nvidia.com/gpu"] = str(t.gpus)
+    if t.node_gpus:
+        resources["limits"]["nvidia.com/gpu"] = str(t.node_gpus)
     for name, value in (("cpu", t.cpu), ("memory", t.memory)):
         if value:
             resources["requests"][name] = resources["limits"][name] = value
+    this_job = job_name(meta["name"], attempt)
+    command, args = trainer_command(t, this_job)
+    volume_mounts = [
+        {"name": "config", "mountPath": "/etc/fastslow", "readOnly": True},
+        {"name": "scratch", "mountPath": SCRATCH},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{meta['name']}-config"}},
+        {"name": "scratch", "emptyDir": {"sizeLimit": t.scratch_size}},
+    ]
+    if t.node_gpus > 0:
+        # NCCL passes data between a pod's GPU processes through shared memory; a container's
+        # /dev/shm is 64 MiB unless a memory-backed volume replaces it.
+        volume_mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
     container = {
         "name": "trainer",
         "image": t.image,
         "imagePullPolicy": t.image_pull_policy,
-        "command": ["fst", "train"],
-        "args": [
-            "--config",
-            CONFIG_PATH,
-            "--resume",
-            "--no-progress",
-            f"--override=outputDir={SCRATCH}/runs",
-        ],
+        "command": command,
+        "args": args,
         "env": env,
         "envFrom": env_from,
         "resources": {k: v for k, v in resources.items() if v},
-        "volumeMounts": [
-            {"name": "config", "mountPath": "/etc/fastslow", "readOnly": True},
-            {"name": "scratch", "mountPath": SCRATCH},
-        ],
+        "volumeMounts": volume_mounts,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -241,10 +263,7 @@ def job(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": f"{meta['name']}-config"}},
-            {"name": "scratch", "emptyDir": {"sizeLimit": t.scratch_size}},
-        ],
+        "volumes": volumes,
     }
     if t.node_selector:
         pod_spec["nodeSelector"] = dict(t.node_selector)
@@ -256,22 +275,143 @@ def job(
         pod_spec["serviceAccountName"] = t.service_account_name
     if t.priority_class_name:
         pod_spec["priorityClassName"] = t.priority_class_name
+    job_spec: dict[str, Any] = {
+        # Retries are ours (a new Job per attempt, resuming from the checkpoint), so the
+        # Job itself never retries: each attempt's outcome stays visible. On several nodes a
+        # failed pod fails the Job, which stops the others: the ranks train together or not.
+        "backoffLimit": 0,
+        # A queued Job is created suspended: Kueue unsuspends it when its Workload is
+        # admitted within the queue's quota (Kueue's contract with a Job's creator).
+        "suspend": spec.suspend or bool(t.queue_name),
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if t.nodes > 1:
+        # One pod per node, pod i with hostname <job>-i (the Job controller's doing in
+        # Indexed mode) and JOB_COMPLETION_INDEX=i: torchrun's node rank. The subdomain
+        # (the headless Service `service` builds) makes <job>-0.<service> its DNS name.
+        job_spec.update(completionMode="Indexed", completions=t.nodes, parallelism=t.nodes)
+        pod_spec["subdomain"] = service_name(this_job)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
+        "metadata": {"name": this_job, "namespace": meta["namespace"], "labels": job_labels},
+        "spec": job_spec,
+    }
+
+
+def trainer_command(t: TrainerSpec, job: str) -> tuple[list[str], list[str]]:
+    """The trainer container's command and args. One process: `fst train`. Several GPUs: torchrun
+    starts one `python -m fst train` per GPU (--standalone: its rendezvous on a free local
+    port). Several nodes: torchrun on each pod with static rendezvous at pod 0 (as Kubeflow's
+    PyTorchJob does), its node rank the Job's completion index; the kubelet expands
+    $(JOB_COMPLETION_INDEX) from the env the Job controller gives each pod."""
+    train = [
+        "--config",
+        CONFIG_PATH,
+        "--resume",
+        "--no-progress",
+        f"--override=outputDir={SCRATCH}/runs",
+    ]
+    procs = str(t.processes_per_node)
+    if t.nodes > 1:
+        return ["torchrun"], [
+            "--nnodes",
+            str(t.nodes),
+            "--nproc-per-node",
+            procs,
+            "--node-rank",
+            "$(JOB_COMPLETION_INDEX)",
+            "--master-addr",
+            f"{job}-0.{service_name(job)}",
+            "--master-port",
+            str(RENDEZVOUS_PORT),
+            "-m",
+            "fst",
+            "train",
+            *train,
+        ]
+    if t.processes_per_node > 1:
+        return ["torchrun"], [
+            "--standalone",
+            "--nproc-per-node",
+            procs,
+            "-m",
+            "fst",
+            "train",
+            *train,
+        ]
+    return ["fst", "train"], train
+
+
+def service_name(job: str) -> str:
+    """The headless Service of a multi-node attempt: named after its Job. A Service name must
+    start with a letter (RFC 1035); a run's name may start with a digit."""
+    return job if job[:1].isalpha() else f"fst-{job}"
+
+
+def _pod_selector(run_name: str, attempt: int) -> dict[str, str]:
+    """The labels of one attempt's pods (the Job's pod template has them)."""
+    return {LABEL_RUN: run_name, LABEL_ATTEMPT: str(attempt)}
+
+
+def service(run: dict[str, Any], spec: FastSlowRunSpec, attempt: int) -> dict[str, Any] | None:
+    """The headless Service of a multi-node attempt (None for one node): it gives pod i of
+    the Indexed Job the DNS name <job>-i.<service>, which torchrun's rendezvous needs.
+    publishNotReadyAddresses: the names exist as soon as the pods do, before they are
+    Ready, so no rank waits for another's readiness to find pod 0."""
+    if spec.trainer.nodes <= 1:
+        return None
+    meta = run["metadata"]
+    name = job_name(meta["name"], attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(name),
+            "namespace": meta["namespace"],
+            "labels": _pod_selector(meta["name"], attempt),
+        },
+        "spec": {
+            "clusterIP": "None",
+            "selector": _pod_selector(meta["name"], attempt),
+            "publishNotReadyAddresses": True,
+            "ports": [
+                {
+                    "name": "rendezvous",
+                    "port": RENDEZVOUS_PORT,
+                    "targetPort": RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def network_policy(
+    run: dict[str, Any], spec: FastSlowRunSpec, attempt: int
+) -> dict[str, Any] | None:
+    """A multi-node attempt's pods accept connections from each other, on any port (the
+    rendezvous, then NCCL's or gloo's own), and from nothing else; None for one node.
+    NetworkPolicies add up: where the chart's policy for trainer pods denies all ingress,
+    this one opens it between the pods of one attempt only (the chart lets trainer pods
+    connect out to trainer pods of their namespace). Ingress only: a policy listing egress
+    would cut the pods off from S3 and the database where no other policy allows them."""
+    if spec.trainer.nodes <= 1:
+        return None
+    meta = run["metadata"]
+    pods = {"matchLabels": _pod_selector(meta["name"], attempt)}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
         "metadata": {
             "name": job_name(meta["name"], attempt),
             "namespace": meta["namespace"],
-            "labels": job_labels,
+            "labels": _pod_selector(meta["name"], attempt),
         },
         "spec": {
-            # Retries are ours (a new Job per attempt, resuming from the checkpoint), so the
-            # Job itself never retries: each attempt's outcome stays visible.
-            "backoffLimit": 0,
-            # A queued Job is created suspended: Kueue unsuspends it when its Workload is
-            # admitted within the queue's quota (Kueue's contract with a Job's creator).
-            "suspend": spec.suspend or bool(t.queue_name),
-            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+            "podSelector": pods,
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": pods}]}],
         },
     }
 
@@ -366,8 +506,10 @@ def decide_run(
     spec: FastSlowRunSpec,
     job: dict[str, Any] | None,
     progress: RunProgress | None,
+    workload: dict[str, Any] | None = None,
 ) -> RunDecision:
-    """The run's next status from what was observed, and whether a new attempt starts."""
+    """The run's next status from what was observed, and whether a new attempt starts.
+    `workload`: Kueue's Workload of the current Job (admission.workload_summary), if any."""
     old = read_status(run)
     gen = run["metadata"].get("generation")
     name = run["metadata"]["name"]
@@ -393,6 +535,14 @@ def decide_run(
         f"Job {status.job_name}",
         gen,
     )
+    queued = None  # a queued run's admission, as Kueue's Workload tells it
+    if spec.trainer.queue_name:
+        queued = admission.admission(workload, job, spec.trainer.queue_name)
+        conds = set_condition(
+            conds, ConditionType.ADMITTED, queued.admitted, queued.reason, queued.message, gen
+        )
+    else:  # not (or no longer) queued
+        conds = remove_condition(conds, ConditionType.ADMITTED)
     outcome, message = job_outcome(job)
     create = None
     running = (False, Reason.POD_PENDING, message)
@@ -440,6 +590,8 @@ def decide_run(
     elif suspended:
         reason = Reason.QUEUED
         why = f"waiting for admission by queue {spec.trainer.queue_name}"
+        if queued is not None and not queued.admitted:
+            why += f": {queued.message}"  # e.g. Kueue's "insufficient quota for ..."
     else:
         reason, why = Reason.NOT_SUSPENDED, ""
     conds = set_condition(conds, ConditionType.SUSPENDED, suspended, reason, why, gen)

@@ -8,6 +8,7 @@ never duplicates it.
 
     FastSlowRun  create/update/resume, a timer  -> reconcile_run, status through kopf's `patch`
                  its Jobs' events                -> reconcile_run, status through the API
+                 its Jobs' Kueue Workloads' events -> reconcile_run (the Admitted condition)
                  spec.suspend changed            -> the Job's suspend (Kueue's while queued)
     TaskStream   create/update/resume, a timer  -> reconcile_stream, status through `patch`
                  its runs' events                -> reconcile_stream, status through the API
@@ -40,7 +41,7 @@ from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec
 from fst.k8s.status import Phase
 from fst.plan import check_history, check_stages, next_stage
 from fst.store.db import RunDB, RunProgress
-from fst_operator import builders, kube, metrics, policy, tenancy
+from fst_operator import admission, builders, kube, metrics, policy, tenancy
 from fst_operator.settings import Settings
 
 log = logging.getLogger("fst_operator")
@@ -182,11 +183,61 @@ def _indexed_job(jobs: kopf.Index[Any, Any], namespace: str, run: str, attempt: 
     return next((j for j in jobs.get((namespace, run), []) if j["metadata"]["name"] == name), None)
 
 
+def _owned_by_job(body: kopf.Body, **_: Any) -> bool:
+    return admission.owning_job(dict(body)) is not None
+
+
+# Kueue's Workloads of Jobs (admission.py). Without Kueue's CRDs kopf logs that it cannot serve
+# this resource and runs the rest; the index is then empty and a queued run says it has no
+# Workload. In namespaced mode (no CRD watch) Kueue installed later needs an operator restart.
+@kopf.index(admission.GROUP, admission.VERSION, admission.PLURAL, when=_owned_by_job)
+def workloads_by_job(
+    namespace: str | None, body: kopf.Body, **_: Any
+) -> dict[tuple[str | None, str | None], dict[str, Any]]:
+    """Kueue's Workloads by (namespace, owning Job), as admission.workload_summary."""
+    return {(namespace, admission.owning_job(dict(body))): admission.workload_summary(dict(body))}
+
+
+def _workloads(handler_kwargs: dict[str, Any]) -> kopf.Index[Any, Any] | None:
+    index: kopf.Index[Any, Any] | None = handler_kwargs.get("workloads_by_job")
+    return index
+
+
+def _indexed_workload(
+    workloads: kopf.Index[Any, Any] | None, namespace: str, job: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    if workloads is None or job is None:
+        return None
+    return admission.newest(list(workloads.get((namespace, job["metadata"]["name"]), [])))
+
+
+@kopf.on.event(admission.GROUP, admission.VERSION, admission.PLURAL, when=_owned_by_job)
+def workload_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
+    """Kueue admitted a queued Job, or says why not (yet): mirror it into the run at once."""
+    if type == "DELETED":
+        return
+    namespace = body["metadata"]["namespace"]
+    # A Workload carries none of its Job's labels: the run is in the Job's name (builders.
+    # job_name), confirmed by the index of the runs' Jobs (a Job of someone else is not one).
+    run, _, attempt = (admission.owning_job(dict(body)) or "").rpartition("-a")
+    if attempt.isdigit() and _indexed_job(_jobs(kwargs), namespace, run, int(attempt)):
+        _reconcile_named_run(namespace, run, kwargs)
+
+
+def _reconcile_named_run(namespace: str, name: str, handler_kwargs: dict[str, Any]) -> None:
+    """reconcile_run for an event of one of the run's children: status through the API."""
+    run = kube.get_run(namespace, name)
+    if run is not None:
+        write = lambda changes: kube.patch_run_status(namespace, name, changes)  # noqa: E731
+        body = kopf.Body(cast(kopf.RawBody, run))
+        reconcile_run(body, write, _jobs(handler_kwargs), _workloads(handler_kwargs))
+
+
 @kopf.on.resume(*RUNS)
 @kopf.on.create(*RUNS)
 @kopf.on.update(*RUNS, field="spec")
 def run_changed(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    reconcile_run(body, _patch_writer(patch), _jobs(kwargs))
+    reconcile_run(body, _patch_writer(patch), _jobs(kwargs), _workloads(kwargs))
 
 
 @kopf.on.update(*RUNS, field="spec.suspend")
@@ -215,11 +266,7 @@ def job_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
     if type == "DELETED":
         return
     namespace = body["metadata"]["namespace"]
-    run = kube.get_run(namespace, body["metadata"]["labels"][builders.LABEL_RUN])
-    if run is not None:
-        name = run["metadata"]["name"]
-        write = lambda changes: kube.patch_run_status(namespace, name, changes)  # noqa: E731
-        reconcile_run(kopf.Body(cast(kopf.RawBody, run)), write, _jobs(kwargs))
+    _reconcile_named_run(namespace, body["metadata"]["labels"][builders.LABEL_RUN], kwargs)
 
 
 @kopf.timer(
@@ -230,11 +277,17 @@ def job_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
     when=lambda status, **_: status.get("phase") not in builders.TERMINAL,
 )
 def run_progress(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    reconcile_run(body, _patch_writer(patch), _jobs(kwargs))
+    reconcile_run(body, _patch_writer(patch), _jobs(kwargs), _workloads(kwargs))
 
 
-def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[Any, Any]) -> None:
-    """Observe the run's Job and progress, decide (builders.decide_run), act, write status."""
+def reconcile_run(
+    body: kopf.Body,
+    write_status: StatusWriter,
+    jobs: kopf.Index[Any, Any],
+    workloads: kopf.Index[Any, Any] | None = None,
+) -> None:
+    """Observe the run's Job, its Kueue Workload and progress, decide (builders.decide_run),
+    act, write status."""
     run = dict(body)
     meta = run["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -257,7 +310,8 @@ def reconcile_run(body: kopf.Body, write_status: StatusWriter, jobs: kopf.Index[
         job = _indexed_job(jobs, namespace, name, attempt)
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
-        decision = builders.decide_run(run, spec, job, read_progress(namespace, cfg.run))
+        workload = _indexed_workload(workloads, namespace, job)
+        decision = builders.decide_run(run, spec, job, read_progress(namespace, cfg.run), workload)
         if decision.create_attempt is not None:
             # Create the next attempt BEFORE recording it: killed in between, the next
             # reconcile sees the failed attempt again, re-creates (409: it exists) and records.
@@ -288,11 +342,19 @@ def ensure_attempt(
     run: kopf.Body, spec: FastSlowRunSpec, cfg: TrainConfig, attempt: int
 ) -> dict[str, Any]:
     """The attempt's ConfigMap and Job, adopted by the run, created unless they exist; first
-    the namespace's own credentials, which the Job's pod reads."""
+    the namespace's own credentials, which the Job's pod reads. A multi-node attempt also
+    gets its headless Service (its pods' DNS names) and NetworkPolicy (its pods may connect
+    to each other), before the Job, so the names resolve when its pods start."""
     ensure_tenant(run, run["metadata"]["namespace"])
     config_map = builders.config_map(dict(run), cfg)
     job = builders.job(dict(run), spec, attempt, SETTINGS.defaults)
     create_child(config_map, run)
+    for child in (
+        builders.service(dict(run), spec, attempt),
+        builders.network_policy(dict(run), spec, attempt),
+    ):
+        if child is not None:
+            create_child(child, run)
     return create_child(job, run)
 
 

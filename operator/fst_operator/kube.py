@@ -144,6 +144,11 @@ def _create(obj: dict[str, Any]) -> dict[str, Any]:
         return _plain(client.BatchV1Api(api()).create_namespaced_job(ns, obj))  # type: ignore[arg-type]
     if kind == "ConfigMap":
         return _plain(client.CoreV1Api(api()).create_namespaced_config_map(ns, obj))  # type: ignore[arg-type]
+    if kind == "Service":  # a multi-node attempt's headless Service
+        return _plain(client.CoreV1Api(api()).create_namespaced_service(ns, obj))  # type: ignore[arg-type]
+    if kind == "NetworkPolicy":  # a multi-node attempt's pods may connect to each other
+        net = client.NetworkingV1Api(api())
+        return _plain(net.create_namespaced_network_policy(ns, obj))  # type: ignore[arg-type]
     if kind == "FastSlowRun":
         return _as_dict(
             _custom().create_namespaced_custom_object(GROUP, VERSION, ns, "fastslowruns", obj)
@@ -156,6 +161,13 @@ def _read(kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return get_job(namespace, name)
     if kind == "FastSlowRun":
         return get_run(namespace, name)
+    if kind == "Service":
+        svc = _or_none(lambda: client.CoreV1Api(api()).read_namespaced_service(name, namespace))
+        return None if svc is None else _plain(svc)
+    if kind == "NetworkPolicy":
+        net = client.NetworkingV1Api(api())
+        pol = _or_none(lambda: net.read_namespaced_network_policy(name, namespace))
+        return None if pol is None else _plain(pol)
     cm = _or_none(lambda: client.CoreV1Api(api()).read_namespaced_config_map(name, namespace))
     return None if cm is None else _plain(cm)
 

@@ -26,6 +26,8 @@ Rules:
   allows any value (operator Exists), one without an effect any effect. A toleration without a
   key tolerates EVERY taint (nodes reserved for others, control-plane nodes): only "*" allows it.
 - nodeSelector entries are `key` (any value) or `key=value`.
+- GPUs: `maxGpus` bounds what a run asks for in all, spec.trainer.nodes x gpusPerNode (the
+  deprecated `gpus`, or the default 1, standing for gpusPerNode).
 - Storage: with a tenant root (FST_TENANT_PREFIX), every s3:// URI a spec names must lie
   strictly below `s3://<bucket>/<prefix>/<namespace>/`: checkpoints and data (read/write);
   model.name, model.reference and a local reflector's model may also lie below a shared
@@ -189,7 +191,9 @@ class Policy(BaseModel):
         description="key[=value][:effect]; a keyless (tolerate-everything) toleration needs '*'.",
     )
     priority_classes: tuple[str, ...] = Field((), description="[] = none (the cluster default).")
-    max_gpus: int = Field(8, ge=0, le=64, description="nvidia.com/gpu per trainer pod.")
+    max_gpus: int = Field(
+        8, ge=0, le=64, description="nvidia.com/gpu per run: spec.trainer.nodes x gpusPerNode."
+    )
     require_queue: bool = Field(False, description="Every run must name a Kueue queue.")
     queues: tuple[str, ...] = Field(
         (ANY,), description="Kueue LocalQueues a spec may name (they are namespaced)."
@@ -516,8 +520,14 @@ def check_trainer(
             f"{trainer.priority_class_name!r} is not allowed; allowed: "
             f"{_listed(policy.priority_classes, ' (leave it out: the cluster default)')}",
         )
-    if trainer.gpus > policy.max_gpus:
-        refuse("gpus", f"{trainer.gpus} GPUs per pod; at most {policy.max_gpus} are allowed")
+    if trainer.total_gpus > policy.max_gpus:
+        # Named as the user wrote it: the deprecated `gpus`, else gpusPerNode (or its default).
+        field = "gpus" if trainer.gpus is not None else "gpusPerNode"
+        refuse(
+            field,
+            f"{trainer.total_gpus} GPUs per run ({trainer.nodes} node(s) x {trainer.node_gpus}); "
+            f"at most {policy.max_gpus} are allowed",
+        )
     if trainer.queue_name is None:
         if policy.require_queue:
             refuse(

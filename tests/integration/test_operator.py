@@ -217,7 +217,9 @@ def test_run_becomes_a_restricted_job_with_the_spec(k8s_cluster, res, start_oper
     assert job.spec.backoff_limit == 0
     pod = job.spec.template.spec
     c = pod.containers[0]
-    assert c.command == ["fst", "train"] and "--resume" in c.args
+    # 2 GPUs on one node: one process per GPU under torchrun.
+    assert c.command == ["torchrun"] and c.args[:3] == ["--standalone", "--nproc-per-node", "2"]
+    assert c.args[3:6] == ["-m", "fst", "train"] and "--resume" in c.args
     assert c.resources.limits == {"nvidia.com/gpu": "2", "cpu": "8", "memory": "32Gi"}
     assert pod.node_selector == {"nvidia.com/gpu.present": "true"}
     assert pod.tolerations[0].key == "nvidia.com/gpu"

@@ -11,9 +11,13 @@ leaves half a folder behind. `build-seconds.txt` in each folder records how long
 
 Prebuilt binaries (e.g. from setup-envtest, a release tarball or a distro) are used instead
 when these variables name them: FST_ETCD_BIN, FST_KUBE_APISERVER_BIN,
-FST_KUBE_CONTROLLER_MANAGER_BIN, FST_KUBE_SCHEDULER_BIN, FST_KWOK_BIN, FST_HELM_BIN.
+FST_KUBE_CONTROLLER_MANAGER_BIN, FST_KUBE_SCHEDULER_BIN, FST_KWOK_BIN, FST_HELM_BIN,
+FST_KUEUE_BIN.
 
     python -m tests.k8s.binaries      # build whatever is missing, print the paths
+
+Kueue's controller (kueue-<version>/kueue) is built with them, and its CRDs are copied from
+its module into kueue-<version>/crds/; FST_KUEUE_BIN and FST_KUEUE_CRDS name prebuilt ones.
 
 Go builds run under `nice -n 19` (and `ionice -c3` where present): a test run should not
 starve whatever else the machine does. FST_GO_BUILD_JOBS sets `go build -p` (default: cores).
@@ -41,6 +45,11 @@ KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 KWOK_VERSION = "v0.8.0"
 HELM_VERSION = "v3.19.5"  # Helm 3 built against client-go 0.34, like the cluster
+# Kueue (job queueing, quota, gang admission); its 0.17 line is built against client-go 0.35
+# but talks to a 1.34 apiserver like any client. Not part of the control plane that every
+# cluster test starts: tests/k8s/kueue.py starts it for the tests that ask for it.
+KUEUE_VERSION = "v0.17.0"
+KUEUE_CRDS = "config/components/crd/bases"  # in Kueue's module: its CRDs, as its release ships
 
 KUBERNETES_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 
@@ -58,6 +67,9 @@ class GoBuild:
     module: str  # the module to require at `version`
     binaries: dict[str, str]  # binary name -> Go package path of its main
     ldflags: list[str] = field(default_factory=list)
+    # Folders of the module copied next to the binaries: {"crds": "config/crd/bases"}. From
+    # the module cache of the same `go get`, so they always match the binary's version.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 def cache_root() -> Path:
@@ -116,12 +128,29 @@ def builds() -> list[GoBuild]:
     ]
 
 
+def kueue_build() -> GoBuild:
+    """Kueue's controller manager and its CRDs: built by `python -m tests.k8s.binaries` (so
+    `make test` has it), but not by `all_binaries()`, which a cluster start calls."""
+    return GoBuild(
+        "kueue",
+        KUEUE_VERSION,
+        "sigs.k8s.io/kueue",
+        {"kueue": "sigs.k8s.io/kueue/cmd/kueue"},
+        _version_ldflags(("sigs.k8s.io/kueue/pkg/version",), {"GitVersion": KUEUE_VERSION}),
+        files={"crds": KUEUE_CRDS},
+    )
+
+
+def all_builds() -> list[GoBuild]:
+    return [*builds(), kueue_build()]
+
+
 def _version_ldflags(packages: tuple[str, ...], values: dict[str, str]) -> list[str]:
     return [f"-X {pkg}.{name}={value}" for pkg in packages for name, value in values.items()]
 
 
 def build_for(binary: str) -> GoBuild:
-    for b in builds():
+    for b in all_builds():
         if binary in b.binaries:
             return b
     raise KeyError(binary)
@@ -151,6 +180,20 @@ def all_binaries(build: bool = True) -> dict[str, Path]:
 
 def group_dir(spec: GoBuild) -> Path:
     return k8s_cache() / f"{spec.group}-{spec.version}"
+
+
+def kueue_crds(build: bool = True) -> Path:
+    """The folder of Kueue's CRDs (one YAML file per CRD), cached next to its binary; with
+    $FST_KUEUE_BIN set, $FST_KUEUE_CRDS names it."""
+    if env := os.environ.get("FST_KUEUE_CRDS"):
+        return Path(env)
+    folder = binary("kueue", build).parent / "crds"
+    if not any(folder.glob("*.yaml")):
+        raise BinaryUnavailable(
+            f"{folder} holds no CRDs: set FST_KUEUE_CRDS to the folder of Kueue "
+            f"{KUEUE_VERSION}'s CRDs ({KUEUE_CRDS} in its source)"
+        )
+    return folder
 
 
 def build_seconds(spec: GoBuild) -> float | None:
@@ -219,6 +262,16 @@ def _go_build(spec: GoBuild, work: Path, out: Path) -> None:
             built.rename(out / name)
         if not (out / name).is_file():
             raise BinaryUnavailable(f"`go build {package}` produced no {name} in {out}")
+    if spec.files:
+        # The module `go get` just fetched, from the module cache (no second download).
+        module = f"{spec.module}@{spec.version}"
+        info = json.loads(_run([go, "mod", "download", "-json", module], work, spec))
+        for folder, source in spec.files.items():
+            shutil.copytree(Path(info["Dir"]) / source, out / folder)
+            # The module cache's files and folders are read-only: writable copies, so that
+            # a rebuild (or rm -r) can replace them.
+            for path in [out / folder, *(out / folder).rglob("*")]:
+                path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _default_binary_name(package: str) -> str:
@@ -272,7 +325,7 @@ def _low_priority() -> list[str]:
 
 
 def main() -> int:
-    for spec in builds():
+    for spec in all_builds():
         names = ", ".join(spec.binaries)
         print(f"{spec.group} {spec.version} ({names}) ...", flush=True)
         t0 = time.monotonic()

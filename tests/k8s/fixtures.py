@@ -4,6 +4,10 @@ Use from a test module with `pytest_plugins = ["tests.k8s.fixtures"]`. A control
 cannot be built or started FAILS the tests that need it, never skips them. When a test that
 used it fails, the tail of every component's log is added to that test's report, and the
 cluster's folder (certs, kubeconfig, full logs) is kept and named at the end of the run.
+
+`kueue` adds Kueue's real controller to the cluster (tests/k8s/kueue.py), started once, when a
+test first asks for it; `kueue_namespace` is a fresh namespace whose queue-labelled Jobs it
+manages (no other namespace's).
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from kubernetes import client as k8s
 
 from tests.k8s.binaries import BinaryUnavailable
 from tests.k8s.cluster import ClusterError, TestCluster, test_cluster
+from tests.k8s.kueue import KueueController, kueue_controller
 
 _kept: list[str] = []
 _clusters: list[TestCluster] = []
@@ -48,6 +54,35 @@ def k8s_namespace(k8s_cluster: TestCluster, request: pytest.FixtureRequest) -> s
     """A fresh namespace named after the test (left in place: the cluster is throwaway)."""
     stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
     return k8s_cluster.create_namespace(f"{stem}-{uuid.uuid4().hex[:5]}")
+
+
+@pytest.fixture(scope="session")
+def kueue(k8s_cluster: TestCluster) -> Iterator[KueueController]:
+    manager = kueue_controller(k8s_cluster)
+    try:
+        controller = manager.__enter__()
+    except (BinaryUnavailable, ClusterError) as e:
+        problem = str(e)
+    else:
+        problem = None
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield controller
+    finally:
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture
+def kueue_namespace(
+    k8s_cluster: TestCluster, kueue: KueueController, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A fresh namespace that Kueue manages; deleted afterwards, so that pods a test kept
+    Running (kwok's fst.test/hold) do not keep the fake GPU nodes full for later tests."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
+    name = k8s_cluster.create_namespace(f"{stem}-{uuid.uuid4().hex[:5]}", kueue.namespace_labels())
+    yield name
+    k8s.CoreV1Api(k8s_cluster.api()).delete_namespace(name)
 
 
 @pytest.hookimpl(wrapper=True)

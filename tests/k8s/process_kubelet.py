@@ -19,6 +19,21 @@ What it does of a pod spec:
   folder in command, args, env values and workingDir (`--config /etc/fst/cfg.yaml` becomes
   `--config DIR/.../volumes/config/cfg.yaml`), and FST_PROCESS_KUBELET_MOUNTS holds the JSON
   map {mountPath: folder} for paths the program finds elsewhere (e.g. inside a config file).
+- networking: no DNS, no pod IPs; every process shares the host's network (podIP 127.0.0.1).
+  The narrowest stand-in for the one name multi-pod programs need, a pod's
+  `<hostname>.<subdomain>` (what a headless Service gives the pods of an Indexed Job, e.g.
+  torchrun's master address `<job>-0.<job>`): in a pod with `spec.subdomain`, such a name
+  (also followed by `.<namespace>`, `.svc`, `.cluster.local`) in command, args and env values
+  is rewritten to 127.0.0.1 when, as cluster DNS requires, a headless Service named
+  `<subdomain>` selects a pod of this namespace with that hostname and subdomain, and that pod
+  runs HERE (the process reaches no other node). Until then (the Service or the pod not made
+  yet, the pod not scheduled yet) the pod waits in Pending, retried every 2 s, where a real
+  program would retry its DNS lookups. Not done: readiness (publishNotReadyAddresses),
+  other Services' names, SRV records, names of pods on other nodes (the pod waits forever),
+  Endpoints (the EndpointSlice controller refuses the loopback pod IP).
+  `$(JOB_COMPLETION_INDEX)` and the hostname (`HOSTNAME`: spec.hostname, which the Job
+  controller sets to `<job>-<index>` in an Indexed Job, else the pod name) come as for any
+  pod: the env's $(VAR) expansion and fieldRef on the completion-index annotation.
 - restartPolicy: Never ends the pod; OnFailure / Always start the process again (1 s later).
 - deletion: the process group gets SIGTERM (SIGKILL after the grace period, at most 10 s),
   then the pod object is removed.
@@ -26,8 +41,8 @@ What it does of a pod spec:
   `kubectl logs`/exec/port-forward do not work (there is no kubelet API server).
 
 Not done: images, init and sidecar containers, more than one container, probes, resource
-limits, hostPath / PVC volumes, networking (the process shares the host's network), security
-contexts (the process runs as this user).
+limits, hostPath / PVC volumes, networking beyond the names above (ports are the host's: two
+pods listening on one port collide), security contexts (the process runs as this user).
 """
 
 from __future__ import annotations
@@ -65,6 +80,15 @@ PASSENV = ("PATH", "LANG", "LC_ALL", "TZ", "TMPDIR", "OPENBLAS_CORETYPE", "OPENB
 class PodConfigError(Exception):
     """The pod references something missing (a Secret key, ...): it stays Pending, like
     CreateContainerConfigError, and is tried again."""
+
+    reason = "CreateContainerConfigError"
+
+
+class PodWaiting(PodConfigError):
+    """The pod needs what does not exist yet here (a sibling pod's name to resolve): it stays
+    Pending and is tried again."""
+
+    reason = "ContainerCreating"
 
 
 def now() -> str:
@@ -258,7 +282,7 @@ class ProcessKubelet:
         try:
             running = self.prepare(pod, folder)
         except PodConfigError as e:
-            self.patch_status(pod, _waiting_status(pod, "CreateContainerConfigError", str(e)))
+            self.patch_status(pod, _waiting_status(pod, e.reason, str(e)))
             self.retry_at[meta["uid"]] = time.monotonic() + 2  # still Pending: try again
             return
         running.start()
@@ -356,7 +380,11 @@ class ProcessKubelet:
         ]
         if not argv:
             raise PodConfigError(f"container {container['name']} has no command: no image here")
-        rewrite = lambda s: rewrite_paths(s, mounts)  # noqa: E731
+        hosts = self.local_pod_names(pod, [*argv, *env.values()])
+
+        def rewrite(text: str) -> str:
+            return rewrite_names(rewrite_paths(text, mounts), hosts)
+
         env = {k: rewrite(v) for k, v in env.items()}
         cwd = Path(rewrite(container["workingDir"])) if container.get("workingDir") else folder
         cwd.mkdir(parents=True, exist_ok=True)
@@ -375,11 +403,65 @@ class ProcessKubelet:
         host, _, port = self.server.removeprefix("https://").partition(":")
         env |= {
             "HOME": str(folder),
-            "HOSTNAME": pod["metadata"]["name"],
+            "HOSTNAME": pod["spec"].get("hostname") or pod["metadata"]["name"],
             "KUBERNETES_SERVICE_HOST": host,
             "KUBERNETES_SERVICE_PORT": port or "443",
         }
         return env
+
+    def local_pod_names(self, pod: dict, texts: list[str]) -> dict[str, str]:
+        """{name: 127.0.0.1} for each `<hostname>.<subdomain>[.<ns>[.svc[.cluster.local]]]` in
+        `texts` that cluster DNS would resolve to a pod on this node (see the module's
+        docstring); PodWaiting while one would not resolve yet."""
+        subdomain = pod["spec"].get("subdomain")
+        if not subdomain:
+            return {}
+        namespace = pod["metadata"]["namespace"]
+        pattern = pod_name_pattern(subdomain, namespace)
+        wanted = {m.group(0): m.group(1) for text in texts for m in pattern.finditer(text)}
+        if not wanted:
+            return {}
+        try:
+            svc = json.loads(
+                self.core.read_namespaced_service(subdomain, namespace, _preload_content=False).data
+            )
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            raise PodWaiting(
+                f"no Service {namespace}/{subdomain} yet: its pods have no names"
+            ) from None
+        selector = svc["spec"].get("selector") or {}
+        if svc["spec"].get("clusterIP") != "None" or not selector:
+            raise PodWaiting(
+                f"Service {namespace}/{subdomain} is not headless with a selector: its pods "
+                "have no names of their own"
+            )
+        resp = self.core.list_namespaced_pod(
+            namespace,
+            label_selector=",".join(f"{k}={v}" for k, v in selector.items()),
+            _preload_content=False,
+        )
+        by_host = {
+            p["spec"].get("hostname"): p
+            for p in json.loads(resp.data)["items"]
+            if p["spec"].get("subdomain") == subdomain
+            and not p["metadata"].get("deletionTimestamp")
+        }
+        hosts = {}
+        for name, hostname in wanted.items():
+            target = by_host.get(hostname)
+            if target is None:
+                raise PodWaiting(f"{name}: no pod with hostname {hostname} behind the Service yet")
+            node = target["spec"].get("nodeName")
+            if node != self.node:
+                where = f"on node {node}" if node else "not scheduled yet"
+                raise PodWaiting(
+                    f"{name}: pod {target['metadata']['name']} is {where}; the process kubelet "
+                    f"resolves only pods of its own node ({self.node})"
+                )
+            hosts[name] = "127.0.0.1"
+        return hosts
 
     def container_env(self, pod: dict, container: dict) -> dict[str, str]:
         env: dict[str, str] = {}
@@ -524,6 +606,25 @@ def rewrite_paths(text: str, mounts: dict[str, Path]) -> str:
     alternatives = "|".join(re.escape(p) for p in paths)
     pattern = r"(?<![\w./-])(" + alternatives + r")(?=/|$|[\s:,;\"'])"
     return re.sub(pattern, lambda m: str(mounts[m.group(1)]), text)
+
+
+def pod_name_pattern(subdomain: str, namespace: str) -> re.Pattern[str]:
+    """`<hostname>.<subdomain>`, optionally followed by `.<namespace>`, `.svc` and
+    `.cluster.local`, as a whole name (not inside a longer one); group 1 is the hostname."""
+    label = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+    sub, ns = re.escape(subdomain), re.escape(namespace)
+    return re.compile(
+        rf"(?<![\w.-])({label})\.{sub}(?:\.{ns}(?:\.svc(?:\.cluster\.local)?)?)?(?![\w-]|\.[\w-])"
+    )
+
+
+def rewrite_names(text: str, hosts: dict[str, str]) -> str:
+    """Replace each whole name of `hosts` (longest first) with its address."""
+    if not hosts:
+        return text
+    alternatives = "|".join(re.escape(n) for n in sorted(hosts, key=len, reverse=True))
+    pattern = rf"(?<![\w.-])({alternatives})(?![\w-]|\.[\w-])"
+    return re.sub(pattern, lambda m: hosts[m.group(1)], text)
 
 
 def field_value(pod: dict, path: str) -> str:
