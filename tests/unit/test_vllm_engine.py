@@ -2,10 +2,13 @@
 
 What is real: the import guard, the mapping of our SamplingParams to vLLM's keyword arguments,
 the conversion of vLLM's outputs to Rollouts, the weights handed to vLLM (plain and LoRA-merged,
-on a tiny Llama) and the engine's own call sequence. What is a stand-in: vLLM's output objects
-(RequestOutput / CompletionOutput / Logprob, same attribute names as vLLM 0.33) and the `LLM`
-object, whose methods record what the engine asked for. Whether real vLLM behaves as these
-stand-ins assume is NOT verified here.
+on a tiny Llama; and, in two real processes joined by gloo, gathered from an FSDP2-sharded
+policy whose parameters are DTensors) and the engine's own call sequence. What is a stand-in:
+vLLM's output objects (RequestOutput / CompletionOutput / Logprob, same attribute names as
+vLLM 0.33), the `LLM` object, whose methods record what the engine asked for and refuse what
+real vLLM refuses (waking or sleeping memory twice, loading into sleeping weights), and
+torchrun's environment for the engine's start-up (a fake rank of a fake world: its kwargs).
+Whether real vLLM behaves as these stand-ins assume is NOT verified here.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import importlib
 import json
 import os
 import random
+import socket
 import sys
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,17 +31,25 @@ import torch
 
 import fst.loop
 from fst.config import ConfigError, TrainConfig
+from fst.distributed import World
 from fst.rollout import SamplingParams
 from fst.rollout.vllm import (
     INSTALL_HINT,
+    TP_ENV,
     VLLMRolloutEngine,
     check_rollout_config,
+    check_torchrun,
+    engine_placement,
     import_vllm,
+    llm_kwargs,
     policy_weights,
     request_seeds,
     sampling_kwargs,
+    share_of,
+    tensor_parallel_size,
     to_rollout,
     version_at_least,
+    weight_chunks,
 )
 
 STOP = [1, 2]
@@ -263,39 +276,58 @@ class FakeVLLMModel:
 
     param_names: list[str]
     loaded: dict[str, torch.Tensor] = field(default_factory=dict)
+    chunks: list[list[str]] = field(default_factory=list)  # the names of each load call
+    asleep: bool = False  # its weight memory is unmapped (vLLM asleep, weights not woken)
 
     def load_weights(self, weights):
-        self.loaded = dict(weights)
-        return set(self.loaded)
+        if self.asleep:
+            raise RuntimeError("load_weights into sleeping (unmapped) weight memory")
+        got = dict(weights)
+        self.chunks.append(list(got))
+        self.loaded.update(got)
+        return set(got)
 
     def named_parameters(self):
         return [(n, None) for n in self.param_names]
 
 
 class FakeLLM:
-    """Stand-in for vllm.LLM: records calls; 'samples' from each request's seed."""
+    """Stand-in for vllm.LLM: records calls; 'samples' from each request's seed. Like vLLM's
+    CuMemAllocator it refuses to wake memory that is awake or to sleep while part of its memory
+    already sleeps."""
 
     def __init__(self, param_names: list[str]) -> None:
         self.model = FakeVLLMModel(param_names)
         self.events: list = []
         self.requests: list = []
+        self.prompts: list = []
+        self.sleeping: set[str] = set()
 
     def apply_model(self, func):
-        self.events.append("load")
+        # `func` is functools.partial(_load_weights | _unset, ...): record which.
+        self.events.append(func.func.__name__.strip("_"))
         return [func(self.model)]
 
     def reset_prefix_cache(self):
         self.events.append("reset_prefix_cache")
 
     def sleep(self, level):
+        assert level in (1, 2) and not self.sleeping, f"sleep({level}) while {self.sleeping} sleep"
         self.events.append(("sleep", level))
+        self.sleeping = {"weights", "kv_cache"}
+        self.model.asleep = True
 
     def wake_up(self, tags=None):
+        assert set(tags) <= self.sleeping, f"waking {tags}, but only {self.sleeping} sleep"
         self.events.append(("wake", tuple(tags)))
+        self.sleeping -= set(tags)
+        self.model.asleep = "weights" in self.sleeping
 
     def generate(self, prompts, sampling_params, use_tqdm=True):
+        assert not self.sleeping, f"generate while {self.sleeping} sleep"
         self.events.append("generate")
         self.requests = list(sampling_params)
+        self.prompts = [p["prompt_token_ids"] for p in prompts]
         outs = []
         for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True)):
             rng = random.Random(sp.get("seed"))
@@ -307,15 +339,25 @@ class FakeLLM:
         return outs
 
 
-def make_engine(policy, sleep=True, param_names=None):
+def push_events(policy) -> list[str]:
+    """What one weight push looks like to vLLM: a load per decoder layer (or other weight),
+    the check that every vLLM parameter was set, the prefix cache dropped."""
+    return ["load_weights"] * len(list(weight_chunks(policy_weights(policy)))) + [
+        "unset",
+        "reset_prefix_cache",
+    ]
+
+
+def make_engine(policy, sleep=True, param_names=None, **kwargs):
     names = param_names or [n for n, _ in policy.named_parameters()]
     llm = FakeLLM(names)
-    return VLLMRolloutEngine(policy, Tok(), STOP, llm, dict, sleep=sleep), llm
+    return VLLMRolloutEngine(policy, Tok(), STOP, llm, dict, sleep=sleep, **kwargs), llm
 
 
 def test_engine_loads_the_policy_then_sleeps_and_reloads_on_each_generate(tiny_llama):
     eng, llm = make_engine(tiny_llama)
-    assert llm.events == ["load", "reset_prefix_cache", ("sleep", 2)]
+    push = push_events(tiny_llama)
+    assert llm.events == [*push, ("sleep", 2)]
     torch.testing.assert_close(
         llm.model.loaded["model.norm.weight"], tiny_llama.model.norm.weight.detach()
     )
@@ -327,8 +369,7 @@ def test_engine_loads_the_policy_then_sleeps_and_reloads_on_each_generate(tiny_l
     rollouts = eng.generate([[3, 4], [5]], SamplingParams(max_new_tokens=4), torch.Generator())
     assert llm.events == [
         ("wake", ("weights",)),
-        "load",
-        "reset_prefix_cache",
+        *push,
         ("wake", ("kv_cache",)),
         "generate",
         ("sleep", 2),
@@ -340,11 +381,24 @@ def test_engine_loads_the_policy_then_sleeps_and_reloads_on_each_generate(tiny_l
     assert all(r.finished and len(r.completion_ids) == 4 for r in rollouts)
 
 
+def test_weights_are_pushed_one_decoder_layer_at_a_time(tiny_llama):
+    """A merge or a gather never materialises more than one layer's tensors at once."""
+    _, llm = make_engine(tiny_llama, sleep=False)
+    layers = len(tiny_llama.model.layers)
+    per_layer = [n for n in llm.model.chunks if n[0].startswith("model.layers.")]
+    assert len(per_layer) == layers
+    for i, names in enumerate(per_layer):
+        assert names and all(n.startswith(f"model.layers.{i}.") for n in names)
+    others = [n for n in llm.model.chunks if not n[0].startswith("model.layers.")]
+    assert others == [["model.embed_tokens.weight"], ["model.norm.weight"], ["lm_head.weight"]]
+    assert llm.model.loaded.keys() == dict(tiny_llama.named_parameters()).keys()
+
+
 def test_engine_without_sleep_pushes_weights_on_sync(tiny_llama):
     eng, llm = make_engine(tiny_llama, sleep=False)
     llm.events.clear()
     eng.sync_weights()
-    assert llm.events == ["load", "reset_prefix_cache"]
+    assert llm.events == push_events(tiny_llama)
     eng.generate([[3]], SamplingParams(max_new_tokens=2), torch.Generator())
     assert llm.events[-1] == "generate"
 
@@ -376,23 +430,38 @@ def test_engine_refuses_a_vllm_model_the_policy_does_not_fully_set(tiny_llama):
         make_engine(tiny_llama, param_names=names)
 
 
-def test_from_config_starts_vllm_in_process_with_the_documented_settings(monkeypatch, tiny_llama):
-    """from_config against a stand-in `vllm` module: what it passes to vllm.LLM, and that the
-    engine it returns works and cleans its scratch folder."""
-    started = {}
+@pytest.fixture
+def one_process(monkeypatch):
+    """No torchrun environment, whatever the machine running the tests has set."""
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", TP_ENV):
+        monkeypatch.delenv(key, raising=False)
+
+
+def fake_vllm(monkeypatch, policy) -> dict:
+    """A stand-in `vllm` module whose LLM records its keyword arguments (returned dict)."""
+    started: dict = {}
 
     class RecordingLLM(FakeLLM):
         def __init__(self, **kwargs):
             started.update(
                 kwargs, config=json.loads((Path(kwargs["model"]) / "config.json").read_text())
             )
-            super().__init__([n for n, _ in tiny_llama.named_parameters()])
+            super().__init__([n for n, _ in policy.named_parameters()])
 
     fake = types.SimpleNamespace(__version__="0.33.0", LLM=RecordingLLM, SamplingParams=dict)
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # restored after the test
-    monkeypatch.setenv("FST_VLLM_GPU_MEMORY_UTILIZATION", "0.25")
     monkeypatch.delenv("FST_VLLM_SLEEP", raising=False)
+    return started
+
+
+def test_from_config_starts_vllm_in_process_with_the_documented_settings(
+    monkeypatch, tiny_llama, one_process
+):
+    """from_config against a stand-in `vllm` module: what it passes to vllm.LLM, and that the
+    engine it returns works and cleans its scratch folder."""
+    started = fake_vllm(monkeypatch, tiny_llama)
+    monkeypatch.setenv("FST_VLLM_GPU_MEMORY_UTILIZATION", "0.25")
     c = cfg(batchSize=16).model_copy(update={"seed": 7})
     eng = VLLMRolloutEngine.from_config(c, tiny_llama, Tok(), STOP)
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
@@ -412,7 +481,342 @@ def test_from_config_starts_vllm_in_process_with_the_documented_settings(monkeyp
         "enable_prefix_caching": True,
         "logprobs_mode": "processed_logprobs",
     }
-    assert eng.sleep_between_calls and eng.llm.events[-1] == ("sleep", 2)
+    assert eng.sleep_between_calls and eng.sleep_level == 2 and eng.tp_exchange is None
+    assert eng.llm.events[-1] == ("sleep", 2)
     assert len(eng.generate([[3]], SamplingParams(max_new_tokens=2), torch.Generator())) == 1
     eng.close()
     assert not folder.exists()
+
+
+# ----------------------------------------------------------------------------- many ranks
+
+
+def torchrun_env(monkeypatch, rank: int, size: int, local_size: int | None = None) -> None:
+    """What torchrun sets in rank `rank` of a `size`-process run (a fake: no process group)."""
+    local_size = local_size or size
+    env = {
+        "RANK": rank,
+        "WORLD_SIZE": size,
+        "LOCAL_RANK": rank % local_size,
+        "LOCAL_WORLD_SIZE": local_size,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": 29500,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(value))
+
+
+def gpu_cfg(**top) -> TrainConfig:
+    c = cfg(batchSize=16)
+    return TrainConfig.model_validate(
+        {**c.model_dump(by_alias=True), "seed": 7, "model": {"device": "cuda"}, **top}
+    )
+
+
+def test_each_rank_starts_its_own_engine_with_the_external_launcher(monkeypatch, tiny_llama):
+    """Rank 1 of 2 (fake torchrun environment, stand-in vLLM): one engine per rank, joined to
+    torchrun's processes, its own seed, tensor parallelism 1, vLLM in the trainer's bf16
+    compute dtype; it sleeps at level 1 (weights kept in CPU memory)."""
+    torchrun_env(monkeypatch, rank=1, size=2)
+    monkeypatch.delenv(TP_ENV, raising=False)
+    started = fake_vllm(monkeypatch, tiny_llama)
+    monkeypatch.setenv("FST_VLLM_GPU_MEMORY_UTILIZATION", "0.55")
+    c = gpu_cfg(parallel={"mixedPrecision": "bf16"})
+    eng = VLLMRolloutEngine.from_config(c, tiny_llama, Tok(), STOP)
+    started.pop("config"), started.pop("model")
+    assert started == {
+        "distributed_executor_backend": "external_launcher",
+        "tensor_parallel_size": 1,
+        "seed": 7 + 1,  # run seed + engine index
+        "dtype": "bfloat16",
+        "max_num_seqs": 16,
+        "load_format": "dummy",
+        "skip_tokenizer_init": True,
+        "generation_config": "vllm",
+        "max_model_len": None,
+        "gpu_memory_utilization": 0.55,
+        "enable_sleep_mode": True,
+        "enable_prefix_caching": True,
+        "logprobs_mode": "processed_logprobs",
+    }
+    assert eng.sleep_level == 1 and eng.dtype == torch.bfloat16 and eng.tp_exchange is None
+    assert eng.llm.events == [*push_events(tiny_llama), ("sleep", 1)]
+    # The weights vLLM got: the policy's, cast to vLLM's dtype.
+    loaded = eng.llm.model.loaded
+    assert loaded.keys() == dict(tiny_llama.named_parameters()).keys()
+    for name, p in tiny_llama.named_parameters():
+        assert loaded[name].dtype == torch.bfloat16
+        assert torch.equal(loaded[name], p.detach().to(torch.bfloat16))
+    eng.close()
+
+
+def test_rank_zero_of_a_run_without_mixed_precision_keeps_the_model_dtype(monkeypatch, tiny_llama):
+    torchrun_env(monkeypatch, rank=0, size=2)
+    monkeypatch.delenv(TP_ENV, raising=False)
+    started = fake_vllm(monkeypatch, tiny_llama)
+    eng = VLLMRolloutEngine.from_config(gpu_cfg(), tiny_llama, Tok(), STOP)
+    assert started["seed"] == 7 and started["dtype"] == "float32"
+    assert started["distributed_executor_backend"] == "external_launcher"
+    eng.close()
+
+
+def test_tensor_parallel_groups_share_a_seed_and_serve_their_ranks_requests():
+    world = World(rank=3, size=8, local_rank=3, local_size=4)  # 2 nodes x 4 GPUs, rank 3
+    placement = engine_placement(world, tp=2)
+    assert placement.engine == 1 and placement.tp_rank == 1
+    assert placement.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # within a node each
+    kw = llm_kwargs(
+        gpu_cfg(),
+        Path("/m"),
+        placement,
+        sleep=True,
+        max_model_len=None,
+        memory_utilization=0.5,
+    )
+    assert kw["tensor_parallel_size"] == 2 and kw["seed"] == 7 + 1
+    assert kw["max_num_seqs"] == 16 * 2
+    assert engine_placement(World(rank=2, size=8, local_rank=2, local_size=4), 2).engine == 1
+    assert tensor_parallel_size({TP_ENV: "2"}) == 2 and tensor_parallel_size({}) == 1
+
+
+@pytest.mark.parametrize(
+    "world, tp, match",
+    [
+        (World(rank=0, size=8, local_rank=0, local_size=4), 3, "must divide the processes"),
+        (World(rank=0, size=8, local_rank=0, local_size=4), 8, "must divide the processes"),
+        (World(), 2, "needs torchrun"),
+        (World(), 0, "1 or more"),
+    ],
+)
+def test_impossible_tensor_parallel_sizes_are_config_errors(world, tp, match):
+    with pytest.raises(ConfigError, match=match):
+        engine_placement(world, tp)
+    with pytest.raises(ConfigError, match="not an integer"):
+        tensor_parallel_size({TP_ENV: "two"})
+
+
+def test_torchrun_checks_name_the_setting(monkeypatch):
+    env = {"RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    one_engine_each = engine_placement(World(rank=1, size=2, local_rank=1, local_size=2))
+    check_torchrun(gpu_cfg(), one_engine_each, env)  # fine
+    for device in ("cpu", "cuda:0"):
+        c = gpu_cfg(model={"device": device})
+        with pytest.raises(ConfigError, match=r"model\.device: .*\(cuda:1\)"):
+            check_torchrun(c, one_engine_each, env)
+    with pytest.raises(ConfigError, match="missing: MASTER_PORT"):
+        check_torchrun(gpu_cfg(), one_engine_each, {k: v for k, v in env.items() if k[-1] != "T"})
+    pairs = engine_placement(World(rank=1, size=2, local_rank=1, local_size=2), 2)
+    check_torchrun(gpu_cfg(), pairs, env)  # mode rl, no periodic eval: every rank generates
+    for top, what in [({"mode": "fst"}, "mode: fst"), ({"metrics": {"evalEvery": 5}}, "metr")]:
+        with pytest.raises(ConfigError, match=f"rank 0 generates alone for {what}"):
+            check_torchrun(gpu_cfg(**top), pairs, env)
+
+
+def test_level_one_sleep_pushes_only_in_sync_weights(tiny_llama):
+    """Under torchrun a push gathers shards (a collective), so generate(), which rank 0 may
+    call alone, never pushes: sleeping keeps the weights (level 1), sync_weights pushes."""
+    eng, llm = make_engine(tiny_llama, sleep_level=1)
+    push = push_events(tiny_llama)
+    assert llm.events == [*push, ("sleep", 1)]
+    llm.events.clear()
+    eng.generate([[3]], SamplingParams(max_new_tokens=2), torch.Generator())
+    assert llm.events == [
+        ("wake", ("weights",)),
+        ("wake", ("kv_cache",)),
+        "generate",
+        ("sleep", 1),
+    ]
+    llm.events.clear()
+    with torch.no_grad():
+        tiny_llama.model.norm.weight.add_(1.0)  # "an optimizer step"
+    eng.sync_weights()  # asleep: wake the weights' memory, push now
+    assert llm.events == [("wake", ("weights",)), *push]
+    torch.testing.assert_close(
+        llm.model.loaded["model.norm.weight"], tiny_llama.model.norm.weight.detach()
+    )
+    llm.events.clear()
+    eng.sync_weights()  # weights awake (the KV cache still asleep): push only
+    assert llm.events == push
+    llm.events.clear()
+    eng.generate([[3]], SamplingParams(max_new_tokens=2), torch.Generator())
+    assert llm.events == [("wake", ("kv_cache",)), "generate", ("sleep", 1)]
+
+
+def test_a_tensor_parallel_group_pools_its_requests_and_each_rank_keeps_its_own(tiny_llama):
+    """Rank 1 of a group of 2: the engine gets both ranks' requests (with their own seeds),
+    and returns rank 1's completions only, in order."""
+    other = [([9, 9], 12345), ([8], 777)]  # rank 0's requests (prompt, seed)
+    seen = []
+
+    def exchange(batch):
+        seen.append(batch)
+        return [other, batch], 1
+
+    eng, llm = make_engine(tiny_llama, sleep=False, tp_exchange=exchange)
+    g = torch.Generator().manual_seed(4)
+    out = eng.generate([[3], [4, 5]], SamplingParams(max_new_tokens=3), g)
+    mine = request_seeds(torch.Generator().manual_seed(4), 2)
+    assert seen == [[([3], mine[0]), ([4, 5], mine[1])]]
+    assert llm.prompts == [[9, 9], [8], [3], [4, 5]]
+    assert [r["seed"] for r in llm.requests] == [12345, 777, *mine]
+    assert [r.prompt_ids for r in out] == [[3], [4, 5]]
+    # A rank with nothing to generate still takes part in the exchange (a collective).
+    seen.clear()
+    assert eng.generate([], SamplingParams(max_new_tokens=3), g) == []
+    assert seen == [[]]
+    assert share_of([2, 0, 3], 2) == slice(2, 5) and share_of([2, 0, 3], 1) == slice(2, 2)
+
+
+def test_policy_weights_casts_to_vllms_dtype_and_strips_wrapper_names(tiny_llama):
+    got = dict(policy_weights(tiny_llama, torch.bfloat16))
+    for name, p in tiny_llama.named_parameters():
+        assert got[name].dtype == torch.bfloat16
+        assert torch.equal(got[name], p.detach().to(torch.bfloat16))
+    from fst.rollout.vllm import hf_name
+
+    assert (
+        hf_name("model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight")
+        == "model.layers.0.mlp.up_proj.weight"
+    )
+    assert torch.is_grad_enabled()  # the generator did not leave gradients off
+
+
+# ----------------------------------------------------------------------------- real FSDP2
+
+
+def tied_llama(lora: bool) -> torch.nn.Module:
+    """The tiny Llama of tests/tiny_model.py's shape (tied embeddings, like SmolLM2), built in
+    memory: the same seed gives every rank the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            init_lora_weights=False,  # B != 0: the merge changes the weights
+        ),
+    )
+
+
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """One rank of the real test: shard the tiny Llama (plain, then LoRA) with the project's
+    FSDP2 wrapping and compare what policy_weights gathers with the unsharded weights."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from fst.config import ParallelConfig
+    from fst.distributed import shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    report = {}
+    try:
+        for lora in (False, True):
+            model = tied_llama(lora)
+            want = {n: t.clone() for n, t in policy_weights(model)}
+            shard(model, ParallelConfig(strategy="fsdp"))
+            sharded = sum(isinstance(p, DTensor) for p in model.parameters())
+            assert sharded == len(list(model.parameters())), "not every parameter is a DTensor"
+            got = dict(policy_weights(model))
+            assert list(got) == list(want), (list(got), list(want))
+            for name, tensor in want.items():
+                assert not isinstance(got[name], DTensor), name
+                torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6, msg=name)
+            # Cast before the gather: bf16 shards travel, equal to the whole tensor cast.
+            for name, tensor in policy_weights(model, torch.bfloat16):
+                assert torch.equal(tensor, want[name].to(torch.bfloat16)), name
+            # Through the engine (stand-in vLLM): one layer per load, every weight set.
+            eng, llm = make_engine(model, sleep_level=1, param_names=list(want))
+            assert llm.model.loaded.keys() == want.keys()
+            for name, tensor in want.items():
+                torch.testing.assert_close(llm.model.loaded[name], tensor, rtol=0, atol=1e-6)
+            # A step as the loop takes it: forward/backward (which reshards every unit), an
+            # update of the shards, the trainer's no-grad probe forward (after which FSDP2
+            # keeps the root unit unsharded: its parameters are plain tensors), the sync.
+            x = torch.tensor([[3, 4, 5]])
+            model(input_ids=x).logits.float().sum().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)  # "the optimizer step", on each rank's shards
+                model(input_ids=x)
+            plain = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
+            twin = tied_llama(lora)
+            with torch.no_grad():
+                for p in twin.parameters():
+                    p.add_(1.0)
+            want = {n: t.clone() for n, t in policy_weights(twin)}
+            eng.sync_weights()
+            assert llm.model.loaded.keys() == want.keys()
+            for name, tensor in want.items():
+                torch.testing.assert_close(llm.model.loaded[name], tensor, rtol=0, atol=1e-5)
+            report["lora" if lora else "plain"] = {
+                "dtensors": sharded,
+                "unsharded_after_probe": plain,
+                "names": list(got),
+                "chunks": [len(c) for c in llm.model.chunks],
+            }
+        if rank == 0:
+            Path(out).write_text(json.dumps(report))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_policy_weights_gathers_fsdp2_shards_into_the_unsharded_weights(tmp_path, tiny_llama):
+    """REAL: two processes, a gloo group on the CPU, the tiny Llama sharded by fst.distributed's
+    FSDP2 wrapping (parameters are DTensors); what policy_weights yields on each rank (and what
+    the engine pushes) equals the unsharded model's weights, plain and LoRA-merged.
+
+    The ranks are forked from this process (torch, transformers and peft already imported):
+    a fresh interpreter per rank would spend most of the test importing them."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "report.json"
+    ctx = mp.start_processes(
+        _fsdp_rank,
+        args=(2, _free_port(), str(out)),
+        nprocs=2,
+        join=False,
+        start_method="fork",
+    )
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two ranks did not finish in 120 s (a collective out of step?)")
+    report = json.loads(out.read_text())
+    plain, lora = report["plain"], report["lora"]
+    assert "lm_head.weight" not in plain["names"]  # tied: pushed once, as embed_tokens
+    assert lora["names"] == plain["names"]  # merged under the base model's names
+    assert plain["dtensors"] == 2 * 9 + 2  # 9 per layer; embedding and final norm
+    assert lora["dtensors"] == plain["dtensors"] + 2 * 3 * 2  # A and B on 3 modules per layer
+    assert plain["chunks"] == [1, 9, 9, 1] * 2  # construction and sync: a layer per load
+    root = ["model.embed_tokens.weight", "model.norm.weight"]
+    assert plain["unsharded_after_probe"] == root  # the sync read those as plain tensors
