@@ -1,7 +1,8 @@
 """A checkpoint is data, never code (issue 16, item 2): resuming from a checkpoint whose
-trainer.pt, rng.pt or DCP's dcp/.metadata was replaced by a pickle that runs something, with its manifest rewritten
-to match (the sha256 proves integrity, not authorship), refuses to load it and runs nothing.
-An honest checkpoint still resumes (numpy's RNG state is allowlisted by its exact classes)."""
+trainer.pt, rng.pt or DCP's dcp/.metadata was replaced by a pickle that runs something, with
+its manifest rewritten to match (the sha256 proves integrity, not authorship), refuses to load
+it and runs nothing. An honest checkpoint still resumes (numpy's RNG state is allowlisted by
+its exact classes)."""
 
 from __future__ import annotations
 
