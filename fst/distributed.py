@@ -209,7 +209,9 @@ def shard(model: torch.nn.Module, parallel: ParallelConfig, offload: bool = Fals
         # bf16 compute; the sharded parameters (AdamW's master copy) stay fp32, and gradients
         # are reduced in fp32 so a sum over many ranks does not lose the small ones.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    off = CPUOffloadPolicy() if offload else OffloadPolicy()
+    # Pinned host memory (faster copies to the GPU) needs CUDA; on a CPU-only run the "offload"
+    # is where the model already is, and the path still runs (tested).
+    off = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp, offload_policy=off)
     root = transformer_of(model)
@@ -219,6 +221,19 @@ def shard(model: torch.nn.Module, parallel: ParallelConfig, offload: bool = Fals
             m.set_gradient_divide_factor(1.0)
             # A plain SUM collective (gloo has no pre-multiplied sum; NCCL is zero-copy with it).
             m.set_force_sum_reduction_for_comms(True)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP unit's gathered parameters, so the module holds its shards again.
+
+    FSDP2 leaves the root unit gathered after a forward outside backward (the loop's no-grad
+    probes): its parameters are then whole tensors in the compute dtype (bf16 with mixed
+    precision), not the fp32 shards; reading them would read the rounded copy."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -248,6 +263,7 @@ class RolloutCopy:
 
     @torch.no_grad()
     def sync_from(self, policy: torch.nn.Module) -> None:
+        reshard(policy)  # read the fp32 shards, not a unit left gathered in bf16
         mine = dict(self.model.named_parameters())
         for name, param in policy.named_parameters():
             if param.requires_grad:

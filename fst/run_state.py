@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fst.config import TrainConfig, dump_config
-from fst.distributed import SINGLE, World, barrier
+from fst.distributed import SINGLE, World, barrier, reshard
 from fst.model import is_lora, save_model_folder
 from fst.slow.trainer import SlowTrainer
 
@@ -112,6 +112,8 @@ def _train_state(model: torch.nn.Module, trainer: SlowTrainer) -> tuple[Any, Any
     DTensor shards under FSDP, whole tensors otherwise. A LoRA model's frozen base is left out
     (it is rebuilt from the run's base model, not trained)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    reshard(model)  # the shards themselves (a unit left gathered would be its compute copy)
 
     options = StateDictOptions(
         # strict=False: a LoRA model's frozen base is not in the checkpoint (dcp.load already

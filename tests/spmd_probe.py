@@ -12,12 +12,21 @@ test_distributed.py compares the two.
 from __future__ import annotations
 
 import argparse
+import copy
 import random
 
 import torch
 
 from fst.config import LoraConfig, ModelConfig, ParallelConfig, SlowConfig
-from fst.distributed import close_world, full_tensor, init_world, local_share, shard
+from fst.distributed import (
+    close_world,
+    full_tensor,
+    init_world,
+    local_share,
+    reshard,
+    shard,
+    transformer_of,
+)
 from fst.model import load_policy
 from fst.rollout import Rollout
 from fst.slow.advantages import group_advantages
@@ -54,24 +63,52 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("model")
     ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="parallel.mixedPrecision: bf16")
+    ap.add_argument("--ac", action="store_true", help="parallel.activationCheckpointing")
+    ap.add_argument(
+        "--offload-ref",
+        action="store_true",
+        help="also: a reference sharded with parallel."
+        "reference: offload, its logits against the unsharded copy's (ref_diff)",
+    )
     args = ap.parse_args()
+    parallel = ParallelConfig(
+        mixed_precision="bf16" if args.bf16 else "none", activation_checkpointing=args.ac
+    )
 
     torch.manual_seed(0)  # LoRA's A matrices: the same on every rank and in one process
     lora = LoraConfig(rank=4, alpha=8) if args.lora else None
     policy = load_policy(ModelConfig(name=args.model, device="cpu", lora=lora))
     world = init_world(torch.device("cpu"))
+    if args.ac:
+        transformer_of(policy).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    ref_diff = None
+    if args.offload_ref:
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
+        probe = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        with torch.no_grad():
+            want = reference(input_ids=probe).logits
+            shard(reference, parallel, offload=True)
+            ref_diff = float((reference(input_ids=probe).logits - want).abs().max())
     if world.distributed:
-        shard(policy, ParallelConfig())
+        shard(policy, parallel)
     names = [n for n, p in policy.named_parameters() if p.requires_grad]
     before = {
         n: full_tensor(p.detach()).clone() for n, p in policy.named_parameters() if p.requires_grad
     }
     cfg = SlowConfig(lr=1e-3, micro_batch_size=3, grad_clip=1e9)
-    trainer = SlowTrainer(policy, cfg, temperature=1.0, pad_id=0, world=world)
+    trainer = SlowTrainer(
+        policy, cfg, temperature=1.0, pad_id=0, world=world, shared_prompt=not args.ac
+    )
     rollouts, adv = fixed_batch(policy.config.vocab_size)
     share = local_share(PROBLEMS, world, "problems")
     rows = slice(share.start * GROUP, share.stop * GROUP)
     metrics = trainer.step(rollouts[rows], adv[rows])
+    if ref_diff is not None:
+        metrics["ref_diff"] = ref_diff
+    reshard(policy)  # the root unit stays gathered (in bf16 with --bf16) after a forward
     after = {
         n: full_tensor(p.detach()).clone() for n, p in policy.named_parameters() if p.requires_grad
     }
