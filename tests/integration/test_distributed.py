@@ -26,6 +26,13 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _temp_in_tmp_path(tmp_path, monkeypatch) -> None:
+    """torchrun leaves a `torchelastic_*` folder in $TMPDIR per launch: keep them (and every
+    other temporary file of the runs) in the test's own folder, not in /tmp."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def torchrun(nproc: int, *args: str) -> list[str]:
     return [
         sys.executable,
