@@ -57,7 +57,7 @@ def test_lora_trains_checkpoints_resumes_and_hands_over_to_a_next_stage(tmp_path
     # base as KL reference, LoRA again: new adapters that start at the merged weights.
     folder = resumed.run_dir / "checkpoints" / "step-00000003"
     assert (folder / "model" / "model.safetensors").is_file()
-    assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+    assert (folder / "dcp" / ".metadata").is_file()  # the adapters and AdamW, for a resume
     next_stage = ModelConfig(name=str(folder), lora=LORA, reference="smollm2-135m-instruct")
     policy = load_policy(next_stage)
     assert is_lora(policy)
