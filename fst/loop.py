@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import logging
 import random
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -590,31 +591,34 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
         world,
         export,
     )
-    parts: dict[str, Any] = {}
-    if world.nodes > 1 and world.local_rank == 0 and not world.main:
-        from fst.store.s3 import S3CheckpointStore
-
-        assert isinstance(run.store, S3CheckpointStore)  # check_parallel: s3:// on many nodes
-        parts = run.store.upload_part(run.step, staging)
-    uploaded = gather_to_main(parts, world)
+    meta = {"run": run.cfg.run, "mode": run.cfg.mode, "world_size": world.size}
     uri = ""
+    if world.nodes > 1:
+        uri = _commit_across_nodes(run, staging, meta)
+    elif world.main:
+        uri = run.store.commit(run.step, staging, meta)
     if world.main:
-        meta = {"run": run.cfg.run, "mode": run.cfg.mode, "world_size": world.size}
-        others = {rel: info for part in uploaded for rel, info in part.items()}
-        if others:
-            from fst.store.s3 import S3CheckpointStore
-
-            assert isinstance(run.store, S3CheckpointStore)
-            uri = run.store.commit(run.step, staging, meta, uploaded=others)
-        else:
-            uri = run.store.commit(run.step, staging, meta)
         prune(run.store, run.cfg.checkpoint.keep_last)
-    elif world.local_rank == 0 and staging.exists():
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)  # another node's copy: uploaded above
     barrier(world)  # nobody saves again, or reads the store, before the commit
     return broadcast(uri, world)
+
+
+def _commit_across_nodes(run: Run, staging: Path, meta: dict[str, Any]) -> str:
+    """Several nodes (S3 only: check_parallel): each other node's local rank 0 uploads the
+    files on its own disk, then rank 0 commits its own with a manifest that lists them all.
+    Returns the URI on rank 0, "" elsewhere."""
+    from fst.store.s3 import S3CheckpointStore
+
+    store, world = run.store, run.world
+    assert isinstance(store, S3CheckpointStore)
+    uploader = world.local_rank == 0 and not world.main
+    parts = gather_to_main(store.upload_part(run.step, staging) if uploader else {}, world)
+    if world.main:
+        uploaded = {rel: info for part in parts for rel, info in part.items()}
+        return store.commit(run.step, staging, meta, uploaded=uploaded)
+    if uploader:
+        shutil.rmtree(staging, ignore_errors=True)  # uploaded: nothing on this node to keep
+    return ""
 
 
 def checkpoint_store(cfg: TrainConfig) -> CheckpointStore:

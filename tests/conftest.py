@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 TIMING_KEYS = ("_s", "_per_s", "fast_time_share")
 
 
-@pytest.fixture
-def tiny_llama():
-    """A small randomly initialised Llama: the same code path as SmolLM2, in milliseconds."""
+def build_tiny_llama(tied: bool = False):
+    """A small Llama, randomly initialised from seed 0 (the same weights in every process);
+    `tied`: tied embeddings, like SmolLM2."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,8 +33,15 @@ def tiny_llama():
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        tie_word_embeddings=tied,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def tiny_llama():
+    """A small randomly initialised Llama: the same code path as SmolLM2, in milliseconds."""
+    return build_tiny_llama().eval()
 
 
 def tiny_config(tmp_path: Path, **overrides) -> dict:
@@ -81,6 +89,18 @@ def run_fst(*args: str, timeout: float = 900, check: bool = True) -> subprocess.
     if check and proc.returncode != 0:
         pytest.fail(f"fst {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, manifest: Path, timeout: float) -> None:
+    """Wait while `proc` runs until `manifest` exists (the kill tests then kill it); fail the
+    test if the process ends first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while not manifest.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"run ended before the checkpoint appeared:\n{proc.stderr.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail("no checkpoint before the deadline")
+        time.sleep(0.2)
 
 
 def comparable(record: dict) -> dict:

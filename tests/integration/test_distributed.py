@@ -12,13 +12,12 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import comparable, tiny_config, write_config
+from tests.conftest import comparable, tiny_config, wait_for_checkpoint, write_config
 from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -161,14 +160,8 @@ def kill_group_after(cmd: list[str], manifest: Path, timeout: float = 1200) -> N
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + timeout
     try:
-        while not manifest.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before the checkpoint appeared:\n{proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint before the deadline")
-            time.sleep(0.2)
+        wait_for_checkpoint(proc, manifest, timeout)
         kill_tree(proc.pid)  # reaps torchrun too (so its Popen sees no exit status)
     finally:
         if proc.poll() is None:

@@ -7,12 +7,18 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import comparable, fst_cmd, run_fst, tiny_config, write_config
+from tests.conftest import (
+    comparable,
+    fst_cmd,
+    run_fst,
+    tiny_config,
+    wait_for_checkpoint,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -29,14 +35,8 @@ def kill_after_checkpoint(cfg_path: Path, manifest: Path, timeout: float = 600) 
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + timeout
     try:
-        while not manifest.exists():
-            if proc.poll() is not None:
-                pytest.fail(f"run ended before the checkpoint appeared:\n{proc.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no checkpoint before the deadline")
-            time.sleep(0.2)
+        wait_for_checkpoint(proc, manifest, timeout)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:

@@ -687,21 +687,9 @@ def test_policy_weights_casts_to_vllms_dtype_and_strips_wrapper_names(tiny_llama
 def tied_llama(lora: bool) -> torch.nn.Module:
     """The tiny Llama of tests/tiny_model.py's shape (tied embeddings, like SmolLM2), built in
     memory: the same seed gives every rank the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import build_tiny_llama
 
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=50,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-    )
+    model = build_tiny_llama(tied=True)
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model
