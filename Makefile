@@ -12,7 +12,8 @@ VENV      ?= $(FST_CACHE)/venv
 PY        := $(VENV)/bin/python
 # The stamp names pyproject.toml AND this checkout: the editable install must point here.
 STAMP     := $(VENV)/.fastslow-$(shell (cat pyproject.toml; pwd) | sha256sum | cut -c1-16)
-PYTEST_ARGS ?=
+# The slowest tests are listed at the end, so a CI log says where its time went.
+PYTEST_ARGS ?= --durations=40
 
 export FST_CACHE
 

@@ -84,18 +84,22 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture
-def varied_reward(monkeypatch):
+def varied_score(self: Any, problem: Any, completion: str) -> Any:
     """Arithmetic rewards from the completion's characters: 1 when the sum of their codes is
     even. Deterministic (a resumed run scores exactly as the original) and varied."""
     from fst.tasks import Score
+
+    reward = float(sum(map(ord, completion)) % 2 == 0)
+    return Score(reward, "even" if reward else "odd")
+
+
+@pytest.fixture
+def varied_reward(monkeypatch):
+    """The arithmetic task scored by `varied_score` while the test runs (in this process; a
+    subprocess runs `python -m tests.varied_fst`)."""
     from fst.tasks.arithmetic import ArithmeticTask
 
-    def score(self, problem, completion: str) -> Score:
-        reward = float(sum(map(ord, completion)) % 2 == 0)
-        return Score(reward, "even" if reward else "odd")
-
-    monkeypatch.setattr(ArithmeticTask, "score", score)
+    monkeypatch.setattr(ArithmeticTask, "score", varied_score)
 
 
 def tiny_run_config(tmp_path: Path, model_dir: Path, **overrides: Any) -> dict[str, Any]:

@@ -696,8 +696,9 @@ class Lease:
         with self._lost_lock:
             if self.lost is not None:
                 return  # lost already: the first reason stands
-            self.lost = why
+            # Log before publishing: whoever sees `lost` set can rely on the error being logged.
             log.error("%s; the run stops at its next step and writes nothing more", why)
+            self.lost = why
 
     def release(self, status: str = "stopped") -> None:
         self._stop.set()
