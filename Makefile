@@ -46,10 +46,17 @@ test-deps: install
 	@command -v bwrap >/dev/null && command -v gcc >/dev/null || { \
 	  echo "installing bubblewrap and gcc (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc; }
+	# The real test node (tests/k8s/node.py): containerd, runc and the CNI plugins from
+	# Debian; its tools image holds Debian's static busybox; images are packed with umoci.
+	@command -v containerd >/dev/null && command -v runc >/dev/null && command -v umoci >/dev/null \
+	  && test -x /usr/lib/cni/bridge && test -x /bin/busybox || { \
+	  echo "installing containerd, runc, CNI plugins, umoci, busybox-static (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends containerd runc containernetworking-plugins umoci busybox-static; }
 	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
 	# The test Kubernetes control plane (etcd, kube-apiserver, -controller-manager,
-	# -scheduler, kwok, helm) and Kueue's controller with its CRDs, from Go modules into
-	# $(FST_CACHE)/k8s once: ~15 min cold, Kueue 7-10 min more.
+	# -scheduler, kwok, helm), the real node's kubelet, and Kueue's controller with its CRDs,
+	# from Go modules into $(FST_CACHE)/k8s once: ~15 min cold, Kueue 7-10 min more.
 	@$(PY) -m tests.k8s.binaries
 
 test: test-deps

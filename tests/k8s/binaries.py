@@ -85,8 +85,21 @@ def env_var(binary: str) -> str:
     return "FST_" + binary.upper().replace("-", "_") + "_BIN"
 
 
-def builds() -> list[GoBuild]:
+def _kubernetes_version_ldflags() -> list[str]:
+    """Without these the servers report v0.0.0-master, and /version lies."""
     minor = KUBERNETES_VERSION.lstrip("v").split(".")[1]
+    return _version_ldflags(
+        ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"),
+        {
+            "gitVersion": KUBERNETES_VERSION,
+            "gitMajor": "1",
+            "gitMinor": minor,
+            "gitTreeState": "clean",
+        },
+    )
+
+
+def builds() -> list[GoBuild]:
     return [
         GoBuild(
             "etcd",
@@ -100,16 +113,7 @@ def builds() -> list[GoBuild]:
             KUBERNETES_VERSION,
             "k8s.io/kubernetes",
             {name: f"k8s.io/kubernetes/cmd/{name}" for name in KUBERNETES_COMMANDS},
-            # Without these the servers report v0.0.0-master, and /version lies.
-            _version_ldflags(
-                ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"),
-                {
-                    "gitVersion": KUBERNETES_VERSION,
-                    "gitMajor": "1",
-                    "gitMinor": minor,
-                    "gitTreeState": "clean",
-                },
-            ),
+            _kubernetes_version_ldflags(),
         ),
         GoBuild(
             "kwok",
@@ -141,8 +145,21 @@ def kueue_build() -> GoBuild:
     )
 
 
+def kubelet_build() -> GoBuild:
+    """The real node's kubelet (tests/k8s/node.py), from the control plane's Kubernetes
+    module and version: a group of its own, built by `python -m tests.k8s.binaries` but not by
+    `all_binaries()`, so that the control plane's cached build stays valid without it."""
+    return GoBuild(
+        "kubelet",
+        KUBERNETES_VERSION,
+        "k8s.io/kubernetes",
+        {"kubelet": "k8s.io/kubernetes/cmd/kubelet"},
+        _kubernetes_version_ldflags(),
+    )
+
+
 def all_builds() -> list[GoBuild]:
-    return [*builds(), kueue_build()]
+    return [*builds(), kubelet_build(), kueue_build()]
 
 
 def _version_ldflags(packages: tuple[str, ...], values: dict[str, str]) -> list[str]:
@@ -245,7 +262,7 @@ def build_group(spec: GoBuild) -> Path:
 def _go_build(spec: GoBuild, work: Path, out: Path) -> None:
     go = go_binary()
     lines = [f"module fstbuild/{spec.group}", "", "go 1.26", ""]
-    if spec.group == "kubernetes":
+    if spec.module == "k8s.io/kubernetes":
         lines += kubernetes_replaces(go, spec.version, work)
     (work / "go.mod").write_text("\n".join(lines) + "\n")
     packages = list(spec.binaries.values())

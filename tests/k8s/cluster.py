@@ -226,7 +226,8 @@ class TestCluster:
     # ------------------------------------------------------------------ certificates
 
     def _make_certs(self) -> dict[str, CertFiles]:
-        ca = CertificateAuthority(self.pki)
+        # Kept: the real node (tests/k8s/node.py) gets its kubelet's identity from it.
+        self.ca = ca = CertificateAuthority(self.pki)
         hosts = (
             "127.0.0.1",
             "localhost",
@@ -248,12 +249,17 @@ class TestCluster:
             # The aggregation layer's identity towards extension apiservers (as kubeadm sets
             # it up); without it the components log errors about a missing requestheader CA.
             "front-proxy": ca.issue("front-proxy-client", "front-proxy-client"),
+            # The apiserver's identity towards a real kubelet (logs, exec): the kubelet
+            # trusts this CA's client certificates (tests/k8s/node.py).
+            "kubelet-client": ca.issue(
+                "apiserver-kubelet-client", "kube-apiserver-kubelet-client", ("system:masters",)
+            ),
         }
         for user in ("admin", "controller-manager", "scheduler"):
-            self._write_kubeconfig(self.root / f"{user}.kubeconfig", user, certs[user])
+            self.write_kubeconfig(self.root / f"{user}.kubeconfig", user, certs[user])
         return certs
 
-    def _write_kubeconfig(self, path: Path, user: str, cert: CertFiles) -> None:
+    def write_kubeconfig(self, path: Path, user: str, cert: CertFiles) -> None:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -330,6 +336,10 @@ class TestCluster:
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 f"--proxy-client-cert-file={certs['front-proxy'].cert}",
                 f"--proxy-client-key-file={certs['front-proxy'].key}",
+                f"--kubelet-client-certificate={certs['kubelet-client'].cert}",
+                f"--kubelet-client-key={certs['kubelet-client'].key}",
+                # The real node's name resolves nowhere; its InternalIP is what reaches it.
+                "--kubelet-preferred-address-types=InternalIP,Hostname",
                 # PodSecurity is on by default; named so that a default change cannot drop it.
                 "--enable-admission-plugins=NodeRestriction,PodSecurity",
                 # Privileged pods must pass validation so that PodSecurity is what judges them.

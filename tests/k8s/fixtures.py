@@ -7,7 +7,8 @@ cluster's folder (certs, kubeconfig, full logs) is kept and named at the end of 
 
 `kueue` adds Kueue's real controller to the cluster (tests/k8s/kueue.py), started once, when a
 test first asks for it; `kueue_namespace` is a fresh namespace whose queue-labelled Jobs it
-manages (no other namespace's).
+manages (no other namespace's). `k8s_real_node` adds a real node (kubelet + containerd + runc,
+tests/k8s/node.py) the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from kubernetes import client as k8s
 from tests.k8s.binaries import BinaryUnavailable
 from tests.k8s.cluster import ClusterError, TestCluster, test_cluster
 from tests.k8s.kueue import KueueController, kueue_controller
+from tests.k8s.node import RealNode, real_node
 
 _kept: list[str] = []
 _clusters: list[TestCluster] = []
@@ -69,6 +71,25 @@ def kueue(k8s_cluster: TestCluster) -> Iterator[KueueController]:
         pytest.fail(problem, pytrace=False)
     try:
         yield controller
+    finally:
+        manager.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def k8s_real_node(k8s_cluster: TestCluster) -> Iterator[RealNode]:
+    """The real node (kubelet + containerd + runc, tests/k8s/node.py) joined to the cluster,
+    started once, when a test first asks for it."""
+    manager = real_node(k8s_cluster)
+    try:
+        node = manager.__enter__()
+    except (BinaryUnavailable, ClusterError) as e:
+        problem = str(e)
+    else:
+        problem = None
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+    try:
+        yield node
     finally:
         manager.__exit__(None, None, None)
 
