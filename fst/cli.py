@@ -331,6 +331,13 @@ def one_line(text: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
+# The import names of the `train` extra (pyproject.toml): missing one is an install to do,
+# not a bug.
+TRAIN_MODULES = frozenset(
+    {"torch", "transformers", "gguf", "accelerate", "safetensors", "peft", "tqdm", "numpy"}
+    | {"gepa", "matplotlib", "scipy"}
+)
+
 # The error classes of the input, by module: an exception can only be an instance of a class
 # whose module is imported, so the check imports nothing (a config error stays instant).
 USER_ERRORS = (
@@ -352,6 +359,11 @@ def user_error(e: BaseException) -> str | None:
         cls = getattr(sys.modules.get(module), name, None)
         if isinstance(cls, type) and isinstance(e, cls):
             return str(e)
+    if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] in TRAIN_MODULES:
+        return (
+            f"{e.name} is not installed: training needs the `train` extra "
+            "(pip install 'fastslow[train]'); the core install is the operator's"
+        )
     pydantic = sys.modules.get("pydantic")
     if pydantic is not None and isinstance(e, pydantic.ValidationError):
         from fst.schema import format_validation_error

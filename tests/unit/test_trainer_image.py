@@ -25,6 +25,7 @@ from fst.rollout.vllm import MIN_VLLM, TARGET_VLLM, version_at_least
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE_DIR = ROOT / "trainer-image"
 DOCKERFILES = ["Dockerfile", "Dockerfile.cpu"]
+OPERATOR = "../operator/Dockerfile"  # the operator's image, relative to IMAGE_DIR
 UID = "10001"
 SCRATCH_ENV = [
     "HOME",
@@ -132,7 +133,7 @@ def test_entrypoint_is_fst_train(name):
     assert scripts["fst"] == "fst.cli:main"
 
 
-@pytest.mark.parametrize("name", DOCKERFILES)
+@pytest.mark.parametrize("name", [*DOCKERFILES, OPERATOR])
 def test_copy_sources_exist_and_pass_the_dockerignore(name):
     patterns = ignore_patterns(name)
     copies = args_of(name, "COPY")
@@ -179,6 +180,40 @@ def test_dockerignore_keeps_runs_git_and_caches_out():
     assert patterns == ignore_patterns("Dockerfile.cpu")
     assert [p for p in KEPT_OUT if not excluded(p, patterns)] == []
     assert [p for p in KEPT_IN if excluded(p, patterns)] == []
+    operator = ignore_patterns(OPERATOR)
+    assert [p for p in KEPT_OUT if not excluded(p, operator)] == []
+    assert [p for p in KEPT_IN if excluded(p, operator)] == []
+
+
+def test_operator_image_is_slim_non_root_and_what_the_chart_runs():
+    steps = " ".join(runs(OPERATOR))
+    assert 'pip install --constraint /opt/constraints.txt ".[operator]"' in steps
+    assert "torch" not in steps and "[train]" not in steps and "[dev]" not in steps
+    assert args_of(OPERATOR, "USER")[-1] == f"{UID}:{UID}"
+    assert "useradd --uid 10001" in steps
+    assert args_of(OPERATOR, "FROM")[0] == "${PYTHON_IMAGE}"
+    entrypoint = json.loads(args_of(OPERATOR, "ENTRYPOINT")[-1])
+    chart = (ROOT / "helm/fastslow/templates/operator-deployment.yaml").read_text()
+    assert entrypoint == ["python", "-m", "fst_operator"]
+    assert f"command: {json.dumps(entrypoint)}" in chart
+    values = (ROOT / "helm/fastslow/values.yaml").read_text()
+    assert "repository: ghcr.io/fastslow/operator" in values
+    assert "OPERATOR_IMAGE ?= ghcr.io/fastslow/operator" in (ROOT / "Makefile").read_text()
+
+
+def test_the_dev_install_and_the_images_share_the_pinned_versions():
+    pins = {}
+    for line in (IMAGE_DIR / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.lower()] = version
+    assert {"torch", "transformers", "peft", "kopf", "kubernetes", "pydantic"} <= set(pins)
+    assert all(re.fullmatch(r"[\w.+!-]+", v) for v in pins.values()), "exact pins only"
+    makefile = (ROOT / "Makefile").read_text()
+    assert "CONSTRAINTS := trainer-image/constraints.txt" in makefile
+    assert "--constraint $(CONSTRAINTS) -e '.[dev]'" in makefile
+    for name in ("Dockerfile.cpu", OPERATOR):
+        assert any("constraints.txt" in a for a in args_of(name, "COPY")), name
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
@@ -188,7 +223,8 @@ def test_pip_installs_the_project_after_copying_it(name):
     project_installs = [
         (i, a)
         for i, (instr, a) in enumerate(steps)
-        if instr == "RUN" and re.search(r"pip install (\.|\"\.\[gpu\]\")(\s|$)", a)
+        if instr == "RUN"
+        and re.search(r"pip install (--constraint \S+ )?(\.|\"\.\[(gpu|train)\]\")(\s|$)", a)
     ]
     assert project_installs, f"{name}: no `pip install .` of the project"
     assert all(i > last_copy for i, _ in project_installs)
@@ -204,16 +240,20 @@ def test_gpu_image_installs_vllm_and_the_gpu_extra():
     args = arg_defaults("Dockerfile")
     assert args["VLLM_VERSION"] == TARGET_VLLM and version_at_least(TARGET_VLLM, MIN_VLLM)
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert extras["optional-dependencies"]["gpu"] == [f"vllm>={MIN_VLLM}"]
+    assert extras["optional-dependencies"]["gpu"] == ["fastslow[train]", f"vllm>={MIN_VLLM}"]
     base = args_of("Dockerfile", "FROM")[0].replace("${CUDA_IMAGE}", args["CUDA_IMAGE"])
     assert re.fullmatch(r"nvidia/cuda:13\.\d+\.\d+-runtime-ubuntu\d+\.\d+", base), base
 
 
 def test_cpu_image_has_cpu_torch_and_no_vllm():
     steps = " ".join(runs("Dockerfile.cpu"))
-    assert "--index-url https://download.pytorch.org/whl/cpu" in steps
-    assert "vllm" not in steps.lower() and "[gpu]" not in steps
     args = arg_defaults("Dockerfile.cpu")
+    assert '--index-url "${TORCH_INDEX_URL}"' in steps
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert "vllm" not in steps.lower() and "[gpu]" not in steps
+    # The pinned set: torch's pin read from the constraints, the project installed under them.
+    assert "grep -i '^torch==' /opt/constraints.txt" in steps
+    assert 'pip install --constraint /opt/constraints.txt ".[train]"' in steps
     assert args_of("Dockerfile.cpu", "FROM")[0] == "${PYTHON_IMAGE}"
     assert args["PYTHON_IMAGE"] == "python:3.11-slim"
 
@@ -246,6 +286,9 @@ def test_hadolint_is_clean():
             pytest.fail(message)
         pytest.skip(message)
     res = subprocess.run(
-        [binary, "--no-color", *DOCKERFILES], cwd=IMAGE_DIR, capture_output=True, text=True
+        [binary, "--no-color", *DOCKERFILES, OPERATOR],
+        cwd=IMAGE_DIR,
+        capture_output=True,
+        text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
