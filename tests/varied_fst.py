@@ -3,16 +3,40 @@ runs in subprocesses (torchrun's ranks) that a pytest monkeypatch cannot reach: 
 random model almost never solves arithmetic, and without reward variance nothing trains.
 
     torchrun --standalone --nproc-per-node 2 -m tests.varied_fst train -c cfg.yaml
+
+With FST_TEST_HANG_AFTER=RUN:STEP in the environment, the process stops (sleeps until it is
+killed) right after run RUN has committed its checkpoint of step STEP: a kill test then kills
+it at a known point. The tiny model takes a step in a fraction of a second, so a test that
+polls for the checkpoint and then kills would otherwise land anywhere after it, or after the
+end of the run.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import time
+from typing import Any
 
 from fst.cli import main
 from fst.tasks.arithmetic import ArithmeticTask
 from tests.tiny_model import varied_score
 
 ArithmeticTask.score = varied_score  # type: ignore[method-assign]
+
+HANG_AFTER = os.environ.get("FST_TEST_HANG_AFTER")
+if HANG_AFTER:
+    import fst.loop
+
+    _save_checkpoint = fst.loop.save_checkpoint
+
+    def _save_then_hang(run: Any, extra_state: Any = None) -> str:
+        uri = _save_checkpoint(run, extra_state)
+        if f"{run.cfg.run}:{run.step}" == HANG_AFTER:
+            while True:
+                time.sleep(60)
+        return uri
+
+    fst.loop.save_checkpoint = _save_then_hang
 
 sys.exit(main())

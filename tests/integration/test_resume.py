@@ -1,26 +1,48 @@
 """Kill a real training run with SIGKILL and resume it: the steps after the resume must
 produce the same metrics (and, in mode fst, the same prompt population) as a run that was
-never interrupted. Real model (SmolLM2-135M-Instruct), real subprocesses."""
+never interrupted. Real `fst train` subprocesses on the tiny random Llama (tests/tiny_model.py)
+with its varied reward (tests/varied_fst.py), so that every step has reward variance and
+updates the weights, and GEPA's rounds score the policy's own rollouts: what is compared is
+the checkpoint's weights, AdamW state, random streams and population, not the model's skill.
+(SmolLM2 goes through the same loading and checkpoint code; it took ~5 min per mode here.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
-    comparable,
-    fst_cmd,
-    run_fst,
-    tiny_config,
-    wait_for_checkpoint,
-    write_config,
-)
+from tests.conftest import comparable, wait_for_checkpoint, write_config
+from tests.tiny_model import tiny_model_dir, tiny_run_config  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def varied_fst(*args: str) -> list[str]:
+    """`fst ARGS` with the tiny model's varied reward (tests/varied_fst.py)."""
+    return [sys.executable, "-m", "tests.varied_fst", *args]
+
+
+def one_thread() -> dict[str, str]:
+    """The environment with torch on one thread: the tiny model's matrices are too small
+    for a second one to help (see tests.tiny_model.one_torch_thread)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        varied_fst(*args), cwd=REPO, env=one_thread(), capture_output=True, text=True, timeout=900
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(f"fst {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -28,9 +50,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def kill_after_checkpoint(cfg_path: Path, manifest: Path, timeout: float = 600) -> None:
-    """Start `fst train`, SIGKILL it as soon as `manifest` exists."""
+    """Start `fst train` (run `t`), SIGKILL it as soon as `manifest` (step 2) exists. The run
+    waits there to be killed (FST_TEST_HANG_AFTER, tests/varied_fst.py): a tiny-model step
+    takes a fraction of a second, so it would otherwise often be past step 3, or done."""
     proc = subprocess.Popen(
-        fst_cmd("train", "-c", str(cfg_path), "--no-progress"),
+        varied_fst("train", "-c", str(cfg_path), "--no-progress"),
+        cwd=REPO,
+        env={**one_thread(), "FST_TEST_HANG_AFTER": "t:2"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -46,18 +72,18 @@ def kill_after_checkpoint(cfg_path: Path, manifest: Path, timeout: float = 600) 
 
 
 @pytest.mark.parametrize("mode", ["rl", "fst"])
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
-    straight = tiny_config(tmp_path / "a", mode=mode)
-    killed = tiny_config(tmp_path / "b", mode=mode)
-    run_fst("train", "-c", str(write_config(tmp_path, straight, "a.yaml")), "--no-progress")
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mode):  # noqa: F811
+    straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode)
+    killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode)
+    run("train", "-c", str(write_config(tmp_path, straight, "a.yaml")), "--no-progress")
 
     cfg_b = write_config(tmp_path, killed, "b.yaml")
     run_b = Path(killed["outputDir"]) / "t"
     kill_after_checkpoint(cfg_b, run_b / "checkpoints" / "step-00000002" / "manifest.json")
     # Without --resume the saved run is protected, not overwritten.
-    refused = run_fst("train", "-c", str(cfg_b), "--no-progress", check=False)
+    refused = run("train", "-c", str(cfg_b), "--no-progress", check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
-    run_fst("train", "-c", str(cfg_b), "--resume", "--no-progress")
+    run("train", "-c", str(cfg_b), "--resume", "--no-progress")
 
     run_a = Path(straight["outputDir"]) / "t"
     metrics_a, metrics_b = read_jsonl(run_a / "metrics.jsonl"), read_jsonl(run_b / "metrics.jsonl")
@@ -70,7 +96,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
             else:
                 assert b[key] == a[key], (a["step"], key)
-    assert any(m["updated"] for m in metrics_a), "the weights should have been updated"
+    # Every step trains (the varied reward), so steps 3 and 4 depend on the restored weights
+    # and AdamW state.
+    assert all(m["updated"] for m in metrics_a), "every step should update the weights"
 
     if mode == "fst":
         pop_a, pop_b = (
@@ -81,4 +109,6 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, mode):
         assert [[m["text"] for m in r["members"]] for r in pop_a] == [
             [m["text"] for m in r["members"]] for r in pop_b
         ]
+        assert pop_a[1]["members"] == pop_b[1]["members"]  # scores too: the resumed policy's
+        assert pop_a[1]["members"] != pop_a[0]["members"], "round 1 scores the trained policy"
         assert "population_size" in metrics_b[0] and "population_size" in metrics_b[2]

@@ -1,21 +1,42 @@
-"""`fst stream` end to end on the real model: a tiny two-stage stream killed during stage 2
-and run again continues stage 2 from its checkpoint; with --watch, new data starts a new
-stage from the last checkpoint and population; the report is written."""
+"""`fst stream` end to end: a tiny two-stage stream killed during stage 2 and run again
+continues stage 2 from its checkpoint; with --watch, new data starts a new stage from the last
+checkpoint and population; the report is written.
+
+Real `fst stream` subprocesses on the tiny random Llama (tests/tiny_model.py) with its varied
+reward on the arithmetic stage (tests/varied_fst.py), so that stage 1 trains and stage 2 starts
+from weights that are not the base's: what is tested is the stages' bookkeeping and hand-over,
+which is the same for SmolLM2 (it took ~6 and ~4 min here)."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import fst_cmd, run_fst
+from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def stream_cmd(*args: str) -> list[str]:
+    """`fst stream ARGS` with the tiny model's varied reward (tests/varied_fst.py)."""
+    return [sys.executable, "-m", "tests.varied_fst", "stream", *args]
+
+
+def one_thread(**env: str) -> dict[str, str]:
+    """The environment with torch on one thread (the tiny model gains nothing from a second)
+    and `env`."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **env}
+
 
 QA = [
     ("France", "Paris"),
@@ -38,19 +59,21 @@ def write_qa(path: Path, pairs) -> None:
     )
 
 
-def stream_doc(tmp_path: Path, stages: list[dict], **spec) -> Path:
+def stream_doc(tmp_path: Path, model: Path, stages: list[dict], **spec) -> Path:
     doc = {
         "apiVersion": "fastslow.io/v1alpha1",
         "kind": "TaskStream",
         "metadata": {"name": "tiny"},
         "spec": {
+            "model": {"name": str(model)},
             "outputDir": str(tmp_path / "runs"),
             "evalProblems": 2,
             "watchIntervalSeconds": 1,
             "defaults": {
                 "mode": "fst",
-                "rollout": {"temperature": 0.8, "maxNewTokens": 10, "batchSize": 16},
-                "slow": {"problemsPerStep": 2, "groupSize": 2, "lr": 1e-5},
+                "rollout": {"temperature": 0.8, "maxNewTokens": 6, "batchSize": 16},
+                # lr 1e-2: the random model moves visibly (stage 2 starts from new weights)
+                "slow": {"problemsPerStep": 2, "groupSize": 2, "lr": 1e-2},
                 "fast": {
                     "everySteps": 2,
                     "topK": 2,
@@ -90,11 +113,12 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 900) -> None:
         time.sleep(0.3)
 
 
-def test_killed_in_stage_two_resumes_stage_two(tmp_path):
+def test_killed_in_stage_two_resumes_stage_two(tmp_path, tiny_model_dir):  # noqa: F811
     qa = tmp_path / "qa.jsonl"
     write_qa(qa, QA)
     path = stream_doc(
         tmp_path,
+        tiny_model_dir,
         [
             {"name": "first", "task": ARITH, "steps": 2},
             {
@@ -106,8 +130,12 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
     )
     runs = tmp_path / "runs" / "tiny"
     second_ckpt = runs / "tiny-second" / "checkpoints" / "step-00000001" / "manifest.json"
+    # The stream waits to be killed right after stage 2's step-1 checkpoint (tests/varied_fst.py):
+    # a tiny-model step takes a fraction of a second, so polling alone could land later.
     proc = subprocess.Popen(
-        fst_cmd("stream", str(path), "--no-progress"),
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(FST_TEST_HANG_AFTER="tiny-second:1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -117,6 +145,8 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
     proc.wait(30)
 
     first_metrics = (runs / "tiny-first" / "metrics.jsonl").read_text()
+    # Stage 1 trained (the varied reward): stage 2 starts from weights that are not the base's.
+    assert any(json.loads(line)["updated"] for line in first_metrics.splitlines())
     first_ckpt_time = json.loads(
         (runs / "tiny-first" / "checkpoints" / "step-00000002" / "manifest.json").read_text()
     )["created"]
@@ -127,7 +157,15 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
         ("second", "running"),
     ]
 
-    out = run_fst("stream", str(path), "--no-progress")
+    out = subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
     assert "report:" in out.stdout
     state = json.loads((runs / "stream.json").read_text())["stages"]
     assert [(e["name"], e["status"]) for e in state] == [
@@ -154,7 +192,7 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
     assert state[1]["start_population"] == state[0]["population"]
     cfg = yaml.safe_load((runs / "tiny-second" / "config.yaml").read_text())
     assert cfg["model"]["name"] == state[0]["checkpoint"]
-    assert cfg["model"]["reference"] == "smollm2-135m-instruct"
+    assert cfg["model"]["reference"] == str(tiny_model_dir)
     assert set(state[1]["evaluation"]["retention"]) == {"first", "second"}
     # The database records the stream's stages next to their runs.
     from fst.store.db import RunDB, database_url
@@ -169,11 +207,12 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path):
     assert (runs / "report.html").is_file() and (runs / "reward_per_step.png").is_file()
 
 
-def test_watch_starts_a_new_stage_when_data_changes(tmp_path):
+def test_watch_starts_a_new_stage_when_data_changes(tmp_path, tiny_model_dir):  # noqa: F811
     qa = tmp_path / "qa.jsonl"
     write_qa(qa, QA[:6])
     path = stream_doc(
         tmp_path,
+        tiny_model_dir,
         [
             {
                 "name": "facts",
@@ -184,7 +223,9 @@ def test_watch_starts_a_new_stage_when_data_changes(tmp_path):
     )
     runs = tmp_path / "runs" / "tiny"
     proc = subprocess.Popen(
-        fst_cmd("stream", str(path), "--watch", "--no-progress"),
+        stream_cmd(str(path), "--watch", "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

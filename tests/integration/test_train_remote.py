@@ -1,11 +1,15 @@
 """A short `fst train` with checkpoints in real MinIO and records in real Postgres, SIGKILLed
-and resumed on a "new pod" (the local run folder wiped): it continues from S3."""
+and resumed on a "new pod" (the local run folder wiped): it continues from S3. The run is the
+tiny random Llama (tests/tiny_model.py) with its varied reward (tests/varied_fst.py): what is
+tested is the plumbing of checkpoints and records, which is the same for SmolLM2."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,19 +17,35 @@ import pytest
 
 from fst.store.checkpoints import open_store
 from fst.store.db import RunDB
-from tests.conftest import fst_cmd, run_fst, tiny_config, write_config
+from tests.conftest import write_config
+from tests.tiny_model import tiny_model_dir, tiny_run_config  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
+REPO = Path(__file__).resolve().parents[2]
 
-def test_sigkill_and_resume_from_s3_and_postgres(tmp_path, s3_uri, pg_url):
-    cfg = tiny_config(
-        tmp_path, **{"checkpoint.uri": s3_uri, "database": pg_url, "checkpoint.keepLast": 2}
+
+def varied_fst(*args: str) -> list[str]:
+    """`fst ARGS` with the tiny model's varied reward (tests/varied_fst.py)."""
+    return [sys.executable, "-m", "tests.varied_fst", *args]
+
+
+def test_sigkill_and_resume_from_s3_and_postgres(tmp_path, s3_uri, pg_url, tiny_model_dir):  # noqa: F811
+    cfg = tiny_run_config(
+        tmp_path,
+        tiny_model_dir,
+        **{"checkpoint.uri": s3_uri, "database": pg_url, "checkpoint.keepLast": 2},
     )
     path = write_config(tmp_path, cfg)
     store = open_store(s3_uri)
+    # torch on one thread (the tiny model gains nothing from a second one); the run waits to be
+    # killed once its step-2 checkpoint is in S3 (tests/varied_fst.py): a tiny-model step takes
+    # a fraction of a second, so polling S3 alone could catch it after step 4.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        fst_cmd("train", "-c", str(path), "--no-progress"),
+        varied_fst("train", "-c", str(path), "--no-progress"),
+        cwd=REPO,
+        env={**env, "FST_TEST_HANG_AFTER": "t:2"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -42,7 +62,15 @@ def test_sigkill_and_resume_from_s3_and_postgres(tmp_path, s3_uri, pg_url):
     # at once because it names a dead process of this host; on a cluster a new pod waits for
     # the heartbeat to expire.)
     shutil.rmtree(Path(cfg["outputDir"]))
-    out = run_fst("train", "-c", str(path), "--resume", "--no-progress")
+    out = subprocess.run(
+        varied_fst("train", "-c", str(path), "--resume", "--no-progress"),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
     assert "resumed t at step 2" in out.stderr
 
     assert store.steps() == [2, 4]  # keepLast 2, in S3
