@@ -3,7 +3,10 @@
 Each test starts its own operator process watching only the test's namespace. Trainer pods
 land either on kwok's fake GPU nodes (their Jobs "succeed" after ~1 s, or fail when the image
 is fst.test/fail: for the operator's bookkeeping) or on the process kubelet's node, where
-`fst train` really runs on CPU with SmolLM2 against the test MinIO and Postgres.
+`fst train` really runs on CPU against the test MinIO and Postgres, on the tiny random Llama
+of tests/tiny_model.py with its varied reward (tests.k8s.operator_proc.varied_trainer_env):
+what these tests check is the operator's bookkeeping of a real trainer (status, attempts,
+resume, stage hand-over), not what the model learns (SmolLM2 took ~4 min per test here).
 """
 
 from __future__ import annotations
@@ -35,8 +38,11 @@ from tests.k8s.operator_proc import (
     install_crds,
     phase,
     tiny_config,
+    tiny_model_config,
+    varied_trainer_env,
 )
 from tests.k8s.waiting import wait_until
+from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
@@ -298,9 +304,13 @@ def test_failed_attempts_are_retried_then_the_run_fails(res, start_operator) -> 
 
 
 @pytest.fixture
-def trainer_secrets(res: Resources, s3_env: dict[str, str], pg_url: str) -> dict[str, str]:
+def trainer_secrets(
+    res: Resources, s3_env: dict[str, str], pg_url: str, tmp_path: Path
+) -> dict[str, str]:
     s3 = {k: v for k, v in s3_env.items() if k.startswith("AWS_")}
-    res.secret("s3", s3)
+    # The pods' env also gets the tiny model's varied reward (through the Secret, the only
+    # env a spec adds to the operator's Job): the trainer is still the operator's command.
+    res.secret("s3", {**s3, **varied_trainer_env(tmp_path / "trainer-hook")})
     res.secret("db", {"url": pg_url})
     # The operator reads progress from the same database and data sources from the same S3.
     return {"FST_DATABASE_URL": pg_url, **s3}
@@ -323,11 +333,22 @@ def trainer_pids(namespace: str) -> list[int]:
 
 @pytest.mark.slow
 def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
-    res, start_operator, trainer_secrets, s3_uri, pg_url
+    res,
+    start_operator,
+    trainer_secrets,
+    s3_uri,
+    pg_url,
+    tiny_model_dir,  # noqa: F811
 ) -> None:
     op = start_operator(**trainer_secrets)
+    # The first attempt sleeps right after its step-2 checkpoint is in the database (where the
+    # operator reads it from): the kill below lands there, not after the end of the run (a
+    # tiny-model step takes a fraction of a second; the resumed attempt never logs step 2).
+    hang = {"FST_TEST_HANG_AFTER_EVENT": f"{run_key(res.ns, 'real')}:2"}
+    res.core.patch_namespaced_secret("s3", res.ns, {"stringData": hang})
     trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
-    res.create("fastslowruns", "FastSlowRun", "real", {"config": tiny_config(), "trainer": trainer})
+    cfg = tiny_model_config(tiny_model_dir)
+    res.create("fastslowruns", "FastSlowRun", "real", {"config": cfg, "trainer": trainer})
 
     def after_checkpoint():
         run = res.run("real")
@@ -351,9 +372,13 @@ def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
     assert s["step"] == 4 and s["checkpointUri"].rstrip("/").endswith("step-00000004"), dump(s)
     with RunDB(pg_url) as db:
         events = [(kind, msg) for _, kind, msg in db.events(run_key(res.ns, "real"))]
-        steps = sorted(db.metrics(run_key(res.ns, "real")))
-    assert ("resumed", "from step 2") in events or ("resumed", "from step 3") in events, events
-    assert steps == [1, 2, 3, 4]
+        metrics = db.metrics(run_key(res.ns, "real"))
+    # Exactly step 2: the first attempt was killed while it waited there.
+    assert ("resumed", "from step 2") in events, events
+    assert sorted(metrics) == [1, 2, 3, 4]
+    # Every step trained (the varied reward reached the pods), so the second attempt went on
+    # from weights the first one changed.
+    assert all(m["updated"] == 1.0 for m in metrics.values()), metrics
 
 
 @pytest.mark.slow
@@ -372,10 +397,14 @@ def test_a_trainer_error_reaches_the_run_status(res, start_operator, trainer_sec
 # ----------------------------------------------------------------------------- streams
 
 
-def stream_spec(stages: list[dict[str, Any]], trainer: dict[str, Any]) -> dict[str, Any]:
+def stream_spec(
+    stages: list[dict[str, Any]], trainer: dict[str, Any], model: Path | None = None
+) -> dict[str, Any]:
+    """On `model` (the tiny model's folder), or SmolLM2 where no trainer really runs."""
+    cfg = tiny_model_config(model, steps=2) if model else tiny_config(steps=2)
     return {
-        "model": {"name": "smollm2-135m-instruct"},
-        "defaults": {k: v for k, v in tiny_config(steps=2).items() if k not in ("steps", "task")},
+        "model": {"name": str(model) if model else "smollm2-135m-instruct"},
+        "defaults": {k: v for k, v in cfg.items() if k not in ("steps", "task", "model")},
         "trainer": trainer,
         "stages": stages,
     }
@@ -530,7 +559,11 @@ def test_stream_advances_on_a_spec_change_and_on_new_data(
 
 @pytest.mark.slow
 def test_stream_hands_checkpoint_and_population_to_the_next_stage(
-    res, start_operator, trainer_secrets, s3_uri
+    res,
+    start_operator,
+    trainer_secrets,
+    s3_uri,
+    tiny_model_dir,  # noqa: F811
 ) -> None:
     op = start_operator(**trainer_secrets)
     trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
@@ -538,7 +571,7 @@ def test_stream_hands_checkpoint_and_population_to_the_next_stage(
         {"name": "one", "task": TASK, "steps": 2, "mode": "fst"},
         {"name": "two", "task": {**TASK, "seed": 5}, "steps": 2, "mode": "fst"},
     ]
-    res.create("taskstreams", "TaskStream", "real", stream_spec(stages, trainer))
+    res.create("taskstreams", "TaskStream", "real", stream_spec(stages, trainer, tiny_model_dir))
     stream = wait(
         "both stages",
         lambda: (
@@ -555,7 +588,7 @@ def test_stream_hands_checkpoint_and_population_to_the_next_stage(
     assert one["status"]["bestPrompt"], dump(one["status"])
     cfg = two["spec"]["config"]
     assert cfg["model"]["name"] == one["status"]["checkpointUri"]
-    assert cfg["model"]["reference"] == "smollm2-135m-instruct"
+    assert cfg["model"]["reference"] == str(tiny_model_dir)  # the stream's base model
     # The population handed over is the one saved in stage one's final checkpoint, whole,
     # read by the same function `fst stream` uses (fst/handover.py), not a cut of status.
     saved = checkpoint_population(one["status"]["checkpointUri"])

@@ -15,6 +15,7 @@ from fst_operator.builders import run_key
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from fst.store.db import RunDB
 from tests.k8s.cluster import PROCESS_NODE, PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import (
     TINY_TASK,
@@ -25,9 +26,12 @@ from tests.k8s.operator_proc import (
     install_crds,
     phase,
     tiny_config,
+    tiny_model_config,
+    varied_trainer_env,
 )
 from tests.k8s.process_kubelet import pod_log
 from tests.k8s.waiting import wait_until
+from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
@@ -197,20 +201,32 @@ def test_two_gpu_nodes_get_an_indexed_job_and_a_headless_service(res, start_oper
 
 
 @pytest.fixture
-def trainer_secrets(res: Resources, s3_env: dict[str, str], pg_url: str) -> dict[str, str]:
+def trainer_secrets(
+    res: Resources, s3_env: dict[str, str], pg_url: str, tmp_path: Path
+) -> dict[str, str]:
     s3 = {k: v for k, v in s3_env.items() if k.startswith("AWS_")}
-    res.secret("s3", s3)
+    # The tiny model's varied reward in the pods' env (tests.k8s.operator_proc.varied_trainer_env).
+    res.secret("s3", {**s3, **varied_trainer_env(tmp_path / "trainer-hook")})
     res.secret("db", {"url": pg_url})
     return {"FST_DATABASE_URL": pg_url, **s3}
 
 
 @pytest.mark.slow
 def test_two_cpu_pods_rendezvous_and_train_on_the_process_kubelet(
-    k8s_cluster, res, start_operator, trainer_secrets, s3_uri
+    k8s_cluster,
+    res,
+    start_operator,
+    trainer_secrets,
+    s3_uri,
+    pg_url,
+    tiny_model_dir,  # noqa: F811
 ) -> None:
     """Two pods of one Indexed Job on the process node: torchrun on each, node ranks 0 and
     1, static rendezvous at <job>-0.<job> (127.0.0.1 here), gloo; two steps, checkpoints in
-    the test MinIO, progress in the run's status."""
+    the test MinIO, progress in the run's status. On the tiny random Llama with its varied
+    reward (tests/tiny_model.py): what is tested is that two pods find each other and train
+    as one run, not what SmolLM2 learns (tests/integration/test_distributed.py checks that
+    two ranks take the one-process step, SmolLM2 included)."""
     op = start_operator(**trainer_secrets)
     trainer = {
         "nodes": 2,
@@ -222,7 +238,7 @@ def test_two_cpu_pods_rendezvous_and_train_on_the_process_kubelet(
         "databaseSecret": {"name": "db", "key": "url"},
         "checkpointUri": s3_uri,
     }
-    cfg = tiny_config(steps=2, checkpoint={"every": 2, "keepLast": 1})
+    cfg = tiny_model_config(tiny_model_dir, steps=2, checkpoint={"every": 2, "keepLast": 1})
     spec = {"config": cfg, "trainer": trainer, "backoffLimit": 0}  # one attempt: fail fast
     res.create("fastslowruns", "FastSlowRun", "pair", spec)
     workdir = k8s_cluster.root / "process-kubelet"
@@ -266,3 +282,8 @@ def test_two_cpu_pods_rendezvous_and_train_on_the_process_kubelet(
     assert s["checkpointUri"].startswith(f"{s3_uri}/{run_key(res.ns, 'pair')}"), dump(s)
     job = res.batch.read_namespaced_job("pair-a1", res.ns)
     assert job.status.succeeded == 2
+    # Both steps updated the weights (the varied reward reached the ranks): the gradients went
+    # through the two pods' all-reduce, not only a rendezvous.
+    with RunDB(pg_url) as db:
+        metrics = db.metrics(run_key(res.ns, "pair"))
+    assert sorted(metrics) == [1, 2] and all(m["updated"] == 1.0 for m in metrics.values()), metrics

@@ -2,9 +2,11 @@
 
 The operator runs with the stores' root/owner logins and FST_TENANT_PREFIX; it gives each
 namespace its own S3 user and database role (operator/fst_operator/tenancy.py). A's run trains
-for real on the process kubelet with A's credentials. Then B tries what B can: specs naming A's
-places (refused by the operator's policy, field named) and B's own credentials against A's
-objects and rows (refused by MinIO and PostgreSQL themselves).
+for real on the process kubelet with A's credentials (on the tiny random Llama of
+tests/tiny_model.py: what matters is where its checkpoint and rows land, not what it learns).
+Then B tries what B can: specs naming A's places (refused by the operator's policy, field
+named) and B's own credentials against A's objects and rows (refused by MinIO and PostgreSQL
+themselves).
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from tests.k8s.operator_proc import (
     install_crds,
     phase,
     tiny_config,
+    tiny_model_config,
 )
 from tests.k8s.waiting import wait_until
 from tests.servers import TEST_BUCKET
+from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
@@ -72,7 +76,11 @@ def decoded(secret: Any) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_two_customers_cannot_reach_each_other(
-    k8s_cluster, s3_env: dict[str, str], pg_url: str, tmp_path: Path
+    k8s_cluster,
+    s3_env: dict[str, str],
+    pg_url: str,
+    tmp_path: Path,
+    tiny_model_dir: Path,  # noqa: F811
 ) -> None:
     api = k8s_cluster.api()
     install_crds(api)
@@ -90,8 +98,10 @@ def test_two_customers_cannot_reach_each_other(
     op.start()
     a, b = Resources(api, a_ns), Resources(api, b_ns)
     try:
-        # A trains for real, with A's own credentials only (the spec names no Secret).
-        cfg = tiny_config(steps=2, checkpoint={"every": 2, "keepLast": 1})
+        # A trains for real, with A's own credentials only (the spec names no Secret, so no
+        # varied reward either: the random model's steps may not update it, but they run,
+        # write their metrics and a checkpoint, which is what B must not reach).
+        cfg = tiny_model_config(tiny_model_dir, steps=2, checkpoint={"every": 2, "keepLast": 1})
         a.create("fastslowruns", "FastSlowRun", "model", {"config": cfg, "trainer": TRAINER})
 
         def done() -> dict[str, Any] | None:

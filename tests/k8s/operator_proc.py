@@ -80,6 +80,71 @@ def tiny_config(**over: Any) -> dict[str, Any]:
     return cfg
 
 
+def tiny_model_config(model_dir: Path, **over: Any) -> dict[str, Any]:
+    """tiny_config on the tiny random Llama of tests/tiny_model.py (`model_dir`, a local folder:
+    the process kubelet runs the trainer on this machine): a step in a fraction of a second
+    where SmolLM2 takes ~10 s, and no GGUF to dequantize at each pod's start."""
+    cfg = tiny_config(**over)
+    cfg["model"] = {**cfg.get("model", {}), "name": str(model_dir)}
+    cfg["rollout"] = {**cfg["rollout"], "maxNewTokens": 6}
+    # Groups of 4: with 2 a group's two rewards are often equal, no advantage, no update. And
+    # a learning rate at which the random model moves visibly.
+    cfg["slow"] = {"lr": 1e-2, **cfg["slow"], "groupSize": 4, "microBatchSize": 8}
+    return cfg
+
+
+# Imported by every Python process started with varied_trainer_env's PYTHONPATH (site.py
+# imports `sitecustomize` at start-up): the trainer pods' `fst train`, and torchrun with its
+# ranks.
+TRAINER_HOOK = """\
+\"\"\"Test hook of tests.k8s.operator_proc.varied_trainer_env (see there).\"\"\"
+import os
+
+from fst.tasks.arithmetic import ArithmeticTask
+
+from tests.tiny_model import varied_score
+
+ArithmeticTask.score = varied_score
+
+HANG = os.environ.get("FST_TEST_HANG_AFTER_EVENT")
+if HANG:
+    import time
+
+    from fst.store.db import RunDB
+
+    _run, _, _step = HANG.rpartition(":")
+    _log_event = RunDB.log_event
+
+    def _log_then_hang(self, run, kind, message):
+        _log_event(self, run, kind, message)
+        if (run, kind) == (_run, "checkpoint") and message.rstrip("/").endswith(
+            "step-%08d" % int(_step)
+        ):
+            while True:
+                time.sleep(60)
+
+    RunDB.log_event = _log_then_hang
+"""
+
+
+def varied_trainer_env(folder: Path) -> dict[str, str]:
+    """Env entries for trainer pods (put in the Secret their spec names in envFrom) under which
+    the operator's own command, the venv's `fst train` (or torchrun's `-m fst train`), runs
+    as `python -m tests.varied_fst` does: the arithmetic task scored by
+    tests.tiny_model.varied_score, so the tiny random model has reward variance, trains at every
+    step and GEPA's scores vary. A `sitecustomize` in `folder` (first on PYTHONPATH) does it.
+
+    With FST_TEST_HANG_AFTER_EVENT=RUN:STEP added, the trainer of run RUN (its run key) sleeps
+    until killed right after logging the "checkpoint" event of step STEP, which the operator
+    mirrors into status.checkpointUri (tests.varied_fst's FST_TEST_HANG_AFTER hangs before
+    that event): a kill lands at a known point although a tiny step takes a fraction of a
+    second. Torch on one thread: the tiny model's matrices are too small for a second one to
+    help (tests.tiny_model.one_torch_thread)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(TRAINER_HOOK)
+    return {"PYTHONPATH": f"{folder}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+
+
 @dataclass
 class OperatorProcess:
     """`python -m fst_operator --namespace NS` with the admin kubeconfig and `env`."""
