@@ -58,6 +58,8 @@ class Reason(StrEnum):
     COMPLETED = "Completed"
     FAILED = "Failed"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    # The kernel killed the trainer at its memory limit: not retried (it would again).
+    OOM_KILLED = "OOMKilled"
     SUSPENDED = "Suspended"
     NOT_SUSPENDED = "NotSuspended"
     # Waiting for a queue (Kueue): Suspended's reason until admission; Admitted's while

@@ -474,6 +474,30 @@ def job_outcome(job: dict[str, Any] | None) -> tuple[Phase, str]:
     return Phase.PENDING, "waiting for the trainer pod"
 
 
+def oom_failure(pods: list[dict[str, Any]]) -> str | None:
+    """Why an attempt failed when the kernel OOM-killed a container at its memory limit (the
+    kubelet reports reason OOMKilled, exit 137), as a message naming the limit; else None.
+
+    pods: the attempt's Job's pods (core/v1 Pod dicts, camelCase)."""
+    for pod in pods:
+        limits = {
+            c["name"]: ((c.get("resources") or {}).get("limits") or {}).get("memory")
+            for c in (pod.get("spec") or {}).get("containers") or []
+        }
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            for state in (status.get("state"), status.get("lastState")):
+                ended = (state or {}).get("terminated") or {}
+                if ended.get("reason") == "OOMKilled":
+                    limit = limits.get(status["name"]) or "none set"
+                    return (
+                        f"OOMKilled: container {status['name']} of pod "
+                        f"{pod['metadata']['name']} went over its memory limit {limit} "
+                        f"(exit {ended.get('exitCode', 137)}); raise spec.trainer.memory or "
+                        "lower slow.microBatchSize / rollout.batchSize"
+                    )
+    return None
+
+
 @dataclass(frozen=True)
 class RunDecision:
     status: FastSlowRunStatus  # the whole new status
@@ -507,9 +531,12 @@ def decide_run(
     job: dict[str, Any] | None,
     progress: RunProgress | None,
     workload: dict[str, Any] | None = None,
+    oom: str | None = None,
 ) -> RunDecision:
     """The run's next status from what was observed, and whether a new attempt starts.
-    `workload`: Kueue's Workload of the current Job (admission.workload_summary), if any."""
+    `workload`: Kueue's Workload of the current Job (admission.workload_summary), if any.
+    `oom`: oom_failure() of the failed attempt's pods: the run fails at once (another attempt
+    would meet the same limit)."""
     old = read_status(run)
     gen = run["metadata"].get("generation")
     name = run["metadata"]["name"]
@@ -546,7 +573,12 @@ def decide_run(
     outcome, message = job_outcome(job)
     create = None
     running = (False, Reason.POD_PENDING, message)
-    if outcome == Phase.FAILED:
+    if outcome == Phase.FAILED and oom is not None:
+        status.last_error = oom
+        status.completion_time = now()
+        running = (False, Reason.OOM_KILLED, oom)
+        conds = set_condition(conds, ConditionType.FAILED, True, Reason.OOM_KILLED, oom, gen)
+    elif outcome == Phase.FAILED:
         error = (progress.last_error if progress else None) or message
         status.last_error = error
         if attempt <= spec.backoff_limit:

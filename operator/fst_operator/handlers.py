@@ -311,7 +311,13 @@ def reconcile_run(
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
         workload = _indexed_workload(workloads, namespace, job)
-        decision = builders.decide_run(run, spec, job, read_progress(namespace, cfg.run), workload)
+        oom = None
+        if job is not None and builders.job_outcome(job)[0] == Phase.FAILED:
+            oom = builders.oom_failure(kube.list_job_pods(namespace, job["metadata"]["name"]))
+        progress = read_progress(namespace, cfg.run)
+        decision = builders.decide_run(run, spec, job, progress, workload, oom)
+        if oom is not None and old.get("phase") != Phase.FAILED:
+            kopf.event(body, type="Warning", reason="OOMKilled", message=oom)
         if decision.create_attempt is not None:
             # Create the next attempt BEFORE recording it: killed in between, the next
             # reconcile sees the failed attempt again, re-creates (409: it exists) and records.

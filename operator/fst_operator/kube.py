@@ -1,6 +1,6 @@
 """The Kubernetes API calls the handlers make beyond kopf's own (official client; blocking, so
 the handlers are sync and kopf runs them in its thread pool): reading a run's Job and a
-stream's child runs, creating children, and writing a status from a CHILD's event (kopf's
+stream's child runs, a failed attempt's pods, creating children, and writing a status from a CHILD's event (kopf's
 `patch` only writes the object a handler is for)."""
 
 from __future__ import annotations
@@ -102,6 +102,16 @@ def _or_none(read: Callable[[], T]) -> T | None:
 def get_job(namespace: str, name: str) -> dict[str, Any] | None:
     job = _or_none(lambda: client.BatchV1Api(api()).read_namespaced_job(name, namespace))
     return None if job is None else _plain(job)
+
+
+def list_job_pods(namespace: str, job: str) -> list[dict[str, Any]]:
+    """The pods of one Job (the Job controller labels them batch.kubernetes.io/job-name); read
+    only when an attempt failed, to tell why (builders.oom_failure)."""
+    pods = client.CoreV1Api(api()).list_namespaced_pod(
+        namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
+    )
+    items: list[dict[str, Any]] = _plain(pods)["items"]
+    return items
 
 
 def _get_custom(plural: str, namespace: str, name: str) -> dict[str, Any] | None:

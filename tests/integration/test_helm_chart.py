@@ -440,6 +440,7 @@ def test_operator_deployment_gives_the_operator_what_it_reads(helm: Helm) -> Non
         metrics, health = (p["containerPort"] for p in c["ports"])
         assert env["FST_METRICS_PORT"] == str(metrics) and env["FST_LIVENESS_PORT"] == str(health)
         assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+        assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
         watch = {
             "default": ns,
             "all-bundled": "",
@@ -682,6 +683,10 @@ def test_namespaced_rbac_is_least_privilege(k8s_cluster, k8s_namespace, helm: He
         assert not can("create", "pods", where, sub="exec")
         assert not can("get", "pods", where, sub="exec")
         assert not can("create", "pods", where)
+        # Pods: listed only (a failed attempt's, to tell an OOM kill), never read one by one.
+        assert can("list", "pods", where)
+        assert not can("get", "pods", where) and not can("watch", "pods", where)
+        assert not can("delete", "pods", where)
         assert not can("delete", "jobs", where, "batch")
         assert not can("delete", "fastslowruns", where, "fastslow.io")
         assert not can("update", "configmaps", where)
@@ -713,7 +718,9 @@ def test_namespaced_rbac_is_least_privilege(k8s_cluster, k8s_namespace, helm: He
     core.create_namespaced_config_map(ns, {"metadata": {"name": "probe"}}, dry_run="All")
     assert forbidden(lambda: core.read_namespaced_secret("anything", ns))
     assert forbidden(lambda: core.list_namespaced_secret(ns))
-    assert forbidden(lambda: core.list_namespaced_pod(ns))
+    core.list_namespaced_pod(ns)  # allowed: a failed attempt's pods, to tell an OOM kill
+    assert forbidden(lambda: core.read_namespaced_pod("anything", ns))
+    assert forbidden(lambda: core.list_namespaced_pod(other))
     assert forbidden(lambda: batch.list_namespaced_job(other))
     assert forbidden(lambda: batch.create_namespaced_job(other, job, dry_run="All"))
     assert forbidden(

@@ -135,10 +135,17 @@ def test_operator_default_secrets_apply_when_the_run_names_none() -> None:
     assert c["envFrom"] == [{"secretRef": {"name": "fastslow-s3"}}]
 
 
-def decide(status: dict, job: dict | None, progress: RunProgress | None = None, **spec):
+def decide(
+    status: dict,
+    job: dict | None,
+    progress: RunProgress | None = None,
+    oom: str | None = None,
+    **spec,
+):
     body = {"config": {"task": TASK, "steps": 4}, **spec}
     run = run_object(body, status)
-    return builders.decide_run(run, FastSlowRunSpec.model_validate(body), job, progress)
+    spec_model = FastSlowRunSpec.model_validate(body)
+    return builders.decide_run(run, spec_model, job, progress, None, oom)
 
 
 def progress(step: int, error: str | None = None) -> RunProgress:
@@ -177,6 +184,46 @@ def test_backoff_limit_exhausted_fails_the_run() -> None:
     failed = d.status.condition(ConditionType.FAILED)
     assert failed is not None and failed.reason == "BackoffLimitExceeded"
     assert "Job has reached the limit" in failed.message
+
+
+def trainer_pod(terminated: dict | None, last: dict | None = None, memory: str = "6Gi") -> dict:
+    """A Job's pod as the API returns it (camelCase), its trainer container ended."""
+    return {
+        "metadata": {"name": "acme-a1-x7k2p"},
+        "spec": {"containers": [{"name": "trainer", "resources": {"limits": {"memory": memory}}}]},
+        "status": {
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": terminated} if terminated else {"waiting": {}},
+                    "lastState": {"terminated": last} if last else {},
+                }
+            ]
+        },
+    }
+
+
+def test_an_oom_killed_trainer_is_named_with_its_limit() -> None:
+    oom = {"reason": "OOMKilled", "exitCode": 137}
+    message = builders.oom_failure([trainer_pod(oom, memory="300Mi")])
+    assert message is not None
+    assert message.startswith("OOMKilled: container trainer of pod acme-a1-x7k2p")
+    assert "memory limit 300Mi (exit 137)" in message and "spec.trainer.memory" in message
+    # Also from the last state (the kubelet restarted the container in place).
+    assert builders.oom_failure([trainer_pod({"reason": "Error", "exitCode": 1}, oom)])
+    # Not an OOM kill: a plain error, or a SIGKILL that was not the OOM killer.
+    assert builders.oom_failure([trainer_pod({"reason": "Error", "exitCode": 1})]) is None
+    assert builders.oom_failure([trainer_pod({"reason": "Error", "exitCode": 137})]) is None
+    assert builders.oom_failure([]) is None
+
+
+def test_an_oom_kill_fails_the_run_at_once_with_the_limit() -> None:
+    oom = builders.oom_failure([trainer_pod({"reason": "OOMKilled", "exitCode": 137})])
+    d = decide({"attempt": 1, "phase": "Running"}, failed_job(), progress(2), oom, backoffLimit=2)
+    assert d.create_attempt is None and d.status.phase == "Failed"  # no retry into the same wall
+    failed = d.status.condition(ConditionType.FAILED)
+    assert failed is not None and failed.reason == "OOMKilled" and "6Gi" in failed.message
+    assert d.status.last_error == oom and d.status.step == 2
 
 
 def test_terminal_runs_stay_terminal() -> None:
