@@ -50,12 +50,15 @@ test-deps: install
 	  echo "installing bubblewrap and gcc (Debian packages)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap gcc; }
 	# The real test node (tests/k8s/node.py): containerd, runc and the CNI plugins from
-	# Debian; its tools image holds Debian's static busybox; images are packed with umoci.
-	@command -v containerd >/dev/null && command -v runc >/dev/null && command -v umoci >/dev/null \
-	  && test -x /usr/lib/cni/bridge && test -x /bin/busybox || { \
-	  echo "installing containerd, runc, CNI plugins, umoci, busybox-static (Debian packages)"; \
+	# Debian; its small images are packed with umoci (busybox-static in the tools image); the
+	# project's images are built with buildah on a base made by mmdebstrap
+	# (tests/k8s/image_build.py).
+	@for tool in containerd runc umoci buildah mmdebstrap; do command -v $$tool >/dev/null || missing=1; done; \
+	  test -x /usr/lib/cni/bridge && test -x /bin/busybox && test -z "$$missing" || { \
+	  echo "installing containerd, runc, CNI plugins, umoci, busybox-static, buildah, mmdebstrap (Debian)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	    --no-install-recommends containerd runc containernetworking-plugins umoci busybox-static; }
+	    --no-install-recommends containerd runc containernetworking-plugins umoci busybox-static \
+	    buildah mmdebstrap; }
 	@$(PY) -c "from tests.servers import minio_binary; print('minio:', minio_binary())"
 	# The test Kubernetes control plane (etcd, kube-apiserver, -controller-manager,
 	# -scheduler, kwok, helm), the real node's kubelet, and Kueue's controller with its CRDs,

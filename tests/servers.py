@@ -145,10 +145,11 @@ def build_minio(target: Path) -> Path:
 
 
 class MinioServer:
-    """A single-drive MinIO on 127.0.0.1; `stop()` and `start()` again keep port and data."""
+    """A single-drive MinIO on 127.0.0.1 (or `host`: the real test node's address, for pods
+    there); `stop()` and `start()` again keep port and data."""
 
-    def __init__(self, binary: Path, root: Path) -> None:
-        self.binary, self.root = binary, root
+    def __init__(self, binary: Path, root: Path, host: str = "127.0.0.1") -> None:
+        self.binary, self.root, self.host = binary, root, host
         self.data = root / "data"
         self.log = root / "minio.log"
         self.port, self.console_port = free_port(), free_port()
@@ -157,7 +158,7 @@ class MinioServer:
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def env(self) -> dict[str, str]:
         """What a checkpoint store needs to reach this server (as a pod's Secret would)."""
@@ -182,9 +183,9 @@ class MinioServer:
             "server",
             "--quiet",
             "--address",
-            f"127.0.0.1:{self.port}",
+            f"{self.host}:{self.port}",
             "--console-address",
-            f"127.0.0.1:{self.console_port}",
+            f"{self.host}:{self.console_port}",
             str(self.data),
         ]
         with self.log.open("a") as log:
@@ -217,8 +218,11 @@ class MinioServer:
 
 
 @contextmanager
-def minio_server(binary: Path | None = None, bucket: str = TEST_BUCKET) -> Iterator[MinioServer]:
-    server = MinioServer(binary or minio_binary(), Path(tempfile.mkdtemp(prefix="fst-minio-")))
+def minio_server(
+    binary: Path | None = None, bucket: str = TEST_BUCKET, host: str = "127.0.0.1"
+) -> Iterator[MinioServer]:
+    root = Path(tempfile.mkdtemp(prefix="fst-minio-"))
+    server = MinioServer(binary or minio_binary(), root, host)
     try:
         server.start()
         server.make_bucket(bucket)
@@ -261,11 +265,12 @@ def postgres_bin_dir() -> Path:
 
 class PostgresServer:
     """A throwaway cluster on 127.0.0.1 (superuser `fst` trusted, other roles by password,
-    fsync off for speed).
+    fsync off for speed). With `host` (the real test node's address) it listens there instead,
+    for pods on that node's /24, with the same rules.
     As root it runs as `nobody`: initdb and postgres refuse to run as root."""
 
-    def __init__(self, bin_dir: Path, root: Path) -> None:
-        self.bin, self.root = bin_dir, root
+    def __init__(self, bin_dir: Path, root: Path, host: str = "127.0.0.1") -> None:
+        self.bin, self.root, self.host = bin_dir, root, host
         self.data, self.sockets = root / "data", root / "sockets"
         self.log = root / "postgres.log"
         self.port = free_port()
@@ -280,7 +285,7 @@ class PostgresServer:
         return {"user": self.owner.pw_uid, "group": self.owner.pw_gid, "extra_groups": []}
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://{PG_USER}@{self.host}:{self.port}/{database}"
 
     def start(self, timeout: float = 60) -> None:
         self.sockets.mkdir(parents=True, exist_ok=True)
@@ -293,7 +298,7 @@ class PostgresServer:
         cmd = [
             str(self.bin / "postgres"),
             *("-D", str(self.data), "-p", str(self.port), "-k", str(self.sockets)),
-            *("-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"),
+            *("-c", f"listen_addresses={self.host}", "-c", "fsync=off"),
             *("-c", "synchronous_commit=off", "-c", "full_page_writes=off"),
         ]
         with self.log.open("a") as log:
@@ -314,10 +319,11 @@ class PostgresServer:
         # The superuser logs in without a password; every other role (the operator's
         # per-namespace roles) with its password, so the tenancy tests prove a password is
         # needed, as on a real server.
+        clients = "127.0.0.1/32" if self.host == "127.0.0.1" else f"{self.host}/24"
         (self.data / "pg_hba.conf").write_text(
             f"local all all trust\n"
-            f"host all {PG_USER} 127.0.0.1/32 trust\n"
-            f"host all all 127.0.0.1/32 scram-sha-256\n"
+            f"host all {PG_USER} {clients} trust\n"
+            f"host all all {clients} scram-sha-256\n"
         )
 
     def _accepts(self) -> bool:
@@ -328,7 +334,7 @@ class PostgresServer:
             return False
 
     def _dsn(self, database: str) -> str:
-        return f"host=127.0.0.1 port={self.port} user={PG_USER} dbname={database}"
+        return f"host={self.host} port={self.port} user={PG_USER} dbname={database}"
 
     def create_database(self, name: str) -> str:
         """A new empty database; returns its SQLAlchemy URL."""
@@ -342,9 +348,10 @@ class PostgresServer:
 
 
 @contextmanager
-def postgres_server() -> Iterator[PostgresServer]:
+def postgres_server(host: str = "127.0.0.1") -> Iterator[PostgresServer]:
     # Directly under /tmp: an unprivileged owner must be able to reach the folder.
-    server = PostgresServer(postgres_bin_dir(), Path(tempfile.mkdtemp(prefix="fst-pg-")))
+    root = Path(tempfile.mkdtemp(prefix="fst-pg-"))
+    server = PostgresServer(postgres_bin_dir(), root, host)
     try:
         server.start()
     except BaseException:

@@ -1,7 +1,7 @@
 """The Kubernetes API calls the handlers make beyond kopf's own (official client; blocking, so
-the handlers are sync and kopf runs them in its thread pool): reading a run's Job and a
-stream's child runs, a failed attempt's pods, creating children, and writing a status from a CHILD's event (kopf's
-`patch` only writes the object a handler is for)."""
+the handlers are sync and kopf runs them in its thread pool): reading a run's Job, a stream's
+child runs and a failed attempt's pods, creating children, and writing a status from a CHILD's
+event (kopf's `patch` only writes the object a handler is for)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import ssl
@@ -128,6 +129,11 @@ class TestCluster:
         self.kubeconfig = self.root / "admin.kubeconfig"
         self.etcd_port, self.port = free_port(), free_port()
         self.server = f"https://127.0.0.1:{self.port}"
+        # The real node's address (tests/k8s/node.py), chosen now so that the apiserver's
+        # serving certificate names it: pods on that node reach the apiserver there.
+        self.node_subnet = pick_node_subnet()
+        self.node_ip = f"10.88.{self.node_subnet}.1"
+        self.pod_server = f"https://{self.node_ip}:{self.port}"
         self._api: k8s.ApiClient | None = None
         self.phase_seconds: dict[str, float] = {}  # how long each start phase took
         self._phase_end = 0.0
@@ -236,6 +242,7 @@ class TestCluster:
             "kubernetes.default",
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
+            self.node_ip,
         )
         certs = {
             "ca": ca.files,
@@ -317,7 +324,9 @@ class TestCluster:
             [
                 self.bins["kube-apiserver"],
                 f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
+                # All addresses: pods on the real node reach it at the node's address (it exists
+                # once the node starts); clients authenticate with certificates or tokens.
+                "--bind-address=0.0.0.0",
                 "--advertise-address=127.0.0.1",
                 f"--secure-port={self.port}",
                 f"--cert-dir={self.pki}",
@@ -492,6 +501,13 @@ def _die_with_parent() -> None:
     crashed test run leaves no apiserver behind (Linux prctl PR_SET_PDEATHSIG)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
+
+
+def pick_node_subnet() -> int:
+    """<n> of a 10.88.<n>.0/24 that no interface of this machine uses (two test runs on one
+    machine may both have a real node)."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    return random.choice([n for n in range(10, 250) if f" 10.88.{n}." not in used])
 
 
 def _is_ready(node) -> bool:

@@ -46,19 +46,20 @@ TOOLS_APPLETS = (
 
 
 @dataclass(frozen=True)
-class OciArchive:
-    """An image as an OCI archive, and the name it gets in containerd."""
+class ImageArchive:
+    """An image as an archive `ctr images import` reads (OCI or docker-archive), and the name
+    it gets in containerd."""
 
     name: str
     path: Path
 
 
-def pause_image() -> OciArchive:
+def pause_image() -> ImageArchive:
     source = HERE / "pause.c"
     return _cached("pause", PAUSE_IMAGE, [source], _build_pause)
 
 
-def tools_image() -> OciArchive:
+def tools_image() -> ImageArchive:
     inputs = [HERE / "memhog.c", BUSYBOX, Path(__file__)]
     digest = _inputs_hash(inputs)[:12]
     return _cached("tools", f"fst.test/tools:{digest}", inputs, _build_tools)
@@ -86,7 +87,7 @@ def _build_tools(rootfs: Path, work: Path) -> list[str]:
 # ----------------------------------------------------------------------------- plumbing
 
 
-def _cached(stem: str, name: str, inputs: list[Path], build) -> OciArchive:
+def _cached(stem: str, name: str, inputs: list[Path], build) -> ImageArchive:
     digest = _inputs_hash([*inputs, Path(__file__)])[:16]
     folder = cache_root() / "node-images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,7 +98,7 @@ def _cached(stem: str, name: str, inputs: list[Path], build) -> OciArchive:
             for old in folder.glob(f"{stem}-*.tar"):
                 old.unlink()  # an image of older inputs
             _umoci_image(name, target, build)
-    return OciArchive(name, target)
+    return ImageArchive(name, target)
 
 
 def _umoci_image(name: str, target: Path, build) -> None:

@@ -25,11 +25,16 @@ Settings this VM needs (measured; ../shared/notes/real-node.md):
 - `restrict_oom_score_adj = true` in containerd: this VM forbids lowering `oom_score_adj`,
   and runc fails to start a sandbox that tries;
 - the `native` snapshotter (plain copies; overlayfs inside this VM was not needed);
-- `failSwapOn: false`, eviction thresholds near zero (a shared CI disk must not evict pods);
+- `failSwapOn: false`, no disk eviction (this VM's shared, thin disk reports wildly varying
+  free space; a 1% threshold evicted a training pod);
 - a node IP that is not loopback (the kubelet refuses one): the CNI bridge's gateway address.
   The harness creates the bridge (`fst<id>`, 10.88.<n>.1/24) before the kubelet starts, so the
   node's InternalIP exists from the start: the apiserver reaches the kubelet there (logs,
-  exec) and pods reach the host there. The bridge plugin then attaches pods to it.
+  exec) and pods reach the host there — the apiserver too, which listens on all addresses with
+  the node's address in its certificate (tests/k8s/cluster.py chooses it before it starts).
+  The bridge plugin then attaches pods to it. There is no kube-proxy: a pod that talks to the
+  apiserver is given KUBERNETES_SERVICE_HOST/PORT = the node's address and the apiserver's
+  port (`RealNode.apiserver_env()`).
 
 Pods are scheduled here only when they ask (the node is tainted, like the process node):
 `pod_placement()` gives the toleration and node selector. Everything lives in one temp folder
@@ -56,7 +61,7 @@ from kubernetes import client as k8s
 
 from tests.k8s import binaries
 from tests.k8s.cluster import ClusterError, Component, TestCluster, _is_ready
-from tests.k8s.images import OciArchive, pause_image
+from tests.k8s.images import ImageArchive, pause_image
 from tests.servers import free_port
 
 REAL_NODE = "real-node-0"
@@ -84,9 +89,8 @@ class RealNode:
         self.root = self.cluster.root / "real-node"
         self.socket = self.root / "containerd.sock"
         self.bridge = f"fst{self.id}"
-        subnet = self._free_subnet()
-        self.subnet = f"10.88.{subnet}.0/24"
-        self.ip = f"10.88.{subnet}.1"
+        self.subnet = f"10.88.{self.cluster.node_subnet}.0/24"
+        self.ip = self.cluster.node_ip
         self.cgroup_root = f"/fst-node-{self.id}"
         self.kubelet_port = free_port()
 
@@ -94,6 +98,7 @@ class RealNode:
 
     def start(self) -> None:
         _check_tools()
+        self._kill_shims()  # orphans of a test run killed before its cleanup
         self.root.mkdir(parents=True, exist_ok=True)
         self._make_bridge()
         self._make_cgroup_root()
@@ -112,16 +117,28 @@ class RealNode:
 
     def stop(self) -> None:
         """Kubelet first (it would restart what we kill), then every container of ours, then
-        containerd; then the mounts, the bridge and the cgroups it leaves behind."""
-        for component in reversed(self.components):
-            component.stop()
+        containerd; then the mounts, the bridge and the cgroups it leaves behind. Every step
+        runs even when one before it failed: a half-stopped node leaks processes and mounts."""
+        steps = [*(c.stop for c in reversed(self.components))]
+        steps += [self._kill_cgroup_processes, self._kill_shims, self._unmount]
+        steps += [self._remove_bridge, self._remove_cgroup_root]
+        errors = []
+        for step in steps:
+            try:
+                step()
+            except Exception as e:  # reported below, after the other steps
+                errors.append(f"{getattr(step, '__name__', step)}: {e}")
+        for component in self.components:
             if component in self.cluster.components:
                 self.cluster.components.remove(component)
-        self._kill_cgroup_processes()
-        self._kill_shims()
+        if errors:
+            raise ClusterError("stopping the real node: " + "; ".join(errors))
+
+    def _unmount(self) -> None:
         self._unmount_under(self.root)
+
+    def _remove_bridge(self) -> None:
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
-        self._remove_cgroup_root()
 
     def _add(self, name: str, cmd: list[str]) -> Component:
         component = Component(name, [str(c) for c in cmd], self.cluster.logs / f"{name}.log")
@@ -133,12 +150,6 @@ class RealNode:
         return component
 
     # ------------------------------------------------------------------ network
-
-    def _free_subnet(self) -> int:
-        """A 10.88.<n>.0/24 no interface of this machine uses (two test runs may overlap)."""
-        used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
-        candidates = [n for n in range(10, 250) if f" 10.88.{n}." not in used]
-        return random.choice(candidates)
 
     def _make_bridge(self) -> None:
         for cmd in (
@@ -260,30 +271,45 @@ state = "{self.root / "containerd-state"}"
             raise ClusterError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-2000:]}")
         return proc
 
-    def import_image(self, archive: OciArchive) -> None:
+    def import_image(self, archive: ImageArchive) -> None:
         """Import an OCI archive as `archive.name`. The archive's index names its manifest by
         tag (org.opencontainers.image.ref.name); `--base-name` completes that to the full
         name. (With `--index-name` instead, ctr also adds an `import-<date>:<tag>` name, which
         the CRI then picks for the sandbox image and fails to find once it is removed.)"""
         base, _, _ = archive.name.rpartition(":")
-        self._ctr("images", "import", f"--base-name={base}", str(archive.path))
+        # Unpacked now, into the snapshotter the CRI uses: otherwise the kubelet's
+        # CreateContainer unpacks a 6 GB image itself and hits its 2-minute deadline.
+        self._ctr(
+            "images", "import", "--snapshotter=native", f"--base-name={base}", str(archive.path)
+        )
         listed = self._ctr("images", "list", "--quiet").stdout.split()
         if archive.name not in listed:
             raise ClusterError(f"importing {archive.path} gave {listed}, not {archive.name}")
 
     def _kill_shims(self) -> None:
         """containerd's shims outlive it by design (containers survive a containerd restart):
-        stop ours, named by our socket."""
+        stop ours, named by our socket, and any test node's whose socket is gone (a run that
+        was killed before it could clean up). Their containers die with them (runc's
+        children of the shim get SIGKILL through the pdeath signal of their init)."""
         out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
         for line in out.splitlines():
             pid, _, args = line.strip().partition(" ")
-            if "containerd-shim" in args and str(self.socket) in args:
+            if "containerd-shim" not in args or "-address" not in args:
+                continue
+            socket = args.split("-address", 1)[1].split()[0]
+            ours = socket == str(self.socket)
+            orphan = "/real-node/containerd.sock" in socket and not Path(socket).exists()
+            if ours or orphan:
                 _kill(int(pid))
 
     # ------------------------------------------------------------------ kubelet
 
     def kubelet_config(self) -> dict:
-        near_zero = "1%"
+        # "0%" switches a disk signal off (kubelet ignores 0% and 100%). This VM's disk is
+        # thin-provisioned and shared: its free space swings by tens of GB under other load
+        # (measured: 600 MB "available" for a moment with 34 GB free a minute later), and 1%
+        # of 252 GB evicted a training pod and tainted the node.
+        disk_off = "0%"
         return {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -309,10 +335,10 @@ state = "{self.root / "containerd-state"}"
             "registerWithTaints": [{"key": REAL_NODE_TAINT, "effect": "NoSchedule"}],
             "evictionHard": {
                 "memory.available": "50Mi",
-                "nodefs.available": near_zero,
-                "nodefs.inodesFree": near_zero,
-                "imagefs.available": near_zero,
-                "imagefs.inodesFree": near_zero,
+                "nodefs.available": disk_off,
+                "nodefs.inodesFree": disk_off,
+                "imagefs.available": disk_off,
+                "imagefs.inodesFree": disk_off,
             },
             # Imported images cannot be pulled again: never collect them.
             "imageGCHighThresholdPercent": 100,
@@ -351,6 +377,13 @@ state = "{self.root / "containerd-state"}"
     def pod_placement() -> dict:
         """What a pod spec needs to run here (the node is tainted)."""
         return {"tolerations": [REAL_NODE_TOLERATION], "nodeSelector": REAL_NODE_SELECTOR}
+
+    def apiserver_env(self) -> list[dict]:
+        """Container env that points in-cluster clients at the apiserver (no kube-proxy)."""
+        return [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": self.ip},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": str(self.cluster.port)},
+        ]
 
     def describe(self) -> str:
         return self._ctr("images", "list", check=False).stdout
