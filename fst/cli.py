@@ -4,6 +4,8 @@ fst train -c CONFIG [--override key=value ...] [--resume]
 fst eval  -c CONFIG [--checkpoint latest|PATH] [--split test] [--limit N]
 fst prompts show RUN
 fst prompts diff RUN A B
+fst lineage STREAM                 stages, data versions, gate decisions, what is served
+fst chat BUNDLE [PROMPT]           answer with a bundle's weights and prompt
 
 Errors: a problem with the input (config, manifest, data, model folder, checkpoint, a run held
 by another trainer, a diverged run) ends with ONE line `error: <what, naming the field, file or
@@ -37,11 +39,19 @@ TaskStream stage). Override any field from the command line with dotted keys, e.
 
 
 def _setup_logging(verbose: bool) -> None:
+    """fastslow's own INFO lines (stage, step, GEPA round, gate); libraries only at WARNING,
+    and Python warnings (deprecations of libraries) off: a newcomer should see what the run
+    does, not the database migration tool's plugin set-up. --verbose shows everything."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("fst").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        import warnings
+
+        warnings.simplefilter("ignore")
     # transformers is chatty about GGUF de-quantisation and deprecations; and never reach
     # for the hub unless the user asks for a hub model.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -87,7 +97,101 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     stream_dir = run_stream(args.file, watch=args.watch, progress=not args.no_progress)
     page = write_report(stream_dir)
-    print(f"stream finished: {stream_dir}\nreport: {page}")
+    serving = json.loads((stream_dir / "serving.json").read_text())
+    served = (
+        f"stage {serving['stage']}: {serving['bundle']}"
+        if serving["bundle"]
+        else f"the base model {serving['model']} (no stage promoted)"
+    )
+    print(
+        f"stream finished: {stream_dir}\nreport: {page}\nserving: {served}\n"
+        f"lineage: fst lineage {args.file}"
+    )
+    return 0
+
+
+def _stream_dir(path: str) -> Path:
+    """A stream's folder from its folder, its manifest, or its name under ./runs."""
+    p = Path(path)
+    if p.is_file():
+        from fst.stream import load_stream
+
+        stream = load_stream(p)
+        p = Path(stream.spec.output_dir) / stream.metadata.name
+    elif not p.is_dir():
+        p = Path("runs") / path
+    if not (p / "stream.json").is_file():
+        raise ConfigError(f"{path}: not a stream (no stream.json in {p})")
+    return p
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from fst.stream import StreamState, lineage_rows
+
+    folder = _stream_dir(args.stream)
+    state = StreamState.load(folder / "stream.json")
+    serving_file = folder / "serving.json"
+    serving = json.loads(serving_file.read_text()) if serving_file.is_file() else None
+    rows = lineage_rows(state.runs)
+    if args.json:
+        print(json.dumps({"stages": rows, "serving": serving}, indent=1))
+        return 0
+    print(f"stream {folder.name} ({folder})")
+    for row in rows:
+        scores = row["scores"] or ""
+        print(
+            f"  {row['stage']:<14} {row['status']:<9} {row['decision']:<26} "
+            f"data {row['dataVersion'] or '-':<16} from {row['from']}"
+        )
+        if scores:
+            print(f"  {'':<14} {scores}")
+        if row["bundle"]:
+            print(f"  {'':<14} bundle {row['bundle']}")
+    if serving is not None:
+        what = serving["stage"] or f"the base model {serving['model']} with the seed prompt"
+        pin = f" (pinned to {serving['pinned']})" if serving.get("pinned") else ""
+        print(f"serving: {what}{pin}" + (f"\n  {serving['bundle']}" if serving["bundle"] else ""))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from fst.bundle import read_bundle
+
+    uri = args.bundle
+    if not uri.startswith("s3://") and (
+        Path(uri).is_file() or (Path(uri) / "stream.json").is_file()
+    ):
+        serving = json.loads((_stream_dir(uri) / "serving.json").read_text())
+        if not serving.get("bundle"):
+            raise ConfigError(f"{uri}: the stream serves no bundle yet (nothing promoted)")
+        uri = serving["bundle"]
+    folder, system_prompt, lineage = read_bundle(uri)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fst.model import chat_prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    stage, base = lineage.get("stage"), lineage.get("baseModel")
+    print(f"bundle of stage {stage} ({uri}), base model {base}", file=sys.stderr)
+    questions = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
+    for question in questions:
+        if not question:
+            continue
+        # The prompt exactly as the gate scored it (fst/evaluate.py): chat template, system.
+        ids = torch.tensor([chat_prompt_ids(tok, system_prompt, question)])
+        with torch.no_grad():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id or tok.eos_token_id,
+            )
+        answer = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        print(str(answer).strip())
     return 0
 
 
@@ -280,6 +384,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser(
+        "lineage",
+        parents=[common],
+        help="a stream's chain of stages: data versions, gate decisions, what is served",
+        description="Show a stream's stages in order (base model -> stage -> stage): what each "
+        "started from, the version of its data, its promotion gate's decision with the scores "
+        "behind it, its bundle, and which bundle is served now.",
+    )
+    p.add_argument("stream", help="the stream's folder, its manifest, or its name under ./runs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_lineage)
+
+    p = sub.add_parser(
+        "chat",
+        parents=[common],
+        help="answer a prompt with a bundle's weights and system prompt (CPU, greedy)",
+        description="Load a promoted bundle (a folder, an s3:// URI, or a stream: its served "
+        "bundle) with plain transformers and answer PROMPT, or each line of stdin, with the "
+        "bundle's system prompt: a look at the adapted model before serving it.",
+    )
+    p.add_argument("bundle", help="bundle folder or s3:// URI, or a stream folder/manifest")
+    p.add_argument("prompt", nargs="?", help="the question (default: one per line of stdin)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
         "report", parents=[common], help="HTML report with plots for a run or a stream"

@@ -10,10 +10,14 @@ laptop and on a cluster. The I/O the planner needs (a data source's fingerprint,
 saved in a checkpoint) comes in as functions: fst/handover.py has the real ones.
 
     stage 1                 starts from the base model and the seed prompt
-    stage n                 starts from the latest successful stage run's final checkpoint;
-                            in modes fst/gepa also from the prompt population saved IN that
-                            checkpoint (state.json); an `rl` stage never inherits prompts
+    stage n                 starts from the newest PROMOTED stage run's final checkpoint
+                            (fst/promote.py: the gate; `promotion.nextStageFrom: candidate`
+                            takes the newest successful one); in modes fst/gepa also from the
+                            prompt population saved IN that checkpoint (state.json); an `rl`
+                            stage never inherits prompts
     new data in a stage     the stage runs again as `<stage>-v2`, `-v3`, ...
+    served                  the newest promoted run's bundle, or the pinned stage's
+                            (`serving.pin`: a rollback)
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
-from fst.k8s.api import StageSpec, TaskStream
+from fst.k8s.api import PromotionSpec, StageSpec, TaskStream
+from fst.promote import GateDecision
 
 # A stage run's name must leave room for the Job suffix `-a<attempt>` (Job names are DNS
 # labels of at most 63 characters): the FastSlowRun CRD caps names at 52.
@@ -62,6 +67,8 @@ class StageRun(BaseModel):
     population: list[str] | None = None
     best_prompt_id: str | None = None
     evaluation: dict[str, Any] | None = None
+    gate: GateDecision | None = Field(None, description="The promotion gate's decision.")
+    bundle: str | None = Field(None, description="Where its bundle is published (if promoted).")
     started: float | None = None
     finished: float | None = None
     error: str | None = Field(None, description="Why the run failed (status failed), one line.")
@@ -70,6 +77,12 @@ class StageRun(BaseModel):
     def name(self) -> str:
         """The stage version's display name: `mul`, `mul-v2`, ..."""
         return version_name(self.stage, self.version)
+
+    @property
+    def promoted(self) -> bool:
+        """Succeeded and passed its gate. A run the stream could not gate (`evalProblems: 0`
+        evaluates nothing) counts as promoted: there is nothing to hold it back with."""
+        return self.status == StageStatus.SUCCEEDED and (self.gate is None or self.gate.promoted)
 
 
 def version_name(stage: str, version: int) -> str:
@@ -199,6 +212,26 @@ def last_succeeded(runs: list[StageRun]) -> StageRun | None:
     return done[-1] if done else None
 
 
+def last_promoted(runs: list[StageRun]) -> StageRun | None:
+    """The newest promoted run: the model the next gate compares against."""
+    done = [r for r in runs if r.promoted]
+    return done[-1] if done else None
+
+
+def start_run(runs: list[StageRun], rule: PromotionSpec) -> StageRun | None:
+    """The run a new stage starts from (None: the base model): the newest promoted one, or,
+    with `promotion.nextStageFrom: candidate`, the newest that succeeded, promoted or not."""
+    return last_succeeded(runs) if rule.next_stage_from == "candidate" else last_promoted(runs)
+
+
+def serving_run(runs: list[StageRun], pin: str | None) -> StageRun | None:
+    """The run whose bundle is served: the newest promoted one, or the newest promoted run of
+    the pinned stage. None: nothing promoted yet (or nothing of the pinned stage), and what is
+    served is the base model with the seed prompt."""
+    mine = [r for r in runs if r.promoted and (pin is None or r.stage == pin)]
+    return mine[-1] if mine else None
+
+
 def next_stage(
     stream: TaskStream,
     runs: list[StageRun],
@@ -212,8 +245,9 @@ def next_stage(
     latest successful run trained on. An unfinished run (pending or running) is returned as it
     is, to be continued; a failed one stops the stream (returned as it is too: the caller
     decides, `fst stream` retries it, the operator reports the stream Failed).
-    A new run starts from the latest successful run's final checkpoint and, when its mode has
-    a fast channel, from the population saved in that checkpoint (`population_of(uri)`).
+    A new run starts from the newest promoted run's final checkpoint (start_run: or the newest
+    successful one, promoted or not, with `promotion.nextStageFrom: candidate`) and, when its
+    mode has a fast channel, from the population saved in that checkpoint (`population_of`).
     """
     for stage in stream.spec.stages:
         mine = [r for r in runs if r.stage == stage.name]
@@ -224,7 +258,7 @@ def next_stage(
             continue
         version = len(mine) + 1
         name = stage_run_name(stream.metadata.name, stage.name, version)
-        start = last_succeeded(runs)
+        start = start_run(runs, stream.spec.promotion)
         checkpoint = start.checkpoint if start else None
         population = None
         if checkpoint is not None and inherits_prompts(stage_config(stream, stage, name)):

@@ -270,8 +270,17 @@ def write_report(path: str | Path) -> Path:
                 len(s.rounds),
             ]
         )
-    parts = [
-        f"<h1>fastslow report: {html.escape(path.name)} ({kind})</h1>",
+    parts = [f"<h1>fastslow report: {html.escape(path.name)} ({kind})</h1>"]
+    gate_rows = [_gate_row(s.name, s.entry["gate"]) for s in segments if s.entry.get("gate")]
+    if gate_rows:
+        parts += [
+            "<h2>Summary: the promotion gate of each stage</h2>",
+            "<p>Greedy test pass rate on the stage's own problems, of the model served before "
+            "it (before) and of the stage's final weights with its best prompt (after); a "
+            "stage is served only if promoted.</p>",
+            _table(["stage", "before", "after", "n", "decision", "why"], gate_rows),
+        ]
+    parts += [
         "<h2>Stages</h2>",
         _table(
             [
@@ -335,3 +344,11 @@ def write_report(path: str | Path) -> Path:
         f"<style>{style}</style>" + "\n".join(parts)
     )
     return page
+
+
+def _gate_row(name: str, gate: dict[str, Any]) -> list[Any]:
+    """One summary row from a stage's gate decision (fst/promote.py GateDecision as JSON)."""
+    stage = gate["stage"]
+    before, after = gate["baseline"][stage], gate["candidate"][stage]
+    decision = "promoted" if gate["promoted"] else f"rejected ({gate['reason']})"
+    return [name, before["pass_rate"], after["pass_rate"], after["n"], decision, gate["message"]]

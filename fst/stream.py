@@ -23,15 +23,17 @@ a run that fails after that is marked `failed` with the reason, and retried by t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from fst.bundle import publish_bundle
 from fst.config import ConfigError, TrainConfig, format_validation_error, read_yaml
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import TaskStream
@@ -40,10 +42,13 @@ from fst.plan import (
     StageStatus,
     check_history,
     check_stages,
+    last_promoted,
+    serving_run,
     stage_config,
     stage_spec,
 )
 from fst.plan import next_stage as plan_next_stage
+from fst.promote import GateDecision, Score, decide
 
 if TYPE_CHECKING:
     from fst.store.db import RunDB
@@ -69,22 +74,27 @@ def load_stream(path: str | Path) -> TaskStream:
 
 @dataclass
 class StreamState:
-    """stream.json: one StageRun per stage run, in the order they ran."""
+    """stream.json: one StageRun per stage run, in the order they ran, and the scores the
+    gates measured (key: score_key), saved one by one, so that an evaluation killed half-way
+    resumes where it stopped."""
 
     path: Path
     runs: list[StageRun]
+    scores: dict[str, Score] = field(default_factory=dict)
 
     @staticmethod
     def load(path: Path) -> StreamState:
         if not path.is_file():
             return StreamState(path, [])
         try:
-            raw = json.loads(path.read_text())["stages"]
+            doc = json.loads(path.read_text())
             # `name` is derived (StageRun.name), written for people and the report.
             runs = [
-                StageRun.model_validate({k: v for k, v in e.items() if k != "name"}) for e in raw
+                StageRun.model_validate({k: v for k, v in e.items() if k != "name"})
+                for e in doc["stages"]
             ]
-            return StreamState(path, runs)
+            scores = {k: Score.model_validate(v) for k, v in (doc.get("scores") or {}).items()}
+            return StreamState(path, runs, scores)
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(
                 f"{path}: not a stream state file this version can read ({e}); move it away "
@@ -95,7 +105,8 @@ class StreamState:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         entries = [{"name": r.name, **r.model_dump(mode="json")} for r in self.runs]
-        tmp.write_text(json.dumps({"stages": entries}, indent=1))
+        scores = {k: v.model_dump(mode="json") for k, v in self.scores.items()}
+        tmp.write_text(json.dumps({"stages": entries, "scores": scores}, indent=1))
         tmp.replace(self.path)
 
 
@@ -118,6 +129,8 @@ class StreamRunner:
         self.dir = Path(stream.spec.output_dir) / stream.metadata.name
         self.state = StreamState.load(self.dir / "stream.json")
         self._base: Any = None
+        self._tokenizer: Any = None
+        self._loaded: dict[str, Any] = {}
 
     def check(self, stream: TaskStream) -> None:
         """`stream` (the manifest, maybe edited) against the history in stream.json: a
@@ -131,6 +144,7 @@ class StreamRunner:
         while (run := next_stage(self.stream, self.state)) is not None:
             self.run_stage(run)
             ran += 1
+        self.write_serving()  # a pin added or removed changes it without a stage running
         return ran
 
     def run_stage(self, run: StageRun) -> None:
@@ -168,13 +182,23 @@ class StreamRunner:
             db.start_stage(self.stream.metadata.name, self.state.runs.index(run), run.name, run.run)
 
         try:
-            train(cfg, resume=True, progress=self.progress, on_start=on_start)
+            if run in self.state.runs and _trained(cfg):
+                # Killed after training, during the gate: go straight back to it (building the
+                # run to find nothing left to train took longer than some kill intervals).
+                log.info("stage %s: %s has trained its %d steps", run.name, run.run, cfg.steps)
+                on_start()
+            else:
+                train(cfg, resume=True, progress=self.progress, on_start=on_start)
             folder, uri = _final_checkpoint(cfg)
             ckpt_state = json.loads((folder / "state.json").read_text())
             run.checkpoint = uri
             run.population = checkpoint_population(uri)  # what the next stage will inherit
             run.best_prompt_id = ckpt_state["population"][0]["id"]
-            run.evaluation = self.evaluate(run, folder, ckpt_state)
+            run.gate, run.evaluation = self.gate(run, cfg)
+            if run.gate is None or run.gate.promoted:
+                run.bundle = publish_bundle(
+                    uri, folder, run.population[0], self.lineage(run, cfg, db)
+                )
         except Exception as e:
             if run in self.state.runs:  # it ran (now or in an earlier attempt): say why it failed
                 self._failed(run, e, db)
@@ -192,9 +216,15 @@ class StreamRunner:
             index,
             checkpoint_uri=uri,
             population_version=version.version if version else None,
+            data_version=run.source,
+            gate=run.gate.model_dump(mode="json") if run.gate else None,
+            bundle_uri=run.bundle,
         )
         db.close()
-        log.info("stage %s done: %s", run.name, json.dumps(run.evaluation))
+        if run.gate is not None:
+            verdict = "promoted" if run.gate.promoted else f"REJECTED ({run.gate.reason})"
+            log.info("stage %s %s: %s", run.name, verdict, run.gate.message)
+        self.write_serving()
 
     def _failed(self, run: StageRun, error: Exception, db: RunDB) -> None:
         """Mark `run` failed in stream.json (and the database) with a one-line reason; the next
@@ -211,57 +241,223 @@ class StreamRunner:
         except Exception as e:  # the database may be why we are here: keep the first error
             log.warning("stage %s: could not record its failure: %s", run.name, e)
 
-    def evaluate(self, run: StageRun, folder: Path, ckpt_state: dict[str, Any]) -> dict[str, Any]:
-        """Retention on every stage so far and the channel decomposition on this one."""
-        n = self.stream.spec.eval_problems
-        if n == 0:
-            return {}
-        from fst.evaluate import channel_decomposition, evaluate_prompt
+    # ------------------------------------------------------------------ the gate
+
+    def gate(self, run: StageRun, cfg: TrainConfig) -> tuple[GateDecision | None, dict[str, Any]]:
+        """The promotion gate (fst/promote.py) of a finished run, and the numbers the report
+        shows: retention on every stage so far and the channel decomposition on this one.
+
+        The candidate (this run's final weights + its best prompt) and the promoted model (the
+        newest promoted run's, else the base model with the seed prompt) are scored on this
+        stage's test split and on every earlier stage's retention set. Each score is saved in
+        stream.json as soon as it is measured (score_key), so a kill loses one score at most."""
+        if self.stream.spec.eval_problems == 0:
+            return None, {}
+        before = self.state.runs[: self.state.runs.index(run)]
+        done = [r for r in before if r.status == StageStatus.SUCCEEDED and r.stage != run.stage]
+        stages = [*dict.fromkeys(r.stage for r in done), run.stage]
+        assert run.checkpoint is not None and run.population
+        best, seed = run.population[0], cfg.fast.seed_prompt
+        promoted = last_promoted(before)
+        if promoted is not None and promoted.checkpoint and promoted.population:
+            baseline: tuple[str | None, str] = (promoted.checkpoint, promoted.population[0])
+        else:
+            baseline = (None, seed)
+        candidate = {stage: self.score(run.checkpoint, best, stage) for stage in stages}
+        served = {stage: self.score(*baseline, stage) for stage in stages}
+        decision = decide(self.stream.spec.promotion, run.stage, candidate, served)
+        decomposition = {
+            "base+seed prompt": self.score(None, seed, run.stage),
+            "base+FST prompt": self.score(None, best, run.stage),
+            "trained+seed prompt": self.score(run.checkpoint, seed, run.stage),
+            "trained+FST prompt": candidate[run.stage],
+        }
+        evaluation = {
+            "retention": {stage: candidate[stage].pass_rate for stage in stages},
+            "decomposition": {k: v.pass_rate for k, v in decomposition.items()},
+            "n": self.stream.spec.eval_problems,
+        }
+        return decision, evaluation
+
+    def score(self, weights: str | None, prompt: str, stage: str) -> Score:
+        """Greedy pass rate of (weights: a checkpoint URI, None = the base model; prompt) on
+        the first `evalProblems` test problems of `stage`'s newest data; cached in stream.json."""
+        from fst.evaluate import evaluate_prompt
         from fst.loop import load_task
+
+        latest = [r for r in self.state.runs if r.stage == stage][-1]
+        cfg = stage_config(self.stream, stage_spec(self.stream, stage), latest.run)
+        n = self.stream.spec.eval_problems
+        key = score_key(
+            weights or f"base:{self.stream.spec.model.name}",
+            prompt,
+            cfg.task.model_dump(mode="json"),
+            latest.source,
+            n,
+            cfg.rollout.max_new_tokens,
+        )
+        if key not in self.state.scores:
+            task = load_task(cfg)
+            engine, tok = self._engine(weights)
+            result = evaluate_prompt(
+                engine, tok, task, task.problems("test")[:n], prompt, cfg.rollout.max_new_tokens
+            )
+            self.state.scores[key] = Score(pass_rate=result.pass_rate, n=result.n)
+            self.state.save()
+            log.info(
+                "gate: measured %s with %s on %s: %s",
+                weights or "the base model",
+                "the seed prompt" if prompt == cfg.fast.seed_prompt else "an evolved prompt",
+                stage,
+                self.state.scores[key],
+            )
+        return self.state.scores[key]
+
+    def _engine(self, weights: str | None) -> tuple[Any, Any]:
+        """A greedy rollout engine on the base model (kept) or on a checkpoint's weights (the
+        last one kept: a gate scores one candidate and one promoted model at a time)."""
         from fst.model import load_policy, load_tokenizer, stop_token_ids
         from fst.rollout.hf import HFRolloutEngine
-        from fst.run_state import load_weights_into
 
         spec = self.stream.spec
-        tok = load_tokenizer(spec.model)
-        if self._base is None:
-            self._base = load_policy(spec.model)
-        trained = load_policy(spec.model)
-        load_weights_into(trained, folder)
-        stop = stop_token_ids(tok, trained)
-        cfg = stage_config(self.stream, stage_spec(self.stream, run.stage), run.run)
-        max_new_tokens = cfg.rollout.max_new_tokens
-        best = ckpt_state["population"][0]["text"]
-        trained_engine = HFRolloutEngine(trained, tok, stop)
-        retention = {}
-        seen: list[str] = []
-        for other in self.state.runs:
-            if other.stage in seen or (other.status != StageStatus.SUCCEEDED and other is not run):
-                continue
-            seen.append(other.stage)
-            task = load_task(
-                stage_config(self.stream, stage_spec(self.stream, other.stage), other.run)
-            )
-            res = evaluate_prompt(
-                trained_engine, tok, task, task.problems("test")[:n], best, max_new_tokens
-            )
-            retention[other.stage] = res.pass_rate
-        task = load_task(cfg)
-        dec = channel_decomposition(
-            HFRolloutEngine(self._base, tok, stop),
-            trained_engine,
-            tok,
-            task,
-            task.problems("test")[:n],
-            cfg.fast.seed_prompt,
-            best,
-            max_new_tokens,
-        )
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(spec.model)
+        tok = self._tokenizer
+        if weights is None:
+            if self._base is None:
+                self._base = load_policy(spec.model)
+            model = self._base
+        else:
+            if weights not in self._loaded:
+                self._loaded.clear()  # free the previous one first
+                # The checkpoint's model/ is the whole (merged, if LoRA) model: no adapters.
+                cfg = spec.model.model_copy(update={"name": weights, "lora": None})
+                self._loaded[weights] = load_policy(cfg)
+            model = self._loaded[weights]
+        return HFRolloutEngine(model, tok, stop_token_ids(tok, model)), tok
+
+    # ------------------------------------------------------------------ bundle and serving
+
+    def lineage(self, run: StageRun, cfg: TrainConfig, db: RunDB) -> dict[str, Any]:
+        """fastslow.json of a run's bundle: where its weights and prompt come from."""
+        index = self.state.runs.index(run)
+        metrics = db.metrics(run.run)
+        kls = [m["kl"] for _, m in sorted(metrics.items()) if m.get("kl") is not None]
+        config = cfg.model_dump(mode="json", by_alias=True, exclude={"database"})
         return {
-            "retention": retention,
-            "decomposition": {f"{w}+{p}": r.pass_rate for w, p, r in dec.rows()},
-            "n": n,
+            "format": 1,
+            "stream": self.stream.metadata.name,
+            "stage": run.name,
+            "run": run.run,
+            "baseModel": self.stream.spec.model.reference or self.stream.spec.model.name,
+            "startedFrom": run.start_checkpoint or "base",
+            "checkpoint": run.checkpoint,
+            "dataVersion": run.source,
+            "configDigest": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[
+                :16
+            ],
+            "mode": cfg.mode,
+            "steps": cfg.steps,
+            "klToBase": kls[-1] if kls else None,  # the run's last measurement
+            "gate": run.gate.model_dump(mode="json") if run.gate else None,
+            "earlierStages": [
+                {
+                    "stage": r.name,
+                    "run": r.run,
+                    "dataVersion": r.source,
+                    "promoted": r.promoted,
+                    "checkpoint": r.checkpoint,
+                }
+                for r in self.state.runs[:index]
+                if r.status == StageStatus.SUCCEEDED
+            ],
         }
+
+    def write_serving(self) -> dict[str, Any]:
+        """`<stream>/serving.json`: what is served now (fst.plan.serving_run: the newest
+        promoted bundle, or the pinned stage's), what a deployment reads."""
+        pin = self.stream.spec.serving.pin
+        serving = serving_run(self.state.runs, pin)
+        if serving is None and pin is not None:
+            # A pin names a stage in the manifest that has no promoted run (yet): keep serving
+            # the newest promoted bundle, and say so.
+            log.warning(
+                "serving.pin: stage %s has no promoted bundle; serving the newest promoted one",
+                pin,
+            )
+            serving = serving_run(self.state.runs, None)
+        if serving is None:
+            doc: dict[str, Any] = {
+                "stage": None,
+                "model": self.stream.spec.model.name,
+                "systemPrompt": None,
+                "bundle": None,
+                "pinned": pin,
+            }
+        else:
+            doc = {
+                "stage": serving.name,
+                "run": serving.run,
+                "model": serving.bundle,
+                "bundle": serving.bundle,
+                "systemPrompt": serving.population[0] if serving.population else None,
+                "pinned": pin,
+            }
+        path = self.dir / "serving.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(path)
+        return doc
+
+
+def lineage_rows(runs: list[StageRun]) -> list[dict[str, Any]]:
+    """One row per stage run for `fst lineage`: what it started from, its data version, its
+    gate's decision and scores, its bundle."""
+    by_checkpoint = {r.checkpoint: r.name for r in runs if r.checkpoint}
+    rows = []
+    for r in runs:
+        gate = r.gate
+        if gate is None:
+            decision = "-" if r.status != StageStatus.SUCCEEDED else "not gated"
+            scores = None
+        else:
+            decision = ("promoted " if gate.promoted else "rejected ") + gate.reason
+            scores = (
+                ", ".join(
+                    f"{stage} {gate.baseline[stage].pass_rate:.3f}->{score.pass_rate:.3f}"
+                    for stage, score in gate.candidate.items()
+                )
+                + f" (n={gate.candidate[r.stage].n})"
+            )
+        start = r.start_checkpoint
+        rows.append(
+            {
+                "stage": r.name,
+                "run": r.run,
+                "status": str(r.status),
+                "from": "base" if start is None else by_checkpoint.get(start, start),
+                "dataVersion": r.source,
+                "decision": decision,
+                "scores": scores,
+                "bundle": r.bundle,
+                "gate": gate.model_dump(mode="json") if gate else None,
+            }
+        )
+    return rows
+
+
+def score_key(
+    weights: str,
+    prompt: str,
+    task: dict[str, Any],
+    data_version: str | None,
+    n: int,
+    max_new_tokens: int,
+) -> str:
+    """What a greedy score is a function of: the weights, the prompt, the problems (the task's
+    settings and its data's version), how many, and the generation length."""
+    what = [weights, prompt, task, data_version, n, max_new_tokens]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _database(cfg: TrainConfig) -> RunDB:
@@ -273,6 +469,14 @@ def _database(cfg: TrainConfig) -> RunDB:
     db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
     db.upgrade()  # the stages table may be the first this database gets (as train() does)
     return db
+
+
+def _trained(cfg: TrainConfig) -> bool:
+    """The run has a checkpoint of its last step: nothing is left to train."""
+    from fst.loop import checkpoint_store
+    from fst.store.checkpoints import latest_step
+
+    return latest_step(checkpoint_store(cfg)) == cfg.steps
 
 
 def _final_checkpoint(cfg: TrainConfig) -> tuple[Path, str]:

@@ -325,6 +325,47 @@ class StageSpec(StageSettings):
     steps: int = Field(gt=0)
 
 
+class PromotionSpec(Schema):
+    """The gate between a stage's run and what is served (fst/promote.py). After a stage's run
+    succeeds, its candidate (final weights + best prompt) and the promoted model (at first the
+    base model with the seed prompt) are scored by greedy pass rate on the stage's test split
+    and on every earlier stage's retention set (`evalProblems` problems each). The candidate is
+    promoted when all three rules hold; a rejected one is kept for inspection, never served."""
+
+    min_score: float = Field(
+        0.0, ge=0, le=1, description="Lowest pass rate on the stage's own test split."
+    )
+    min_gain: float = Field(
+        0.0,
+        ge=-1,
+        le=1,
+        description="Lowest gain over the promoted model on the stage's test split (0: not worse).",
+    )
+    max_regression: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Largest drop against the promoted model on any earlier stage's retention set.",
+    )
+    next_stage_from: Literal["promoted", "candidate"] = Field(
+        "promoted",
+        description="What the stage after a rejected one starts from: the promoted model "
+        "(default: a rejected stage's regression is not carried on) or the rejected candidate.",
+    )
+
+
+class ServingSpec(Schema):
+    """What the stream serves: by default its newest promoted stage."""
+
+    pin: str | None = Field(
+        None,
+        pattern=DNS_LABEL,
+        max_length=40,
+        description="Serve this stage's newest promoted bundle instead of the newest one "
+        "(a rollback); remove it to return to the newest.",
+    )
+
+
 class TaskStreamSpec(Schema):
     model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
     defaults: StreamDefaults = Field(default_factory=StreamDefaults)
@@ -334,6 +375,8 @@ class TaskStreamSpec(Schema):
     )
     watch_interval_seconds: float = Field(10.0, gt=0)
     stages: list[StageSpec] = Field(min_length=1, max_length=100)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
+    serving: ServingSpec = Field(default_factory=ServingSpec)
     # In a cluster only (the operator); `fst stream` ignores them.
     trainer: TrainerSpec = Field(
         default_factory=TrainerSpec,
@@ -349,6 +392,13 @@ class TaskStreamSpec(Schema):
         # Mirrored by CEL rules in the CRD (fst/k8s/crd.py device_rules). `fst stream` ignores
         # `trainer`, but the same file runs in a cluster, where the two must agree.
         check_device(self.model.device, self.trainer, "spec.model")
+        return self
+
+    @model_validator(mode="after")
+    def _pin_names_a_stage(self) -> TaskStreamSpec:
+        pin = self.serving.pin
+        if pin is not None and pin not in [s.name for s in self.stages]:
+            raise ValueError(f"serving.pin: no stage named {pin!r} in spec.stages")
         return self
 
     @field_validator("stages")

@@ -321,6 +321,19 @@ def taskstream_crd() -> dict[str, Any]:
     )
     _add_rules(spec, ("trainer",), TRAINER_RULES)
     _add_rules(spec, (), device_rules("self.model", "spec.model"))
+    _add_rules(
+        spec,
+        (),
+        [
+            {
+                # Mirrors TaskStreamSpec._pin_names_a_stage.
+                "rule": "!has(self.serving) || !has(self.serving.pin) || "
+                "self.stages.exists(s, s.name == self.serving.pin)",
+                "message": "spec.serving.pin must name a stage of spec.stages",
+                "fieldPath": ".serving.pin",
+            }
+        ],
+    )
     columns = [
         *printer_columns(TaskStreamStatus),
         _printer("Stages", ".status.stages[*].stage", priority=1),

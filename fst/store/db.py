@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -132,6 +133,12 @@ class Stage(Base):
     population_version: Mapped[int | None] = mapped_column(Integer)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The data it trained on (sha256 of a file, or of an S3 prefix's ETags), and the
+    # promotion gate (fst/promote.py): the decision with every number, the bundle if promoted.
+    data_version: Mapped[str | None] = mapped_column(Text)
+    promoted: Mapped[bool | None] = mapped_column(Boolean)
+    gate: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    bundle_uri: Mapped[str | None] = mapped_column(Text)
 
 
 class PromptPopulation(Base):
@@ -205,6 +212,10 @@ class StageInfo:
     population_version: int | None
     started_at: datetime | None
     finished_at: datetime | None
+    data_version: str | None = None
+    promoted: bool | None = None
+    gate: dict[str, Any] | None = None
+    bundle_uri: str | None = None
 
 
 def member_dict(record: PromptRecord) -> dict[str, Any]:
@@ -577,7 +588,13 @@ class RunDB:
         status: str = "succeeded",
         checkpoint_uri: str | None = None,
         population_version: int | None = None,
+        *,
+        data_version: str | None = None,
+        gate: dict[str, Any] | None = None,
+        bundle_uri: str | None = None,
     ) -> None:
+        """Record how stage `index` ended; `gate` is the promotion gate's decision
+        (fst.promote.GateDecision as JSON), `bundle_uri` its bundle when promoted."""
         with self.session.begin() as s:
             stage = s.scalar(select(Stage).where(Stage.stream == stream, Stage.index == index))
             if stage is None:
@@ -585,6 +602,10 @@ class RunDB:
             stage.status, stage.finished_at = status, now()
             stage.checkpoint_uri = checkpoint_uri
             stage.population_version = population_version
+            stage.data_version = data_version
+            stage.gate = gate
+            stage.promoted = None if gate is None else bool(gate.get("promoted"))
+            stage.bundle_uri = bundle_uri
 
     def stages(self, stream: str) -> list[StageInfo]:
         with self.session() as s:
@@ -602,6 +623,10 @@ class RunDB:
                 r.population_version,
                 r.started_at,
                 r.finished_at,
+                r.data_version,
+                r.promoted,
+                r.gate,
+                r.bundle_uri,
             )
             for r in rows
         ]

@@ -282,7 +282,7 @@ def test_alembic_upgrade_downgrade_upgrade(db_url):
     with RunDB(db_url) as db:
         assert table_names(db) == set()
         db.upgrade()
-        assert db.schema_revision() == "0001"
+        assert db.schema_revision() == "0002"
         assert table_names(db) == TABLES
         db.acquire_run("r", "rl", {"steps": 3}).release()
 
@@ -308,7 +308,7 @@ def test_pods_upgrading_together_on_postgres(pg_url):
     failures = [p.stderr.read() for p in pods if p.wait(timeout=120) != 0]
     assert failures == []
     with RunDB(pg_url) as db:
-        assert db.schema_revision() == "0001"
+        assert db.schema_revision() == "0002"
 
 
 def assert_models_match_schema(db: RunDB) -> None:
@@ -391,6 +391,20 @@ def test_stages_record_a_stream(db_url):
         assert [(s.index, s.status) for s in stages] == [(0, "succeeded"), (1, "running")]
         assert stages[0].checkpoint_uri == "s3://b/p/step-00000010"
         assert stages[0].population_version == 3 and stages[0].finished_at is not None
+        assert stages[0].promoted is None and stages[0].gate is None  # not gated
+        gate = {"promoted": False, "reason": "RegressionOnArith", "candidate": {"arith": 0.5}}
+        db.finish_stage(
+            "stream",
+            1,
+            "succeeded",
+            "s3://b/p2/step-00000004",
+            4,
+            data_version="ab12",
+            gate=gate,
+            bundle_uri=None,
+        )
+        graph = db.stages("stream")[1]
+        assert (graph.promoted, graph.gate, graph.data_version) == (False, gate, "ab12")
 
 
 def test_two_writers_on_one_run_are_refused(db_url):

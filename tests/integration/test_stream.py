@@ -247,3 +247,59 @@ def test_watch_starts_a_new_stage_when_data_changes(tmp_path, tiny_model_dir):  
     assert second["source"] != first["source"]
     assert second["start_checkpoint"] == first["checkpoint"]
     assert second["start_population"] == first["population"]
+
+
+def test_a_gate_killed_mid_evaluation_keeps_its_scores(tmp_path, tiny_model_dir):  # noqa: F811
+    """A stream SIGKILLed during a stage's end-of-stage evaluation resumes it: the scores
+    measured before the kill are kept (saved one by one in stream.json) and not measured
+    again; the gate then decides on them."""
+    path = stream_doc(
+        tmp_path,
+        tiny_model_dir,
+        [
+            {"name": "first", "task": ARITH, "steps": 1},
+            {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 1},
+        ],
+    )
+    runs = tmp_path / "runs" / "tiny"
+    state_file = runs / "stream.json"
+
+    def scores() -> dict:
+        return json.loads(state_file.read_text()).get("scores", {}) if state_file.is_file() else {}
+
+    marker = tmp_path / "hanging"
+    proc = subprocess.Popen(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(
+            FST_TEST_HANG_AFTER_SCORES="tiny-second:2", FST_TEST_HANG_MARKER=str(marker)
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Stage 2's gate has measured two scores; the process then waits to be killed.
+    wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    kept = scores()
+    entries = json.loads(state_file.read_text())["stages"]
+    assert [e["status"] for e in entries] == ["succeeded", "running"]
+    assert entries[0]["gate"] is not None and entries[1]["gate"] is None
+
+    out = subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    final = scores()
+    assert {k: final[k] for k in kept} == kept  # nothing measured before the kill changed
+    measured_again = out.stderr.count("gate: measured")
+    assert measured_again == len(final) - len(kept), out.stderr[-3000:]
+    entries = json.loads(state_file.read_text())["stages"]
+    assert [e["status"] for e in entries] == ["succeeded", "succeeded"]
+    assert entries[1]["gate"]["stage"] == "second"

@@ -82,6 +82,13 @@ def test_apiserver_refuses_invalid_stage_sections_naming_the_field(
     status, msg = refused(["defaults", "fast", "reflector"], {"kind": "gpt"})
     assert status == 422 and "spec.defaults.fast.reflector.kind" in msg, msg
     assert 'Unsupported value: "gpt"' in msg, msg
+    # serving.pin names a stage of the stream (the CEL rule mirrors the model's check).
+    status, msg = refused(["serving"], {"pin": "no-such-stage"})
+    assert status == 422 and "spec.serving.pin" in msg, msg
+    assert "must name a stage of spec.stages" in msg, msg
+    spec = copy.deepcopy(example["spec"])
+    spec["serving"] = {"pin": spec["stages"][0]["name"]}
+    assert create(spec)["spec"]["serving"]["pin"] == spec["stages"][0]["name"]
 
     # Without strict field validation (the API's default, Warn) an unknown key is pruned with
     # a warning, as everywhere in a structural schema; task params are preserved as written.

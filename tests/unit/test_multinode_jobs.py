@@ -151,6 +151,7 @@ def test_the_crd_rules_say_what_the_models_say() -> None:
     assert [r["message"] for r in stream_spec["x-kubernetes-validations"]] == [
         device_cpu_message("spec.model"),
         device_cuda_message("spec.model"),
+        "spec.serving.pin must name a stage of spec.stages",
     ]
     assert stream_spec["properties"]["trainer"]["x-kubernetes-validations"] == crd.TRAINER_RULES
 
