@@ -187,3 +187,17 @@ print(passed / len(problems))
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert float(out.stdout.split()[-1]) == more.gate.candidate["add-more"].pass_rate
+
+
+def test_fst_chat_answers_with_the_served_bundle(stream):
+    """`fst chat STREAM PROMPT`: the served bundle's weights and prompt, in a fresh process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fst", "chat", str(stream["folder"]), "What is 3 + 4?"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip(), out.stderr[-3000:]
+    assert "bundle of stage recover" in out.stderr
