@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fst.config import ConfigError, TrainConfig, load_config
+from fst.signals import Terminated, stop_on_sigterm
 
 if TYPE_CHECKING:  # imported where used: `fst --help` should not wait for transformers
     from transformers import PreTrainedModel
@@ -516,11 +517,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     debug = args.debug or os.environ.get("FST_DEBUG", "") not in ("", "0")
+    stop_on_sigterm()  # a deleted pod's trainer releases its run (fst/signals.py)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("stopped (SIGTERM); continue with --resume", file=sys.stderr)
+        return 143
     except Exception as e:
         if debug:
             traceback.print_exc()

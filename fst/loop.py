@@ -67,6 +67,7 @@ from fst.model import (
 from fst.rollout import Rollout, RolloutEngine, SamplingParams
 from fst.rollout.hf import HFRolloutEngine
 from fst.run_state import read_checkpoint_files, write_checkpoint_files
+from fst.signals import Terminated
 from fst.slow.advantages import group_advantages
 from fst.slow.trainer import DivergedError, SlowTrainer, outputs_finite
 from fst.store.checkpoints import (
@@ -747,7 +748,7 @@ def _train_main(
     run_dir = cfg.run_dir
     lock = RunLock(run_dir)  # one trainer per run folder on this machine
     db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
-    lease, finished, started = None, False, False
+    lease, finished, started, stopped = None, False, False, False
     previous: str | None = None  # the run's status before this attempt
     try:
         db.upgrade()
@@ -757,7 +758,8 @@ def _train_main(
         config = public_config(cfg)  # the database URL's password redacted
         info = db.run_info(cfg.run)
         previous = info["status"] if info else None
-        lease = db.acquire_run(cfg.run, cfg.mode, config, lease_s=LEASE_S)
+        # A writer that went silent (a crashed pod) is waited out; a live one is refused.
+        lease = db.acquire_run(cfg.run, cfg.mode, config, lease_s=LEASE_S, wait_s=LEASE_S + 10)
         lease.keep_alive()
         run = build_run(cfg, run_dir, db, task, world)
         run.lease = lease
@@ -789,6 +791,7 @@ def _train_main(
     except RunLockedError as e:
         raise RunError(str(e)) from None
     except BaseException as e:
+        stopped = isinstance(e, Terminated)
         # The run's last error, where the operator (and `fst` users) can read it: a pod's
         # log is gone with the pod, the database row is not.
         if lease is not None:
@@ -801,6 +804,8 @@ def _train_main(
             # run as it was: a finished run stays finished.
             keep = not started and previous not in (None, "created", "running")
             status = previous if keep and previous is not None else "failed"
+            if stopped:
+                status = "stopped"  # not a failure of the run: its pod went away
             try:
                 lease.release(status)
             except Exception as e:  # the database may be why we are here: keep the first error

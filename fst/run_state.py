@@ -32,6 +32,7 @@ adapters are saved again in `adapter/`.
 
 from __future__ import annotations
 
+import enum
 import json
 import pickle
 import random
@@ -406,8 +407,22 @@ _DCP_METADATA_GLOBALS = (
 )
 
 
+def _enum_member(cls: Any, name: str) -> Any:
+    """What `builtins.getattr` may do in DCP metadata: look up a member of an allowed Enum.
+    Some Python builds pickle enum members as `getattr(EnumClass, "NAME")` (measured: Debian
+    12's Python 3.11.2, the trainer image's, does for DCP's _MEM_FORMAT_ENCODING; the 3.11.7
+    of the dev install does not). An unrestricted getattr would let a crafted pickle walk from
+    any allowed class to arbitrary callables."""
+    members = getattr(cls, "__members__", None) if isinstance(cls, enum.EnumMeta) else None
+    if not isinstance(name, str) or members is None or name not in members:
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not allowed in DCP metadata")
+    return members[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _DCP_METADATA_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):
+            return _enum_member
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in DCP metadata")

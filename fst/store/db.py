@@ -326,10 +326,47 @@ class RunDB:
     # ------------------------------------------------------------------ runs and leases
 
     def acquire_run(
-        self, name: str, mode: str, config: dict[str, Any], lease_s: float = DEFAULT_LEASE_S
+        self,
+        name: str,
+        mode: str,
+        config: dict[str, Any],
+        lease_s: float = DEFAULT_LEASE_S,
+        wait_s: float = 0.0,
     ) -> Lease:
         """Become the run's only writer (creating the run if new). Raises RunLockedError if
-        another writer holds it and its last heartbeat is younger than `lease_s`."""
+        another writer holds it and its last heartbeat is younger than `lease_s`.
+
+        With `wait_s`, a held lease is watched for up to that long: a writer that heartbeats
+        meanwhile is alive (refused at once); one that stays silent died without releasing
+        (SIGKILL, a lost node) and its lease is taken over once it expires. That is what the
+        next attempt of a crashed trainer pod needs: it starts seconds after the crash."""
+        deadline = time.monotonic() + wait_s
+        first_beat: datetime | None = None
+        while True:
+            try:
+                return self._acquire_once(name, mode, config, lease_s)
+            except RunLockedError:
+                beat = self._heartbeat(name)
+                first_beat = first_beat or beat
+                left = deadline - time.monotonic()
+                if beat is None or beat != first_beat or left <= 0:
+                    raise
+                age = (now() - beat).total_seconds()
+                log.info(
+                    "run %r: its writer has been silent for %.0f s; waiting for its lease to "
+                    "expire (%.0f s)",
+                    name,
+                    age,
+                    max(lease_s - age, 0.0),
+                )
+                time.sleep(min(5.0, left, max(lease_s - age, 0.5)))
+
+    def _heartbeat(self, name: str) -> datetime | None:
+        with self.session() as s:
+            beat: datetime | None = s.scalar(select(Run.heartbeat_at).where(Run.name == name))
+        return beat
+
+    def _acquire_once(self, name: str, mode: str, config: dict[str, Any], lease_s: float) -> Lease:
         self._ensure_run(name, mode, config)
         token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         t = now()

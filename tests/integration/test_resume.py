@@ -112,3 +112,38 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         assert pop_a[1]["members"] == pop_b[1]["members"]  # scores too: the resumed policy's
         assert pop_a[1]["members"] != pop_a[0]["members"], "round 1 scores the trained policy"
         assert "population_size" in metrics_b[0] and "population_size" in metrics_b[2]
+
+
+def test_sigterm_releases_the_run_so_the_next_attempt_starts_at_once(tmp_path, tiny_model_dir):  # noqa: F811
+    """SIGTERM (a pod deleted, drained or evicted) unwinds the run: exit 143, the run's writer
+    lease released (status `stopped`, no writer), so a resume starts at once rather than
+    waiting the lease out (fst/signals.py), and continues from the checkpoint."""
+    from fst.store.db import RunDB, database_url
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir)
+    cfg_path = write_config(tmp_path, cfg, "t.yaml")
+    out_dir = Path(cfg["outputDir"])
+    manifest = out_dir / "t" / "checkpoints" / "step-00000002" / "manifest.json"
+    proc = subprocess.Popen(
+        varied_fst("train", "-c", str(cfg_path), "--no-progress"),
+        cwd=REPO,
+        env={**one_thread(), "FST_TEST_HANG_AFTER": "t:2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_checkpoint(proc, manifest, 300)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "stopped (SIGTERM); continue with --resume" in err
+    with RunDB(database_url(cfg.get("database"), out_dir / "fst.db")) as db:
+        info = db.run_info("t")
+        assert info["status"] == "stopped" and info["writer"] is None, info
+        assert any("Terminated" in msg for _, kind, msg in db.events("t") if kind == "error")
+    out = run("train", "-c", str(cfg_path), "--resume", "--no-progress")
+    assert "resumed t at step 2" in out.stderr and "waiting for its lease" not in out.stderr

@@ -64,3 +64,35 @@ def test_a_planted_pickle_is_refused_and_runs_nothing(tmp_path, tiny_model_dir, 
     with pytest.raises(UnsafeCheckpointError, match=name):
         fst.loop.train(longer, resume=True, progress=False)
     assert not marker.exists()
+
+
+class _Reduced:
+    """Pickles as `fn(*args)`: how a Python build may write an object into DCP metadata."""
+
+    def __init__(self, fn, *args) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+def test_dcp_metadata_may_name_enum_members_by_getattr_and_nothing_else():
+    """Debian 12's Python 3.11.2 (the trainer image's) pickles enum members as
+    getattr(EnumClass, "NAME"); the metadata unpickler allows exactly that lookup."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from fst.run_state import _MetadataUnpickler
+
+    def load(obj) -> object:
+        return _MetadataUnpickler(io.BytesIO(pickle.dumps(obj))).load()
+
+    member = next(iter(_MEM_FORMAT_ENCODING))
+    data = pickle.dumps(_Reduced(getattr, _MEM_FORMAT_ENCODING, member.name))
+    assert b"getattr" in data
+    assert load(_Reduced(getattr, _MEM_FORMAT_ENCODING, member.name)) is member
+    # Any other getattr is a way out of the allow-list: refused.
+    for target, name in ((Path, "__class__"), (_MEM_FORMAT_ENCODING, "__class__")):
+        with pytest.raises(pickle.UnpicklingError, match="not allowed in DCP metadata"):
+            load(_Reduced(getattr, target, name))

@@ -141,3 +141,26 @@ def test_training_stops_without_writing_once_another_writer_took_the_run(
         assert list(check.metrics(cfg.run)) == [1]
         assert check.run_info(cfg.run)["writer"] == taken_by[0]  # not released by the loser
     assert "was lost (it expired and was taken)" in caplog.text
+
+
+def test_a_silent_writer_is_waited_out_and_a_live_one_refused(db):
+    """acquire_run(wait_s=...): the next attempt of a crashed trainer (its lease held, no
+    heartbeats) takes the run over once the lease expires; a writer that heartbeats is alive
+    and refused without waiting its lease out."""
+    db.acquire_run("r", "rl", {}, lease_s=1.5)  # then silent: never heartbeats nor releases
+    with RunDB(db.url) as second:
+        t0 = time.monotonic()
+        with pytest.raises(RunLockedError):  # without waiting: refused
+            second.acquire_run("r", "rl", {}, lease_s=1.5)
+        taken = second.acquire_run("r", "rl", {}, lease_s=1.5, wait_s=20)
+        assert 0.5 < time.monotonic() - t0 < 10
+        assert db.run_info("r")["writer"] == taken.token
+        taken.keep_alive(every_s=0.2)
+        try:
+            with RunDB(db.url) as third:
+                t0 = time.monotonic()
+                with pytest.raises(RunLockedError, match="being written by"):
+                    third.acquire_run("r", "rl", {}, lease_s=60.0, wait_s=30)
+                assert time.monotonic() - t0 < 10  # it saw a heartbeat: no 30 s wait
+        finally:
+            taken.release()
