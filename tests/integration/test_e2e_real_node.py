@@ -1,12 +1,4 @@
-"""DRAFT, not collected by pytest (its name does not start with test_): the end-to-end test on
-the REAL node, issue 18's open part. What ran of it (2026-12-04): images built and imported,
-the chart installed, the operator Running and Ready as a real container with its token, the
-stream started; the trainer container then failed to start (disk-pressure eviction, fixed in
-tests/k8s/node.py; then the `native` snapshotter copying the 6.6 GB image per container until
-the disk was full). Next: containerd's overlayfs snapshotter, then rename to
-test_e2e_real_node.py (and retire the process-kubelet e2e, test_e2e_cluster.py).
-
-End to end on the REAL test node: `helm install` the chart with the images built here, apply
+"""End to end on the REAL test node: `helm install` the chart with the images built here, apply
 a TaskStream, watch real trainer containers train SmolLM2 stage after stage, `helm uninstall`.
 
 Everything runs as containers under kubelet + containerd + runc (tests/k8s/node.py):
@@ -21,16 +13,27 @@ Everything runs as containers under kubelet + containerd + runc (tests/k8s/node.
   root, no capabilities, seccomp RuntimeDefault, CPU and memory limits enforced by the kernel;
 - MinIO and PostgreSQL run on the machine, bound to the node's address: what an S3 service
   and a database outside the cluster are to a real one.
+
+Then the faults only a real node shows: a trainer OOM-killed by the kernel at its memory limit,
+a trainer pod deleted mid-run (the next attempt resumes from S3), and a hung operator that its
+probes take out of its Service and restart.
+
+The process-kubelet control plane (tests/k8s/process_kubelet.py) still runs the faster operator
+tests; this module is the one end-to-end test, on the real node. Its first run on a machine
+builds the images (about 10 minutes, cached in $FST_CACHE/node-images).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
+import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,11 +151,43 @@ class Release:
             # The node's 2 cores, less the operator's 100m request.
             "cpu": "1800m",
             "memory": "6Gi",
-            "scratchSize": "4Gi",
+            # A resumed SmolLM2 attempt holds the GGUF-converted model, the downloaded
+            # checkpoint and the staging of the next one: with 4Gi it was evicted.
+            "scratchSize": "12Gi",
             "nodeSelector": REAL_NODE_SELECTOR,
             "tolerations": [REAL_NODE_TOLERATION],
             **over,
         }
+
+    def operator_routed(self) -> str | None:
+        """The operator pod's address when it is Ready AND its metrics Service routes to it
+        (the EndpointSlice marks its address ready: what kube-proxy and Prometheus's service
+        discovery follow); None otherwise."""
+        api = self.cluster.api()
+        pod = k8s.CoreV1Api(api).read_namespaced_pod(self.operator_pod, self.ns)
+        conds = {c.type: c.status for c in pod.status.conditions or []}
+        slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
+            self.ns, label_selector=f"kubernetes.io/service-name={RELEASE}-operator-metrics"
+        )
+        ready = [
+            address
+            for item in slices.items
+            for endpoint in item.endpoints or []
+            if endpoint.conditions.ready
+            for address in endpoint.addresses
+        ]
+        ok = conds.get("Ready") == "True" and pod.status.pod_ip in ready
+        return pod.status.pod_ip if ok else None
+
+    def operator_metrics(self, pod_ip: str) -> bytes:
+        (container,) = (
+            k8s.CoreV1Api(self.cluster.api())
+            .read_namespaced_pod(self.operator_pod, self.ns)
+            .spec.containers
+        )
+        port = next(p.container_port for p in container.ports if p.name == "metrics")
+        with urllib.request.urlopen(f"http://{pod_ip}:{port}/metrics", timeout=10) as reply:
+            return reply.read()
 
     def wait_run(self, name: str, phases: tuple[str, ...], timeout: float) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
@@ -184,6 +219,14 @@ def release(
             "image": {"repository": operator_repo, "tag": operator_tag},
             "nodeSelector": REAL_NODE_SELECTOR,
             "tolerations": [REAL_NODE_TOLERATION],
+            # Quicker than the chart's defaults, for the hung-operator test: restarted after
+            # 3 missed probes 10 s apart.
+            "livenessProbe": {
+                "initialDelaySeconds": 30,
+                "periodSeconds": 10,
+                "timeoutSeconds": 5,
+                "failureThreshold": 3,
+            },
             "extraEnv": [
                 {"name": "FST_PROGRESS_INTERVAL", "value": "2"},
                 {"name": "FST_STREAM_POLL_INTERVAL", "value": "3"},
@@ -241,33 +284,14 @@ def release(
     )
 
     # The kubelet's readiness probe (kopf's /healthz) passes, and only then does the metrics
-    # Service route to the pod: its EndpointSlice lists the pod's address as ready, and the
-    # operator's metrics answer there (a pod address on the node's bridge).
-    def ready_endpoint() -> str | None:
-        pod = core.read_namespaced_pod(name, ns)
-        conds = {c.type: c.status for c in pod.status.conditions or []}
-        slices = k8s.DiscoveryV1Api(api).list_namespaced_endpoint_slice(
-            ns, label_selector=f"kubernetes.io/service-name={RELEASE}-operator-metrics"
-        )
-        ready = [
-            address
-            for item in slices.items
-            for endpoint in item.endpoints or []
-            if endpoint.conditions.ready
-            for address in endpoint.addresses
-        ]
-        return (
-            pod.status.pod_ip
-            if conds.get("Ready") == "True" and pod.status.pod_ip in ready
-            else None
-        )
-
-    pod_ip = wait_until(ready_endpoint, 120, "operator Ready behind its metrics Service", pods, 1.0)
-    (container,) = core.read_namespaced_pod(name, ns).spec.containers
-    port = next(p.container_port for p in container.ports if p.name == "metrics")
-    with urllib.request.urlopen(f"http://{pod_ip}:{port}/metrics", timeout=10) as reply:
-        assert b"fastslow" in reply.read()
-    yield Release(k8s_cluster, k8s_real_node, ns, Resources(api, ns), images, s3_uri, name)
+    # Service route to the pod; the operator's metrics answer at the pod's address on the
+    # node's bridge.
+    release = Release(k8s_cluster, k8s_real_node, ns, Resources(api, ns), images, s3_uri, name)
+    pod_ip = wait_until(
+        release.operator_routed, 120, "operator Ready behind its metrics Service", pods, 1.0
+    )
+    assert b"fastslow" in release.operator_metrics(pod_ip)
+    yield release
 
     # Uninstall: the user's objects first (their runs, Jobs, ConfigMaps go with them), then
     # the chart; only the CRDs stay (Helm never deletes a chart's crds/).
@@ -394,4 +418,51 @@ def test_deleting_the_trainer_pod_resumes_from_the_last_checkpoint(release: Rele
     log = core.read_namespaced_pod_log(second.metadata.name, release.ns)
     resumed_at = re.search(r"resumed \S+ at step (\d+)", log)
     assert resumed_at is not None, log[-3000:]
-    assert int(resumed_at.group(1)) >= before["step"] >= 1
+    # At least the checkpoint the run's status named before the deletion (a later one may
+    # have been committed meanwhile; one being uploaded at the deletion is not resumed from).
+    saved = int(re.search(r"step-(\d+)", before["checkpointUri"]).group(1))
+    assert int(resumed_at.group(1)) >= saved >= 1
+
+
+def test_a_hung_operator_leaves_its_service_and_is_restarted(release: Release) -> None:
+    """The operator's probes, enforced by a real kubelet. Its processes are stopped (SIGSTOP:
+    what a deadlocked event loop looks like from outside — the port accepts, nothing
+    answers): the readiness probe times out and the metrics Service stops routing to the pod;
+    the liveness probe then fails and the kubelet restarts the container (SIGKILL ends a
+    stopped process), which comes back Ready and routed to, its metrics answering."""
+    core = k8s.CoreV1Api(release.cluster.api())
+    pod = core.read_namespaced_pod(release.operator_pod, release.ns)
+    (status,) = pod.status.container_statuses
+    restarts = status.restart_count
+    pids = release.node.container_pids(status.container_id.removeprefix("containerd://"))
+    assert pids, status
+
+    def restarted() -> bool:
+        pod = core.read_namespaced_pod(release.operator_pod, release.ns)
+        (now,) = pod.status.container_statuses
+        return now.restart_count > restarts
+
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: release.operator_routed() is None,
+            60,
+            "the hung operator out of its Service",
+            release.describe,
+            0.5,
+        )
+        wait_until(restarted, 240, "the hung operator restarted", release.describe, 1.0)
+    finally:
+        for pid in pids:  # a test that failed above leaves no stopped operator behind
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    pod_ip = wait_until(
+        release.operator_routed, 180, "the operator back in its Service", release.describe, 1.0
+    )
+    assert b"fastslow" in release.operator_metrics(pod_ip)
+    events = core.list_namespaced_event(
+        release.ns, field_selector=f"involvedObject.name={release.operator_pod}"
+    ).items
+    unhealthy = " ".join(e.message for e in events if e.reason == "Unhealthy")
+    assert "Readiness probe failed" in unhealthy and "Liveness probe failed" in unhealthy, unhealthy

@@ -228,3 +228,27 @@ def _run(cmd: list[str], check: bool = True) -> subprocess.CompletedProcess:
             + (proc.stderr or proc.stdout)[-4000:]
         )
     return proc
+
+
+def main() -> None:
+    """`python -m tests.k8s.image_build`: build (or find in the cache) every image the real
+    node's tests run, before the tests start (make test-deps), saying what each cost."""
+    for build_image in (operator_image, trainer_cpu_image):
+        t0 = time.monotonic()
+        archive = build_image()
+        record = build_record(archive)
+        cached = time.monotonic() - t0 < record["seconds"] / 2
+        print(
+            f"{archive.name}: {record['bytes'] / 1e9:.2f} GB, "
+            + (
+                f"cached (built in {record['seconds']} s)"
+                if cached
+                else f"built in {record['seconds']} s"
+            )
+            + f" -> {archive.path}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
