@@ -49,10 +49,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def kill_after_checkpoint(cfg_path: Path, manifest: Path, timeout: float = 600) -> None:
-    """Start `fst train` (run `t`), SIGKILL it as soon as `manifest` (step 2) exists. The run
-    waits there to be killed (FST_TEST_HANG_AFTER, tests/varied_fst.py): a tiny-model step
-    takes a fraction of a second, so it would otherwise often be past step 3, or done."""
+def signal_after_checkpoint(
+    cfg_path: Path, manifest: Path, sig: int = signal.SIGKILL, timeout: float = 600
+) -> tuple[int, str]:
+    """Start `fst train` (run `t`), send it `sig` as soon as `manifest` (step 2) exists; return
+    its exit code and stderr. The run waits there for the signal (FST_TEST_HANG_AFTER,
+    tests/varied_fst.py): a tiny-model step takes a fraction of a second, so it would
+    otherwise often be past step 3, or done."""
     proc = subprocess.Popen(
         varied_fst("train", "-c", str(cfg_path), "--no-progress"),
         cwd=REPO,
@@ -63,12 +66,12 @@ def kill_after_checkpoint(cfg_path: Path, manifest: Path, timeout: float = 600) 
     )
     try:
         wait_for_checkpoint(proc, manifest, timeout)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    return proc.returncode, err
 
 
 @pytest.mark.parametrize("mode", ["rl", "fst"])
@@ -79,7 +82,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
 
     cfg_b = write_config(tmp_path, killed, "b.yaml")
     run_b = Path(killed["outputDir"]) / "t"
-    kill_after_checkpoint(cfg_b, run_b / "checkpoints" / "step-00000002" / "manifest.json")
+    code, _ = signal_after_checkpoint(
+        cfg_b, run_b / "checkpoints" / "step-00000002" / "manifest.json"
+    )
+    assert code == -signal.SIGKILL
     # Without --resume the saved run is protected, not overwritten.
     refused = run("train", "-c", str(cfg_b), "--no-progress", check=False)
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -124,22 +130,8 @@ def test_sigterm_releases_the_run_so_the_next_attempt_starts_at_once(tmp_path, t
     cfg_path = write_config(tmp_path, cfg, "t.yaml")
     out_dir = Path(cfg["outputDir"])
     manifest = out_dir / "t" / "checkpoints" / "step-00000002" / "manifest.json"
-    proc = subprocess.Popen(
-        varied_fst("train", "-c", str(cfg_path), "--no-progress"),
-        cwd=REPO,
-        env={**one_thread(), "FST_TEST_HANG_AFTER": "t:2"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_for_checkpoint(proc, manifest, 300)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-3000:]
+    code, err = signal_after_checkpoint(cfg_path, manifest, signal.SIGTERM, timeout=300)
+    assert code == 143, err[-3000:]
     assert "stopped (SIGTERM); continue with --resume" in err
     with RunDB(database_url(cfg.get("database"), out_dir / "fst.db")) as db:
         info = db.run_info("t")
