@@ -6,6 +6,7 @@ fst prompts show RUN
 fst prompts diff RUN A B
 fst lineage STREAM                 stages, data versions, gate decisions, what is served
 fst chat BUNDLE [PROMPT]           answer with a bundle's weights and prompt
+fst gate GATE.json                 a cluster stream's promotion gate (the operator's gate Job)
 
 Errors: a problem with the input (config, manifest, data, model folder, checkpoint, a run held
 by another trainer, a diverged run) ends with ONE line `error: <what, naming the field, file or
@@ -193,6 +194,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
             )
         answer = tok.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         print(str(answer).strip())
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from fst.gate import GateJob, run_gate_job
+    from fst.handover import checkpoint_population
+
+    try:
+        job = GateJob.model_validate_json(Path(args.file).read_text())
+    except ValueError as e:
+        raise ConfigError(f"{args.file}: not a gate Job's input: {e}") from None
+    decision = run_gate_job(job, checkpoint_population)
+    print(json.dumps(decision.model_dump(mode="json") if decision else None))
     return 0
 
 
@@ -410,6 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="?", help="the question (default: one per line of stdin)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "gate",
+        parents=[common],
+        help="the promotion gate of one stage run of a cluster's stream (the operator's Job)",
+        description="Score a finished stage run (its final weights + best prompt) and the "
+        "promoted model on the stage's test split and every earlier stage's retention set, "
+        "decide by the stream's spec.promotion, publish the bundle if promoted, and record the "
+        "decision in the database's stages table. The operator writes GATE.json (the stream, "
+        "its runs, the run to gate) into the gate Job's ConfigMap; scores are kept in the "
+        "database, so a killed gate resumes. `fst stream` runs the same gate in-process.",
+    )
+    p.add_argument("file", help="GATE.json (fst.gate.GateJob)")
+    p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser(
         "report", parents=[common], help="HTML report with plots for a run or a stream"

@@ -829,6 +829,7 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
         dynamic_ncols=True,
     )
     last_kl = None
+    last_round: dict[str, Any] = {}
     every = cfg.metrics.eval_every
     if every and run.step == 0 and main:
         point = {"step": 0, **heldout_eval(run)}  # the base point of the curve
@@ -854,11 +855,16 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
             run.sink.write(record)
         bar.update(1)
         last_kl = record.get("kl", last_kl)
-        bar.set_postfix(
-            reward=f"{record['reward_mean']:.3f}",
-            kl="-" if last_kl is None else f"{last_kl:.4f}",
-            s_step=f"{record['step_s']:.1f}",
-        )
+        last_round = round_metrics or last_round
+        shown = {
+            "reward": f"{record['reward_mean']:.3f}",
+            "kl": "-" if last_kl is None else f"{last_kl:.4f}",
+            "s_step": f"{record['step_s']:.1f}",
+        }
+        if last_round:  # the fast channel: its last GEPA round and the best prompt's val score
+            shown["gepa"] = f"r{last_round['round']} +{last_round['gepa_new_candidates']}"
+            shown["best_val"] = f"{last_round['population_best_val']:.2f}"
+        bar.set_postfix(shown)
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
             run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)

@@ -224,6 +224,15 @@ def start_run(runs: list[StageRun], rule: PromotionSpec) -> StageRun | None:
     return last_succeeded(runs) if rule.next_stage_from == "candidate" else last_promoted(runs)
 
 
+def awaiting_gate(stream: TaskStream, runs: list[StageRun]) -> StageRun | None:
+    """The oldest succeeded run the promotion gate has not decided on (a cluster's gate runs
+    as its own Job after the run: the operator plans nothing until it decided). None when the
+    stream gates nothing (`evalProblems: 0`)."""
+    if stream.spec.eval_problems == 0:
+        return None
+    return next((r for r in runs if r.status == StageStatus.SUCCEEDED and r.gate is None), None)
+
+
 def serving_run(runs: list[StageRun], pin: str | None) -> StageRun | None:
     """The run whose bundle is served: the newest promoted one, or the newest promoted run of
     the pinned stage. None: nothing promoted yet (or nothing of the pinned stage), and what is

@@ -23,7 +23,6 @@ a run that fails after that is marked `failed` with the reason, and retried by t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -33,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from fst.bundle import publish_bundle
 from fst.config import ConfigError, TrainConfig, format_validation_error, read_yaml
+from fst.gate import StageGate
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import TaskStream
 from fst.plan import (
@@ -42,13 +41,12 @@ from fst.plan import (
     StageStatus,
     check_history,
     check_stages,
-    last_promoted,
     serving_run,
     stage_config,
     stage_spec,
 )
 from fst.plan import next_stage as plan_next_stage
-from fst.promote import GateDecision, Score, decide
+from fst.promote import Score
 
 if TYPE_CHECKING:
     from fst.store.db import RunDB
@@ -75,8 +73,8 @@ def load_stream(path: str | Path) -> TaskStream:
 @dataclass
 class StreamState:
     """stream.json: one StageRun per stage run, in the order they ran, and the scores the
-    gates measured (key: score_key), saved one by one, so that an evaluation killed half-way
-    resumes where it stopped."""
+    gates measured (key: fst.gate.score_key), saved one by one, so that an evaluation killed
+    half-way resumes where it stopped."""
 
     path: Path
     runs: list[StageRun]
@@ -109,6 +107,13 @@ class StreamState:
         tmp.write_text(json.dumps({"stages": entries, "scores": scores}, indent=1))
         tmp.replace(self.path)
 
+    def get_score(self, key: str) -> Score | None:
+        return self.scores.get(key)
+
+    def put_score(self, key: str, score: Score) -> None:
+        self.scores[key] = score
+        self.save()  # one score at a time: a kill loses at most the one being measured
+
 
 def next_stage(stream: TaskStream, state: StreamState) -> StageRun | None:
     """The next stage run of this machine's stream (fst.plan.next_stage on stream.json)."""
@@ -128,9 +133,8 @@ class StreamRunner:
         check_output_dir(stream.spec.output_dir, "spec.outputDir")
         self.dir = Path(stream.spec.output_dir) / stream.metadata.name
         self.state = StreamState.load(self.dir / "stream.json")
-        self._base: Any = None
-        self._tokenizer: Any = None
-        self._loaded: dict[str, Any] = {}
+        # The gate (fst/gate.py): its scores cached in stream.json, its models kept loaded.
+        self.gates = StageGate(stream, self.state.runs, self.state)
 
     def check(self, stream: TaskStream) -> None:
         """`stream` (the manifest, maybe edited) against the history in stream.json: a
@@ -140,6 +144,7 @@ class StreamRunner:
     def run_pending(self) -> int:
         """Run every stage that needs a run; returns how many ran."""
         self.check(self.stream)
+        self.gates.stream = self.stream  # `--watch` may have reloaded the manifest
         ran = 0
         while (run := next_stage(self.stream, self.state)) is not None:
             self.run_stage(run)
@@ -194,11 +199,8 @@ class StreamRunner:
             run.checkpoint = uri
             run.population = checkpoint_population(uri)  # what the next stage will inherit
             run.best_prompt_id = ckpt_state["population"][0]["id"]
-            run.gate, run.evaluation = self.gate(run, cfg)
-            if run.gate is None or run.gate.promoted:
-                run.bundle = publish_bundle(
-                    uri, folder, run.population[0], self.lineage(run, cfg, db)
-                )
+            run.gate, run.evaluation = self.gates.evaluate(run, cfg)
+            run.bundle = self.gates.publish(run, cfg, folder, db.metrics(run.run))
         except Exception as e:
             if run in self.state.runs:  # it ran (now or in an earlier attempt): say why it failed
                 self._failed(run, e, db)
@@ -240,138 +242,6 @@ class StreamRunner:
             db.finish_stage(self.stream.metadata.name, self.state.runs.index(run), "failed")
         except Exception as e:  # the database may be why we are here: keep the first error
             log.warning("stage %s: could not record its failure: %s", run.name, e)
-
-    # ------------------------------------------------------------------ the gate
-
-    def gate(self, run: StageRun, cfg: TrainConfig) -> tuple[GateDecision | None, dict[str, Any]]:
-        """The promotion gate (fst/promote.py) of a finished run, and the numbers the report
-        shows: retention on every stage so far and the channel decomposition on this one.
-
-        The candidate (this run's final weights + its best prompt) and the promoted model (the
-        newest promoted run's, else the base model with the seed prompt) are scored on this
-        stage's test split and on every earlier stage's retention set. Each score is saved in
-        stream.json as soon as it is measured (score_key), so a kill loses one score at most."""
-        if self.stream.spec.eval_problems == 0:
-            return None, {}
-        before = self.state.runs[: self.state.runs.index(run)]
-        done = [r for r in before if r.status == StageStatus.SUCCEEDED and r.stage != run.stage]
-        stages = [*dict.fromkeys(r.stage for r in done), run.stage]
-        assert run.checkpoint is not None and run.population
-        best, seed = run.population[0], cfg.fast.seed_prompt
-        promoted = last_promoted(before)
-        if promoted is not None and promoted.checkpoint and promoted.population:
-            baseline: tuple[str | None, str] = (promoted.checkpoint, promoted.population[0])
-        else:
-            baseline = (None, seed)
-        candidate = {stage: self.score(run.checkpoint, best, stage) for stage in stages}
-        served = {stage: self.score(*baseline, stage) for stage in stages}
-        decision = decide(self.stream.spec.promotion, run.stage, candidate, served)
-        decomposition = {
-            "base+seed prompt": self.score(None, seed, run.stage),
-            "base+FST prompt": self.score(None, best, run.stage),
-            "trained+seed prompt": self.score(run.checkpoint, seed, run.stage),
-            "trained+FST prompt": candidate[run.stage],
-        }
-        evaluation = {
-            "retention": {stage: candidate[stage].pass_rate for stage in stages},
-            "decomposition": {k: v.pass_rate for k, v in decomposition.items()},
-            "n": self.stream.spec.eval_problems,
-        }
-        return decision, evaluation
-
-    def score(self, weights: str | None, prompt: str, stage: str) -> Score:
-        """Greedy pass rate of (weights: a checkpoint URI, None = the base model; prompt) on
-        the first `evalProblems` test problems of `stage`'s newest data; cached in stream.json."""
-        from fst.evaluate import evaluate_prompt
-        from fst.loop import load_task
-
-        latest = [r for r in self.state.runs if r.stage == stage][-1]
-        cfg = stage_config(self.stream, stage_spec(self.stream, stage), latest.run)
-        n = self.stream.spec.eval_problems
-        key = score_key(
-            weights or f"base:{self.stream.spec.model.name}",
-            prompt,
-            cfg.task.model_dump(mode="json"),
-            latest.source,
-            n,
-            cfg.rollout.max_new_tokens,
-        )
-        if key not in self.state.scores:
-            task = load_task(cfg)
-            engine, tok = self._engine(weights)
-            result = evaluate_prompt(
-                engine, tok, task, task.problems("test")[:n], prompt, cfg.rollout.max_new_tokens
-            )
-            self.state.scores[key] = Score(pass_rate=result.pass_rate, n=result.n)
-            self.state.save()
-            log.info(
-                "gate: measured %s with %s on %s: %s",
-                weights or "the base model",
-                "the seed prompt" if prompt == cfg.fast.seed_prompt else "an evolved prompt",
-                stage,
-                self.state.scores[key],
-            )
-        return self.state.scores[key]
-
-    def _engine(self, weights: str | None) -> tuple[Any, Any]:
-        """A greedy rollout engine on the base model (kept) or on a checkpoint's weights (the
-        last one kept: a gate scores one candidate and one promoted model at a time)."""
-        from fst.model import load_policy, load_tokenizer, stop_token_ids
-        from fst.rollout.hf import HFRolloutEngine
-
-        spec = self.stream.spec
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(spec.model)
-        tok = self._tokenizer
-        if weights is None:
-            if self._base is None:
-                self._base = load_policy(spec.model)
-            model = self._base
-        else:
-            if weights not in self._loaded:
-                self._loaded.clear()  # free the previous one first
-                # The checkpoint's model/ is the whole (merged, if LoRA) model: no adapters.
-                cfg = spec.model.model_copy(update={"name": weights, "lora": None})
-                self._loaded[weights] = load_policy(cfg)
-            model = self._loaded[weights]
-        return HFRolloutEngine(model, tok, stop_token_ids(tok, model)), tok
-
-    # ------------------------------------------------------------------ bundle and serving
-
-    def lineage(self, run: StageRun, cfg: TrainConfig, db: RunDB) -> dict[str, Any]:
-        """fastslow.json of a run's bundle: where its weights and prompt come from."""
-        index = self.state.runs.index(run)
-        metrics = db.metrics(run.run)
-        kls = [m["kl"] for _, m in sorted(metrics.items()) if m.get("kl") is not None]
-        config = cfg.model_dump(mode="json", by_alias=True, exclude={"database"})
-        return {
-            "format": 1,
-            "stream": self.stream.metadata.name,
-            "stage": run.name,
-            "run": run.run,
-            "baseModel": self.stream.spec.model.reference or self.stream.spec.model.name,
-            "startedFrom": run.start_checkpoint or "base",
-            "checkpoint": run.checkpoint,
-            "dataVersion": run.source,
-            "configDigest": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[
-                :16
-            ],
-            "mode": cfg.mode,
-            "steps": cfg.steps,
-            "klToBase": kls[-1] if kls else None,  # the run's last measurement
-            "gate": run.gate.model_dump(mode="json") if run.gate else None,
-            "earlierStages": [
-                {
-                    "stage": r.name,
-                    "run": r.run,
-                    "dataVersion": r.source,
-                    "promoted": r.promoted,
-                    "checkpoint": r.checkpoint,
-                }
-                for r in self.state.runs[:index]
-                if r.status == StageStatus.SUCCEEDED
-            ],
-        }
 
     def write_serving(self) -> dict[str, Any]:
         """`<stream>/serving.json`: what is served now (fst.plan.serving_run: the newest
@@ -444,20 +314,6 @@ def lineage_rows(runs: list[StageRun]) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def score_key(
-    weights: str,
-    prompt: str,
-    task: dict[str, Any],
-    data_version: str | None,
-    n: int,
-    max_new_tokens: int,
-) -> str:
-    """What a greedy score is a function of: the weights, the prompt, the problems (the task's
-    settings and its data's version), how many, and the generation length."""
-    what = [weights, prompt, task, data_version, n, max_new_tokens]
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _database(cfg: TrainConfig) -> RunDB:

@@ -9,7 +9,7 @@ killed) right after run RUN has committed its checkpoint of step STEP: a kill te
 it at a known point. The tiny model takes a step in a fraction of a second, so a test that
 polls for the checkpoint and then kills would otherwise land anywhere after it, or after the
 end of the run. FST_TEST_HANG_AFTER_SCORES=RUN:N does the same once the promotion gate of run
-RUN has measured N scores (fst/stream.py StreamRunner.score).
+RUN has measured N scores (fst/gate.py StageGate.score).
 """
 
 from __future__ import annotations
@@ -43,19 +43,24 @@ if HANG_AFTER:
 HANG_AFTER_SCORES = os.environ.get("FST_TEST_HANG_AFTER_SCORES")
 if HANG_AFTER_SCORES:
     # RUN:N: hang once the gate of run RUN has measured (not read from the cache) N scores.
-    import fst.stream
+    import fst.gate
 
     gating, measured = {"run": ""}, {"n": 0}
-    _gate, _score = fst.stream.StreamRunner.gate, fst.stream.StreamRunner.score
+    _evaluate, _score = fst.gate.StageGate.evaluate, fst.gate.StageGate.score
 
-    def _gate_noting_the_run(self: Any, run: Any, cfg: Any) -> Any:
+    def _evaluate_noting_the_run(self: Any, run: Any, cfg: Any) -> Any:
         gating["run"], measured["n"] = run.run, 0
-        return _gate(self, run, cfg)
+        return _evaluate(self, run, cfg)
 
     def _score_then_hang(self: Any, weights: Any, prompt: str, stage: str) -> Any:
-        before = len(self.state.scores)
-        result = _score(self, weights, prompt, stage)
-        if len(self.state.scores) > before:
+        saved = self.cache.put_score
+        new: list[str] = []
+        self.cache.put_score = lambda key, score: (new.append(key), saved(key, score))
+        try:
+            result = _score(self, weights, prompt, stage)
+        finally:
+            self.cache.put_score = saved
+        if new:
             measured["n"] += 1
             if f"{gating['run']}:{measured['n']}" == HANG_AFTER_SCORES:
                 if os.environ.get("FST_TEST_HANG_MARKER"):  # tells the test it is time
@@ -64,7 +69,7 @@ if HANG_AFTER_SCORES:
                     time.sleep(60)
         return result
 
-    fst.stream.StreamRunner.gate = _gate_noting_the_run  # type: ignore[method-assign]
-    fst.stream.StreamRunner.score = _score_then_hang  # type: ignore[method-assign]
+    fst.gate.StageGate.evaluate = _evaluate_noting_the_run  # type: ignore[method-assign]
+    fst.gate.StageGate.score = _score_then_hang  # type: ignore[method-assign]
 
 sys.exit(main())

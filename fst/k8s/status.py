@@ -43,6 +43,9 @@ class ConditionType(StrEnum):
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
     DATA_READY = "DataReady"  # a TaskStream's data sources and hand-over checkpoint are readable
+    # A TaskStream's newest gated stage run was promoted (its reason: the gate's, e.g.
+    # GatePassed, RegressionOn<Stage>, BelowMinScore, InsufficientGain; GateRunning, GateFailed).
+    PROMOTED = "Promoted"
 
 
 CONDITION_ORDER = [t.value for t in ConditionType]
@@ -79,6 +82,11 @@ class Reason(StrEnum):
     ALL_STAGES_DONE = "AllStagesDone"
     DATA_READABLE = "DataReadable"
     DATA_UNREADABLE = "DataUnreadable"  # missing credentials, access denied, no such object
+    # The promotion gate (fst/gate.py) of a stage run: its Job runs, or failed. The decisions
+    # themselves are the gate's own reasons (fst/promote.py), a set that names stages.
+    GATE_RUNNING = "GateRunning"
+    GATE_FAILED = "GateFailed"
+    NOTHING_PROMOTED = "NothingPromoted"  # no stage gated yet: the base model is served
 
 
 def now() -> str:
@@ -109,7 +117,8 @@ class StatusModel(BaseModel):
 # Typed in Python, plain strings in the CRD: an older CRD must still accept the condition types
 # and reasons a newer operator writes (Kubernetes treats both as open sets).
 ConditionTypeField = Annotated[ConditionType, WithJsonSchema({"type": "string", "maxLength": 64})]
-ReasonField = Annotated[Reason, WithJsonSchema({"type": "string", "maxLength": 128})]
+# A condition reason: one of Reason, or a promotion gate's (RegressionOn<Stage> names a stage).
+ReasonField = Annotated[Reason | str, WithJsonSchema({"type": "string", "maxLength": 128})]
 
 
 class Condition(StatusModel):
@@ -127,7 +136,7 @@ def set_condition(
     conditions: list[Condition],
     type_: ConditionType,
     status: bool,
-    reason: Reason,
+    reason: Reason | str,
     message: str,
     generation: int | None,
 ) -> list[Condition]:
@@ -212,6 +221,7 @@ class FastSlowRunStatus(StatusModel):
     last_error: str | None = None
     start_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     completion_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+    gate: GateStatus | None = Field(None, description="A stream's stage run: its gate.")
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
@@ -223,24 +233,63 @@ class FastSlowRunStatus(StatusModel):
         return next((c for c in self.conditions if c.type == type_), None)
 
 
+class GateStatus(StatusModel):
+    """A stage run's promotion gate (fst/promote.py): the decision and every number behind it.
+    Written into the run's status by the operator when the run's gate Job has decided."""
+
+    promoted: bool
+    reason: str = Field(max_length=128, description="GatePassed, RegressionOn<Stage>, ...")
+    message: str = Field("", max_length=4096)
+    candidate: dict[str, float] = Field(
+        default_factory=dict, description="Stage -> the candidate's greedy pass rate."
+    )
+    baseline: dict[str, float] = Field(
+        default_factory=dict, description="Stage -> the then promoted model's pass rate."
+    )
+    n: int | None = Field(None, description="Problems scored per stage.")
+    bundle: str | None = Field(None, description="The published bundle (weights + prompt).")
+
+
+class ServedModel(StatusModel):
+    """A stream's promoted (or served) stage run and its bundle."""
+
+    stage: str | None = Field(None, description="Stage version; None: the base model.")
+    run: str | None = None
+    bundle: str | None = Field(None, description="The bundle's URI; None: the base model.")
+    pinned: str | None = Field(None, description="spec.serving.pin when it is set.")
+    config_map: str | None = Field(None, description="The ConfigMap a server mounts.")
+
+
 class StageStatus(StatusModel):
     """One stage run of a stream, as its FastSlowRun reports it."""
 
     stage: str
     version: int
     run: str
-    source: str | None = Field(None, description="The data's fingerprint.")
+    source: str | None = Field(
+        None, description="The version of its data: sha256 of a file, or of S3 ETags."
+    )
     phase: Phase | None = None
     step: int | None = None
     reward: float | None = None
     checkpoint_uri: str | None = None
     start_time: str | None = Field(None, json_schema_extra=DATE_TIME)
     completion_time: str | None = Field(None, json_schema_extra=DATE_TIME)
+    promoted: bool | None = Field(None, description="Its gate's decision (None: not gated yet).")
+    gate_reason: str | None = Field(None, max_length=128)
+    bundle: str | None = None
 
 
 class TaskStreamStatus(StatusModel):
     phase: Phase | None = Field(None, json_schema_extra=printer("Phase"))
     current_stage: str | None = Field(None, json_schema_extra=printer("Stage"))
+    serving_stage: str | None = Field(
+        None, description="The stage served now.", json_schema_extra=printer("Serving")
+    )
+    promoted: ServedModel | None = Field(None, description="The newest promoted stage run.")
+    serving: ServedModel | None = Field(
+        None, description="What is served: the newest promoted, or spec.serving.pin's."
+    )
     observed_generation: int | None = None
     stages: list[StageStatus] = Field(
         default_factory=list,
@@ -250,5 +299,5 @@ class TaskStreamStatus(StatusModel):
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,
-        description="Latest observations: Running, Succeeded, Failed.",
+        description="Latest observations: Running, Succeeded, Failed, DataReady, Promoted.",
     )

@@ -141,6 +141,17 @@ class Stage(Base):
     bundle_uri: Mapped[str | None] = mapped_column(Text)
 
 
+class GateScore(Base):
+    """A greedy score the promotion gate measured (fst/gate.py), by fst.gate.score_key."""
+
+    __tablename__ = "gate_scores"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    pass_rate: Mapped[float] = mapped_column(Float)
+    n: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 class PromptPopulation(Base):
     """One version of a run's prompt population; versions are only ever appended (and cut
     back on resume)."""
@@ -643,6 +654,19 @@ class RunDB:
             stage.gate = gate
             stage.promoted = None if gate is None else bool(gate.get("promoted"))
             stage.bundle_uri = bundle_uri
+
+    def gate_score(self, key: str) -> tuple[float, int] | None:
+        """(pass rate, n) of a score the gate measured, or None."""
+        with self.session() as s:
+            row = s.get(GateScore, key)
+            return None if row is None else (row.pass_rate, row.n)
+
+    def save_gate_score(self, key: str, pass_rate: float, n: int) -> None:
+        """Keep a measured score; the same key measured again (greedy: the same number) is
+        kept as first written."""
+        with self.session.begin() as s:
+            if s.get(GateScore, key) is None:
+                s.add(GateScore(key=key, pass_rate=pass_rate, n=n, created_at=now()))
 
     def stages(self, stream: str) -> list[StageInfo]:
         with self.session() as s:

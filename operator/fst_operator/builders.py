@@ -21,19 +21,30 @@ Children are returned without owner references: the handlers adopt them (kopf.ad
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from fst.config import TrainConfig
-from fst.k8s.api import API_VERSION, OPERATOR_OWNED_KEYS, FastSlowRunSpec, TaskStream, TrainerSpec
+from fst.gate import GateJob
+from fst.k8s.api import (
+    API_VERSION,
+    OPERATOR_OWNED_KEYS,
+    FastSlowRunSpec,
+    PromotionSpec,
+    TaskStream,
+    TrainerSpec,
+)
 from fst.k8s.status import (
     TERMINAL_PHASES,
     ConditionType,
     FastSlowRunStatus,
+    GateStatus,
     Phase,
     Reason,
+    ServedModel,
     StageStatus,
     TaskStreamStatus,
     now,
@@ -41,9 +52,10 @@ from fst.k8s.status import (
     remove_condition,
     set_condition,
 )
-from fst.plan import StageRun, short_name, stage_config, stage_spec
+from fst.plan import StageRun, short_name, stage_config, stage_spec, version_name
 from fst.plan import StageStatus as PlanStatus
-from fst.store.db import RunProgress
+from fst.promote import GateDecision, Score
+from fst.store.db import RunProgress, StageInfo
 from fst_operator import admission, policy
 
 LABEL_RUN = "fastslow.io/run"
@@ -688,19 +700,25 @@ def _stage_identity(run: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stage_runs(children: list[dict[str, Any]]) -> list[StageRun]:
+def stage_runs(children: list[dict[str, Any]], rule: PromotionSpec | None = None) -> list[StageRun]:
     """The stream's child FastSlowRuns, oldest first, as the StageRuns fst.plan reads: the
-    same records `fst stream` keeps in stream.json."""
+    same records `fst stream` keeps in stream.json (a gate's decision: its status.gate)."""
     out = []
     for run in sorted(children, key=_sequence):
         status = read_status(run)
         phase = Phase(status.phase) if status.phase else None
         plan_status = PlanStatus.PENDING if phase is None else _PLAN_STATUS.get(phase)
+        identity = _stage_identity(run)
+        gate = status.gate
         out.append(
             StageRun(
-                **_stage_identity(run),
+                **identity,
                 status=plan_status or PlanStatus.RUNNING,
                 checkpoint=status.checkpoint_uri,
+                gate=gate_decision(identity["stage"], gate, rule or PromotionSpec())
+                if gate
+                else None,
+                bundle=gate.bundle if gate else None,
             )
         )
     return out
@@ -741,15 +759,28 @@ def run_for_stage(
     }
 
 
+@dataclass(frozen=True)
+class Gating:
+    """A stage run's gate in progress (its Job runs), or failed (`failed` True)."""
+
+    run: str
+    message: str
+    failed: bool = False
+
+
 def stream_status(
     stream: dict[str, Any],
     children: list[dict[str, Any]],
     invalid: str | None = None,
     data_error: str | None = None,
+    gating: Gating | None = None,
+    serving: ServedModel | None = None,
 ) -> TaskStreamStatus:
     """The stream's status from its child runs. `invalid`: the spec is wrong (Invalid).
     `data_error`: a data source or hand-over checkpoint could not be read, so no stage can be
-    planned (DataReady=False; the next poll tries again); None after a successful plan."""
+    planned (DataReady=False; the next poll tries again); None after a successful plan.
+    `gating`: a succeeded stage run's gate has not decided yet (or failed). `serving`: what
+    the serving ConfigMap holds (kept from the old status when None)."""
     gen = stream["metadata"].get("generation")
     old = TaskStreamStatus.model_validate(stream.get("status") or {})
     conds = old.conditions
@@ -765,7 +796,28 @@ def stream_status(
                 checkpoint_uri=s.checkpoint_uri,
                 start_time=s.start_time,
                 completion_time=s.completion_time,
+                promoted=s.gate.promoted if s.gate else None,
+                gate_reason=s.gate.reason if s.gate else None,
+                bundle=s.gate.bundle if s.gate else None,
             )
+        )
+    promoted = next((x for x in reversed(stages) if x.promoted), None)
+    gated = next((x for x in reversed(stages) if x.promoted is not None), None)
+    if gating is not None:
+        reason = Reason.GATE_FAILED if gating.failed else Reason.GATE_RUNNING
+        conds = set_condition(conds, ConditionType.PROMOTED, False, reason, gating.message, gen)
+    elif gated is not None:
+        run = next(r for r in children if r["metadata"]["name"] == gated.run)
+        gate = read_status(run).gate
+        assert gate is not None
+        label = version_name(gated.stage, gated.version)
+        verdict = "promoted" if gate.promoted else "rejected"
+        msg = f"stage {label} {verdict}: {gate.message}"
+        conds = set_condition(conds, ConditionType.PROMOTED, gate.promoted, gate.reason, msg, gen)
+    elif not any(c.type == ConditionType.PROMOTED for c in conds):
+        msg = "no stage gated yet: the base model with the seed prompt is served"
+        conds = set_condition(
+            conds, ConditionType.PROMOTED, False, Reason.NOTHING_PROMOTED, msg, gen
         )
     current = stages[-1] if stages else None
     if invalid is not None:
@@ -776,6 +828,15 @@ def stream_status(
         msg = f"stage {current.stage} (run {current.run}) failed"
         conds = set_condition(conds, ConditionType.RUNNING, False, Reason.STAGE_FAILED, msg, gen)
         conds = set_condition(conds, ConditionType.FAILED, True, Reason.STAGE_FAILED, msg, gen)
+    elif gating is not None and gating.failed:
+        msg = f"the gate of run {gating.run} failed: {gating.message}"
+        conds = set_condition(conds, ConditionType.RUNNING, False, Reason.GATE_FAILED, msg, gen)
+        conds = set_condition(conds, ConditionType.FAILED, True, Reason.GATE_FAILED, msg, gen)
+    elif gating is not None:
+        msg = f"gating run {gating.run}: {gating.message}"
+        conds = remove_condition(conds, ConditionType.FAILED)
+        conds = set_condition(conds, ConditionType.RUNNING, True, Reason.GATE_RUNNING, msg, gen)
+        conds = set_condition(conds, ConditionType.SUCCEEDED, False, Reason.GATE_RUNNING, msg, gen)
     elif current.phase != Phase.SUCCEEDED:
         msg = f"stage {current.stage} (run {current.run})"
         conds = remove_condition(conds, ConditionType.FAILED)  # a failed run was replaced
@@ -799,10 +860,171 @@ def stream_status(
         failed = next((c for c in conds if c.type == ConditionType.FAILED), None)
         if failed is not None and failed.reason == Reason.INVALID_SPEC:
             conds = remove_condition(conds, ConditionType.FAILED)
+    serving = serving or old.serving
     return TaskStreamStatus(
         phase=phase_of(conds),
         observed_generation=gen,
         stages=stages,
         conditions=conds,
         current_stage=current.stage if current else None,
+        promoted=ServedModel(
+            stage=version_name(promoted.stage, promoted.version),
+            run=promoted.run,
+            bundle=promoted.bundle,
+        )
+        if promoted
+        else None,
+        serving=serving,
+        serving_stage=serving.stage if serving else None,
     )
+
+
+# ----------------------------------------------------------------------------- the gate
+
+LABEL_GATE = "fastslow.io/gate-of"  # a gate Job's stage run (never LABEL_RUN: not a trainer Job)
+GATE_FILE = "gate.json"
+SERVING_SUFFIX = "-serving"
+
+
+def gate_name(run_name: str) -> str:
+    """The gate Job (and its ConfigMap) of a stage run: `<run>-gate` (run names are <= 52)."""
+    return f"{run_name}-gate"
+
+
+def stream_key(namespace: str, name: str) -> str:
+    """The stream's name in the database's stages table (namespaced, as run_key)."""
+    return run_key(namespace, name)
+
+
+def gate_input(
+    stream: dict[str, Any], model: TaskStream, runs: list[StageRun], run: StageRun
+) -> dict[str, Any]:
+    """GATE.json of `fst gate` (fst.gate.GateJob): the stream, its history up to `run`, the
+    database names of those runs."""
+    namespace = stream["metadata"]["namespace"]
+    history = runs[: runs.index(run) + 1]
+    return GateJob(
+        stream=model.model_dump(mode="json", by_alias=True, exclude_none=True),
+        stream_key=stream_key(namespace, model.metadata.name),
+        runs=history,
+        run=run.run,
+        run_keys={r.run: run_key(namespace, r.run) for r in history},
+    ).model_dump(mode="json")
+
+
+def gate_config_map(child: dict[str, Any], gate: dict[str, Any]) -> dict[str, Any]:
+    meta = child["metadata"]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": gate_name(meta["name"]),
+            "namespace": meta["namespace"],
+            "labels": {LABEL_GATE: meta["name"], LABEL_STREAM: meta["labels"][LABEL_STREAM]},
+        },
+        "data": {GATE_FILE: json.dumps(gate, indent=1)},
+    }
+
+
+def gate_job(child: dict[str, Any], defaults: Defaults) -> dict[str, Any]:
+    """The gate Job of a stage run (its FastSlowRun `child`): `fst gate` in a pod like the
+    trainer's (image, credentials, resources, restricted security), on one node and one
+    process whatever the run trained on (greedy evaluation of two models). The Job retries its
+    pod: a killed gate resumes from the scores it saved in the database."""
+    spec = FastSlowRunSpec.model_validate(child["spec"])
+    one = spec.trainer.model_copy(update={"nodes": 1, "processes_per_node": 1})
+    obj = job(child, spec.model_copy(update={"trainer": one, "suspend": False}), 1, defaults)
+    meta = child["metadata"]
+    name = gate_name(meta["name"])
+    labels = {
+        "app.kubernetes.io/name": "fastslow-gate",
+        "app.kubernetes.io/managed-by": "fastslow-operator",
+        LABEL_GATE: meta["name"],
+        LABEL_STREAM: meta["labels"][LABEL_STREAM],
+    }
+    obj["metadata"]["name"] = name
+    queue = obj["metadata"]["labels"].get(KUEUE_QUEUE_LABEL)
+    obj["metadata"]["labels"] = labels | ({KUEUE_QUEUE_LABEL: queue} if queue else {})
+    template = obj["spec"]["template"]
+    template["metadata"]["labels"] = dict(labels)
+    container = template["spec"]["containers"][0]
+    container["name"] = "gate"
+    container["command"], container["args"] = ["fst", "gate"], [f"/etc/fastslow/{GATE_FILE}"]
+    container["env"] = [e for e in container["env"] if e["name"] != "FST_ATTEMPT"]
+    for volume in template["spec"]["volumes"]:
+        if volume["name"] == "config":
+            volume["configMap"] = {"name": name}
+    obj["spec"]["backoffLimit"] = 2
+    return obj
+
+
+def gate_status(info: StageInfo) -> GateStatus | None:
+    """A stage run's gate as the gate Job recorded it (the stages table), for its status."""
+    if info.gate is None:
+        return None
+    decision = GateDecision.model_validate(info.gate)
+    return GateStatus(
+        promoted=decision.promoted,
+        reason=decision.reason,
+        message=decision.message,
+        candidate={s: v.pass_rate for s, v in decision.candidate.items()},
+        baseline={s: v.pass_rate for s, v in decision.baseline.items()},
+        n=decision.candidate[decision.stage].n,
+        bundle=info.bundle_uri,
+    )
+
+
+def gate_decision(stage: str, gate: GateStatus, rule: PromotionSpec) -> GateDecision:
+    """The planner's view of a gate in a run's status (StageRun.gate)."""
+    n = gate.n or 0
+    return GateDecision(
+        stage=stage,
+        promoted=gate.promoted,
+        reason=gate.reason,
+        message=gate.message,
+        candidate={s: Score(pass_rate=v, n=n) for s, v in gate.candidate.items()},
+        baseline={s: Score(pass_rate=v, n=n) for s, v in gate.baseline.items()},
+        rule=rule,
+    )
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+def serving_config_map(
+    stream: dict[str, Any], served: StageRun | None, model: TaskStream, prompt: str | None
+) -> dict[str, Any]:
+    """`<stream>-serving`: what a serving Deployment mounts (docs/serving.md). `served` None:
+    nothing promoted yet, the base model with the seed prompt. `digest` changes whenever what
+    is served does, so a Deployment can roll on it (its pod template annotation)."""
+    meta = stream["metadata"]
+    if served is None:
+        seed = prompt if prompt is not None else ""
+        data = {"model": model.spec.model.name, "systemPrompt": seed, "stage": "", "run": ""}
+    else:
+        # Not gated (the operator has no database, or `evalProblems: 0`): no bundle is
+        # published, the checkpoint's model/ folder is the loadable weights.
+        weights = served.bundle or (f"{served.checkpoint}/model" if served.checkpoint else "")
+        data = {
+            "model": weights,
+            "systemPrompt": prompt or "",
+            "stage": served.name,
+            "run": served.run,
+        }
+    data["pinned"] = model.spec.serving.pin or ""
+    data["digest"] = hashlib.sha256(
+        json.dumps([data["model"], data["systemPrompt"]]).encode()
+    ).hexdigest()[:16]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": f"{meta['name']}{SERVING_SUFFIX}",
+            "namespace": meta["namespace"],
+            "labels": {
+                LABEL_STREAM: meta["name"],
+                "app.kubernetes.io/managed-by": "fastslow-operator",
+            },
+        },
+        "data": data,
+    }

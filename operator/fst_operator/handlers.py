@@ -12,6 +12,7 @@ never duplicates it.
                  spec.suspend changed            -> the Job's suspend (Kueue's while queued)
     TaskStream   create/update/resume, a timer  -> reconcile_stream, status through `patch`
                  its runs' events                -> reconcile_stream, status through the API
+                 its gate Jobs' events           -> reconcile_stream (a stage run's gate)
 
 kopf's idioms throughout: children adopted with `kopf.adopt` (owner reference, namespace), Events
 with `kopf.event`, `kopf.TemporaryError(delay=...)` when the outside world (the database, a
@@ -26,6 +27,7 @@ deleting it is a separate, explicit act (no handler here ever deletes data).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -37,9 +39,17 @@ from pydantic import ValidationError
 
 from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
 from fst.handover import checkpoint_population, source_fingerprint
-from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec
-from fst.k8s.status import Phase
-from fst.plan import check_history, check_stages, next_stage
+from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec, TaskStream
+from fst.k8s.status import Phase, ServedModel
+from fst.plan import (
+    StageRun,
+    awaiting_gate,
+    check_history,
+    check_stages,
+    next_stage,
+    serving_run,
+    stage_config,
+)
 from fst.store.db import RunDB, RunProgress
 from fst_operator import admission, builders, kube, metrics, policy, tenancy
 from fst_operator.settings import Settings
@@ -395,18 +405,29 @@ def stream_data_poll(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
 
 @kopf.on.event(*RUNS, labels={builders.LABEL_STREAM: kopf.PRESENT})
 def stage_run_event(type: str, body: kopf.Body, **_: Any) -> None:
-    if type == "DELETED":
-        return
-    namespace = body["metadata"]["namespace"]
-    name = body["metadata"]["labels"][builders.LABEL_STREAM]
-    stream = kube.get_stream(namespace, name)
-    if stream is not None:
+    if type != "DELETED":
+        _reconcile_named_stream(body["metadata"]["namespace"], body["metadata"]["labels"])
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_GATE: kopf.PRESENT})
+def gate_job_event(type: str, body: kopf.Body, **_: Any) -> None:
+    """A stage run's gate Job progressed: its stream reads the decision at once."""
+    if type != "DELETED":
+        _reconcile_named_stream(body["metadata"]["namespace"], body["metadata"]["labels"])
+
+
+def _reconcile_named_stream(namespace: str, labels: dict[str, str]) -> None:
+    """reconcile_stream for an event of one of the stream's children: status through the API."""
+    name = labels.get(builders.LABEL_STREAM)
+    stream = kube.get_stream(namespace, name) if name else None
+    if name and stream is not None:
         write = lambda c: kube.patch_stream_status(namespace, name, c)  # noqa: E731
         reconcile_stream(kopf.Body(cast(kopf.RawBody, stream)), write)
 
 
 def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
-    """Plan the stream's next stage run with fst.plan (as `fst stream` does), create it."""
+    """Gate the stream's finished stage run, plan its next one with fst.plan (as `fst stream`
+    does) and create it, keep its serving ConfigMap, write status."""
     stream = dict(body)
     meta = stream["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -431,10 +452,18 @@ def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
                 write_status(changes)
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
             return
+        rule = model.spec.promotion
+        gating = None
         if not model.spec.suspend:
-            runs = builders.stage_runs(children)
+            runs = builders.stage_runs(children, rule)
+            waiting = awaiting_gate(model, runs) if SETTINGS.database_url else None
+            if waiting is not None:
+                gating = gate_stage(body, stream, model, children, runs, waiting)
+                if gating is None:  # decided just now: its run's status has the gate
+                    children = kube.list_runs(namespace, {builders.LABEL_STREAM: name})
+                    runs = builders.stage_runs(children, rule)
             try:
-                planned = next_stage(model, runs, _fingerprint, _population)
+                planned = None if gating else next_stage(model, runs, _fingerprint, _population)
             except DataSourceError as e:
                 # Credentials missing, access denied, S3 down: say so in status and an Event
                 # (once per message); the next poll tries again.
@@ -457,9 +486,113 @@ def reconcile_stream(body: kopf.Body, write_status: StatusWriter) -> None:
                     + (f" with {inherited} inherited prompt(s)" if inherited else ""),
                 )
                 children = kube.list_runs(namespace, {builders.LABEL_STREAM: name})
-        changes = builders.status_patch(old, builders.stream_status(stream, children).dump())
+        serving = sync_serving(body, stream, model, builders.stage_runs(children, rule))
+        status = builders.stream_status(stream, children, gating=gating, serving=serving)
+        changes = builders.status_patch(old, status.dump())
         if changes:
             write_status(changes)
+
+
+def gate_stage(
+    body: kopf.Body,
+    stream: dict[str, Any],
+    model: TaskStream,
+    children: list[dict[str, Any]],
+    runs: list[StageRun],
+    waiting: StageRun,
+) -> builders.Gating | None:
+    """Drive the gate of `waiting` (a succeeded, ungated stage run): create its gate Job
+    (owned by the run) unless it exists; once it succeeded, copy the decision it recorded in
+    the database into the run's status.gate, with an Event, and return None. Else what the
+    gate is doing (or that it failed)."""
+    namespace = body["metadata"]["namespace"]
+    child = next(c for c in children if c["metadata"]["name"] == waiting.run)
+    owner = kopf.Body(cast(kopf.RawBody, child))
+    name = builders.gate_name(waiting.run)
+    job = kube.get_job(namespace, name)
+    if job is None:
+        gate_json = builders.gate_input(stream, model, runs, waiting)
+        create_child(builders.gate_config_map(child, gate_json), owner)
+        job = create_child(builders.gate_job(child, SETTINGS.defaults), owner)
+        kopf.event(
+            body,
+            type="Normal",
+            reason="GateStarted",
+            message=f"stage {waiting.name}: Job {name} scores run {waiting.run} against the "
+            "promoted model",
+        )
+    outcome, message = builders.job_outcome(job)
+    if outcome == Phase.FAILED:
+        why = f"Job {name} failed ({message}); delete the Job to gate again"
+        return builders.Gating(waiting.run, why, failed=True)
+    if outcome != Phase.SUCCEEDED:
+        return builders.Gating(waiting.run, f"Job {name}: {str(outcome).lower()}")
+    db = database(namespace)
+    assert db is not None  # gates run only with a database (reconcile_stream)
+    key = builders.run_key(namespace, waiting.run)
+    stages = db.stages(builders.stream_key(namespace, model.metadata.name))
+    info = next((s for s in stages if s.run_name == key), None)
+    gate = builders.gate_status(info) if info is not None else None
+    if gate is None:
+        raise kopf.TemporaryError(f"Job {name} succeeded; its decision is not in the database")
+    kube.patch_run_status(namespace, waiting.run, {"gate": gate.dump()})
+    verdict = "promoted" if gate.promoted else "rejected, kept for inspection, not served"
+    kopf.event(
+        body,
+        type="Normal" if gate.promoted else "Warning",
+        reason=gate.reason,
+        message=f"stage {waiting.name} {verdict}: {gate.message}",
+    )
+    return None
+
+
+def sync_serving(
+    body: kopf.Body, stream: dict[str, Any], model: TaskStream, runs: list[StageRun]
+) -> ServedModel:
+    """`<stream>-serving` holds what is served (fst.plan.serving_run: the newest promoted
+    bundle, or spec.serving.pin's); an Event when it changes."""
+    pin = model.spec.serving.pin
+    served = serving_run(runs, pin)
+    if served is None and pin is not None:
+        kopf.event(
+            body,
+            type="Warning",
+            reason="PinNotPromoted",
+            message=f"spec.serving.pin: stage {pin} has no promoted bundle; serving the newest "
+            "promoted one",
+        )
+        served = serving_run(runs, None)
+    if served is not None and served.checkpoint:
+        prompt = _best_prompt(served.checkpoint)
+    else:  # the base model with the seed prompt of the first stage
+        first = model.spec.stages[0]
+        prompt = stage_config(model, first, "serving").fast.seed_prompt
+    config_map = builders.serving_config_map(stream, served, model, prompt)
+    kopf.adopt(config_map, owner=body)
+    try:
+        changed = kube.sync_config_map(config_map)
+    except kube.NotOwnedError as e:
+        kopf.event(body, type="Warning", reason="NameTaken", message=str(e))
+        raise kopf.TemporaryError(str(e), delay=60) from e
+    cm_name = config_map["metadata"]["name"]
+    what = f"stage {served.name}'s bundle {served.bundle}" if served else "the base model"
+    if changed:
+        kopf.event(body, type="Normal", reason="ServingChanged", message=f"{cm_name}: {what}")
+    return ServedModel(
+        stage=served.name if served else None,
+        run=served.run if served else None,
+        bundle=served.bundle if served else None,
+        pinned=pin,
+        config_map=cm_name,
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _best_prompt(checkpoint: str) -> str:
+    """The best prompt saved in a checkpoint (what its bundle is served with); a checkpoint
+    never changes, so it is read once."""
+    population = _population(checkpoint)
+    return population[0] if population else ""
 
 
 class DataSourceError(RuntimeError):

@@ -196,12 +196,40 @@ def create_if_absent(obj: dict[str, Any]) -> dict[str, Any]:
     existing = _read(kind, ns, name)
     if existing is None:  # deleted in between: the next reconcile creates it
         return obj
+    _check_owner(obj, existing)
+    log.info("%s %s/%s exists already", kind, ns, name)
+    return existing
+
+
+def _check_owner(obj: dict[str, Any], existing: dict[str, Any]) -> None:
     owners = {r["uid"] for r in obj["metadata"].get("ownerReferences") or []}
     theirs = {r.get("uid") for r in existing["metadata"].get("ownerReferences") or []}
     if owners and not owners & theirs:
-        raise NotOwnedError(f"{kind} {ns}/{name} exists and is not owned by this resource")
-    log.info("%s %s/%s exists already", kind, ns, name)
-    return existing
+        meta = obj["metadata"]
+        raise NotOwnedError(
+            f"{obj['kind']} {meta['namespace']}/{meta['name']} exists and is not owned by this "
+            "resource"
+        )
+
+
+def sync_config_map(obj: dict[str, Any]) -> bool:
+    """Create the ConfigMap (adopted by its owner), or patch its data when it differs; True
+    when anything changed. One of another owner's is never taken over (NotOwnedError)."""
+    ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+    try:
+        _create(obj)
+        return True
+    except ApiException as e:
+        if e.status != 409:
+            raise
+    existing = _read("ConfigMap", ns, name)
+    if existing is None:  # deleted in between: the next reconcile creates it
+        return False
+    _check_owner(obj, existing)
+    if (existing.get("data") or {}) == obj["data"]:
+        return False
+    client.CoreV1Api(api()).patch_namespaced_config_map(name, ns, {"data": obj["data"]})
+    return True
 
 
 def read_secret(namespace: str, name: str) -> dict[str, str] | None:

@@ -323,6 +323,7 @@ def test_a_stream_trains_stage_after_stage_in_containers(release: Release) -> No
     # `kubectl apply -f taskstream.yaml`: the stream, with trainer containers on the real node.
     spec = {
         "model": {"name": "smollm2-135m-instruct"},
+        "evalProblems": 4,  # each stage's gate (a Job too) scores 4 problems per stage
         "defaults": {
             "mode": "rl",
             "seed": 1,
@@ -370,6 +371,22 @@ def test_a_stream_trains_stage_after_stage_in_containers(release: Release) -> No
     (trainer,) = trainers[0].status.container_statuses
     assert trainer.image == release.images["trainer"]
     assert trainer.state.terminated.exit_code == 0
+    # Each stage was gated by `fst gate` in a restricted container of the same image, which
+    # published the promoted bundle to the namespace's S3 prefix; the stream serves it.
+    gates = core.list_namespaced_pod(ns, label_selector="job-name=customer-add-more-gate").items
+    assert gates and gates[0].spec.node_name == release.node.name
+    assert gates[0].spec.containers[0].security_context.read_only_root_filesystem
+    assert gates[0].status.container_statuses[0].state.terminated.exit_code == 0
+    gate = second["status"]["gate"]
+    assert gate["reason"] in ("GatePassed", "InsufficientGain") or gate["reason"].startswith(
+        "RegressionOn"
+    ), dump(gate)
+    served = core.read_namespaced_config_map("customer-serving", ns).data
+    serving = stream["status"]["serving"]
+    assert served["stage"] == (serving.get("stage") or ""), (served, serving)
+    if served["stage"]:
+        assert served["model"].startswith(f"{release.s3_uri}/tenants/{ns}/runs/"), served
+        assert "/bundle/step-" in served["model"] and served["systemPrompt"]
 
 
 def test_a_trainer_over_its_memory_limit_fails_the_run_as_oom_killed(release: Release) -> None:

@@ -671,6 +671,7 @@ def test_namespaced_rbac_is_least_privilege(k8s_cluster, k8s_namespace, helm: He
         assert can("create", "fastslowruns", where, "fastslow.io")
         assert can("watch", "taskstreams", where, "fastslow.io")
         assert can("create", "configmaps", where)
+        assert can("patch", "configmaps", where)  # <stream>-serving follows the served bundle
         assert can("create", "events", where)
         assert can("create", "events", where, "events.k8s.io")
         assert not can("get", "secrets", where)

@@ -602,6 +602,14 @@ def test_stream_hands_checkpoint_and_population_to_the_next_stage(
     assert saved[0] == one["status"]["bestPrompt"]
     assert two["status"]["phase"] == "Succeeded" and two["status"]["step"] == 2
     assert [s["phase"] for s in stream["status"]["stages"]] == ["Succeeded", "Succeeded"]
+    # Each stage was gated by its own Job before the next one started (a tiny random model
+    # scores ~nothing, so "no worse" passes: tests/integration/test_operator_promotion.py has
+    # a real rejection); the stream serves the newest promoted bundle.
+    assert all(s.get("promoted") is not None for s in stream["status"]["stages"])
+    gate_one = res.jobs()
+    assert {"real-one-gate", "real-two-gate"} <= {j.metadata.name for j in gate_one}
+    served = res.core.read_namespaced_config_map("real-serving", res.ns).data
+    assert served["stage"] == stream["status"]["serving"].get("stage", "")
     assert PROCESS_NODE  # the pods ran on the process node (their Jobs completed for real)
 
 

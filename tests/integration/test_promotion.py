@@ -27,22 +27,11 @@ import yaml
 
 from fst.store.db import RunDB, database_url
 from fst.stream import StreamState, run_stream
+from tests.promotion_scenario import ADD, RECOVER, STAGES, stream_spec
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-# Short additions SmolLM2 often gets right; long mixed expressions it gets wrong.
-ADD = {
-    "name": "arithmetic",
-    "trainSize": 16,
-    "valSize": 2,
-    "testSize": 8,
-    "params": {"steps": 1, "maxOperand": 9, "ops": ["+"], "answerFormat": "last_number"},
-}
-STILL = {"slow": {"lr": 1e-12}}  # the weights move by ~1e-12: no greedy answer changes
-# Enough rollouts per step that some groups have reward variance (an update), and a rate
-# that moves every weight by ~3e-3 per step.
-WRECK = {"slow": {"lr": 3e-3, "problemsPerStep": 4, "groupSize": 4}}
 
 
 def manifest(tmp_path: Path, stages: list[dict], **spec) -> Path:
@@ -50,33 +39,11 @@ def manifest(tmp_path: Path, stages: list[dict], **spec) -> Path:
         "apiVersion": "fastslow.io/v1alpha1",
         "kind": "TaskStream",
         "metadata": {"name": "gated"},
-        "spec": {
-            "model": {"name": "smollm2-135m-instruct"},
-            "outputDir": str(tmp_path / "runs"),
-            "evalProblems": 8,
-            "promotion": {"maxRegression": 0.1},
-            "defaults": {
-                "mode": "rl",
-                "seed": 1,
-                "rollout": {"temperature": 0.8, "maxNewTokens": 8, "batchSize": 16},
-                "slow": {"problemsPerStep": 2, "groupSize": 2, "microBatchSize": 4},
-                "metrics": {"klPrompts": 1, "klEvery": 2},
-                "checkpoint": {"every": 2, "keepLast": 1},
-            },
-            "stages": stages,
-            **spec,
-        },
+        "spec": stream_spec(outputDir=str(tmp_path / "runs"), stages=stages, **spec),
     }
     path = tmp_path / "stream.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-STAGES = [
-    {"name": "add", "task": ADD, "steps": 2, **STILL},
-    {"name": "add-more", "task": {**ADD, "seed": 3}, "steps": 2, **STILL},
-    {"name": "wreck", "task": {**ADD, "seed": 5}, "steps": 3, **WRECK},
-]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +56,7 @@ def stream(tmp_path_factory) -> dict:
     seen["first"] = json.loads((folder / "serving.json").read_text())
     run_stream(manifest(tmp, STAGES, serving={"pin": "add"}), progress=False)
     seen["pinned"] = json.loads((folder / "serving.json").read_text())
-    recover = {"name": "recover", "task": {**ADD, "seed": 11}, "steps": 2, **STILL}
-    run_stream(manifest(tmp, [*STAGES, recover]), progress=False)
+    run_stream(manifest(tmp, [*STAGES, RECOVER]), progress=False)
     seen["last"] = json.loads((folder / "serving.json").read_text())
     seen["state"] = StreamState.load(folder / "stream.json")
     seen["folder"], seen["manifest"] = folder, tmp / "stream.yaml"

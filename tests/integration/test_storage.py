@@ -33,7 +33,7 @@ pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 PART = 5 * MiB
-TABLES = {"runs", "stages", "prompt_populations", "metrics", "events"}
+TABLES = {"runs", "stages", "gate_scores", "prompt_populations", "metrics", "events"}
 
 
 def write_checkpoint(folder: Path, step: int, big: int = 0) -> dict[str, bytes]:
@@ -282,7 +282,7 @@ def test_alembic_upgrade_downgrade_upgrade(db_url):
     with RunDB(db_url) as db:
         assert table_names(db) == set()
         db.upgrade()
-        assert db.schema_revision() == "0002"
+        assert db.schema_revision() == "0003"
         assert table_names(db) == TABLES
         db.acquire_run("r", "rl", {"steps": 3}).release()
 
@@ -308,7 +308,7 @@ def test_pods_upgrading_together_on_postgres(pg_url):
     failures = [p.stderr.read() for p in pods if p.wait(timeout=120) != 0]
     assert failures == []
     with RunDB(pg_url) as db:
-        assert db.schema_revision() == "0002"
+        assert db.schema_revision() == "0003"
 
 
 def assert_models_match_schema(db: RunDB) -> None:
@@ -405,6 +405,19 @@ def test_stages_record_a_stream(db_url):
         )
         graph = db.stages("stream")[1]
         assert (graph.promoted, graph.gate, graph.data_version) == (False, gate, "ab12")
+
+
+def test_gate_scores_are_kept_once(db_url):
+    """A gate killed mid-evaluation finds what it measured (fst/gate.py's DatabaseScores)."""
+    with RunDB(db_url) as db:
+        db.upgrade()
+        assert db.gate_score("k1") is None
+        db.save_gate_score("k1", 0.375, 16)
+        db.save_gate_score("k1", 0.5, 16)  # measured again: the first number stays
+        db.save_gate_score("k2", 1.0, 8)
+    with RunDB(db_url) as again:
+        assert again.gate_score("k1") == (0.375, 16)
+        assert again.gate_score("k2") == (1.0, 8)
 
 
 def test_two_writers_on_one_run_are_refused(db_url):

@@ -8,7 +8,7 @@ import pytest
 from fst_operator import builders
 
 from fst.k8s.api import FastSlowRunSpec
-from fst.k8s.status import ConditionType, set_condition
+from fst.k8s.status import ConditionType, ServedModel, set_condition
 from fst.plan import StageRun, StageStatus
 from fst.store.db import RunProgress
 
@@ -371,3 +371,133 @@ def test_an_invalid_run_made_valid_starts_over() -> None:
     assert invalid["phase"] == "Invalid"
     d = decide(invalid, {"spec": {}, "status": {"active": 1}})
     assert d.status.phase == "Running" and d.status.condition(ConditionType.FAILED) is None
+
+
+# ----------------------------------------------------------------------------- the gate
+
+GATE_PASSED = {
+    "promoted": True,
+    "reason": "GatePassed",
+    "message": "a 0.250 -> 0.375",
+    "candidate": {"a": 0.375},
+    "baseline": {"a": 0.25},
+    "n": 8,
+    "bundle": "s3://c/team-acme-a/bundle/step-00000002",
+}
+REGRESSED = {
+    "promoted": False,
+    "reason": "RegressionOnA",
+    "message": "a 0.375 -> 0.0",
+    "candidate": {"a": 0.0, "b": 0.5},
+    "baseline": {"a": 0.375, "b": 0.5},
+    "n": 8,
+}
+
+
+def gated_child(name: str, stage: str, seq: int, gate: dict | None) -> dict:
+    run = child(name, stage, seq, "Succeeded")
+    run["metadata"]["labels"][builders.LABEL_STREAM] = "acme"
+    run["metadata"]["namespace"] = "team"
+    run["spec"] = {"config": {"task": TASK, "steps": 2}, "trainer": {"gpusPerNode": 2, "nodes": 2}}
+    if gate is not None:
+        run["status"]["gate"] = gate
+    return run
+
+
+def test_a_succeeded_run_waits_for_its_gate_before_the_next_stage() -> None:
+    from fst.plan import awaiting_gate
+
+    stream = stream_object(
+        [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
+    )
+    model = builders.stream_model(stream)
+    ungated = builders.stage_runs([gated_child("acme-a", "a", 0, None)], model.spec.promotion)
+    assert awaiting_gate(model, ungated) == ungated[0]
+    gated = builders.stage_runs([gated_child("acme-a", "a", 0, GATE_PASSED)])
+    assert awaiting_gate(model, gated) is None
+    assert gated[0].promoted and gated[0].bundle == GATE_PASSED["bundle"]
+    assert gated[0].gate is not None and gated[0].gate.candidate["a"].n == 8
+    stream["spec"]["evalProblems"] = 0  # gates nothing: every succeeded run counts
+    assert awaiting_gate(builders.stream_model(stream), ungated) is None
+
+
+def test_the_gate_job_runs_fst_gate_like_the_trainer_on_one_pod() -> None:
+    run = gated_child("acme-b", "b", 1, None)
+    job = builders.gate_job(run, DEFAULTS)
+    assert job["metadata"]["name"] == "acme-b-gate"
+    labels = job["metadata"]["labels"]
+    assert labels[builders.LABEL_GATE] == "acme-b" and labels[builders.LABEL_STREAM] == "acme"
+    assert builders.LABEL_RUN not in labels  # never mistaken for an attempt's trainer Job
+    pod = job["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["fst", "gate"]
+    assert container["args"] == ["/etc/fastslow/gate.json"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"name": "config", "configMap": {"name": "acme-b-gate"}} in pod["volumes"]
+    # The run trained on 2 nodes; its gate is one pod, retried (scores resume from the DB).
+    assert "completionMode" not in job["spec"] and job["spec"]["backoffLimit"] == 2
+    assert builders.LABEL_RUN not in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_gate_input_is_the_stream_history_up_to_the_gated_run() -> None:
+    from fst.gate import GateJob
+
+    stream = stream_object(
+        [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
+    )
+    stream["metadata"]["namespace"] = "team"
+    model = builders.stream_model(stream)
+    children = [gated_child("acme-a", "a", 0, GATE_PASSED), gated_child("acme-b", "b", 1, None)]
+    runs = builders.stage_runs(children, model.spec.promotion)
+    job = GateJob.model_validate(builders.gate_input(stream, model, runs, runs[0]))
+    assert [r.run for r in job.runs] == ["acme-a"] and job.run == "acme-a"
+    job = GateJob.model_validate(builders.gate_input(stream, model, runs, runs[1]))
+    assert [r.run for r in job.runs] == ["acme-a", "acme-b"]
+    assert job.runs[0].promoted and job.runs[0].bundle == GATE_PASSED["bundle"]
+    assert job.run_keys["acme-b"] == builders.run_key("team", "acme-b")
+    assert job.stream_key == builders.run_key("team", "acme")
+
+
+def test_stream_status_names_the_gate_decision_and_what_is_served() -> None:
+    stream = stream_object([])
+    children = [gated_child("acme-a", "a", 0, GATE_PASSED), gated_child("acme-b", "b", 1, None)]
+    gating = builders.Gating("acme-b", "Job acme-b-gate: running")
+    status = builders.stream_status(stream, children, gating=gating)
+    promoted = next(c for c in status.conditions if c.type == ConditionType.PROMOTED)
+    assert (promoted.status, promoted.reason) == ("False", "GateRunning")
+    assert status.phase == "Running"  # a stream is not done while a gate decides
+    assert status.promoted is not None and status.promoted.run == "acme-a"
+
+    children[1]["status"]["gate"] = REGRESSED
+    served = ServedModel(stage="a", run="acme-a", bundle=GATE_PASSED["bundle"])
+    status = builders.stream_status(stream, children, serving=served)
+    promoted = next(c for c in status.conditions if c.type == ConditionType.PROMOTED)
+    assert (promoted.status, promoted.reason) == ("False", "RegressionOnA")
+    assert "stage b rejected" in promoted.message
+    assert status.phase == "Succeeded" and status.serving_stage == "a"
+    assert [(s.promoted, s.gate_reason) for s in status.stages] == [
+        (True, "GatePassed"),
+        (False, "RegressionOnA"),
+    ]
+    assert status.promoted is not None and status.promoted.run == "acme-a"  # not b
+
+    failed = builders.Gating("acme-b", "Job acme-b-gate failed", failed=True)
+    children[1]["status"].pop("gate")
+    status = builders.stream_status(stream, children, gating=failed)
+    assert status.phase == "Failed"
+
+
+def test_the_serving_config_map_follows_the_served_bundle() -> None:
+    stream = stream_object([{"name": "a", "task": TASK, "steps": 2}])
+    stream["metadata"]["namespace"] = "team"
+    model = builders.stream_model(stream)
+    base = builders.serving_config_map(stream, None, model, "You are helpful.")
+    assert base["metadata"]["name"] == "acme-serving"
+    assert base["data"]["model"] == "smollm2-135m-instruct" and base["data"]["stage"] == ""
+    (run,) = builders.stage_runs([gated_child("acme-a", "a", 0, GATE_PASSED)])
+    cm = builders.serving_config_map(stream, run, model, "Add carefully.")
+    assert cm["data"]["model"] == GATE_PASSED["bundle"]
+    assert (cm["data"]["systemPrompt"], cm["data"]["stage"]) == ("Add carefully.", "a")
+    assert cm["data"]["digest"] != base["data"]["digest"]
+    other = builders.serving_config_map(stream, run, model, "Add very carefully.")
+    assert other["data"]["digest"] != cm["data"]["digest"]  # the prompt is half the model
