@@ -25,7 +25,6 @@ from tests.k8s.operator_proc import (
     Resources,
     condition,
     dump,
-    install_crds,
     phase,
     tiny_config,
 )
@@ -37,11 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 HOLD_IMAGE = "fst.test/hold"  # kwok keeps its pods Running until released or deleted
 RELEASE = {"metadata": {"annotations": {"fst.test/kwok-release": "true"}}}
 QUOTA_GPUS = 8
-
-
-@pytest.fixture(scope="session")
-def crds(k8s_cluster) -> None:
-    install_crds(k8s_cluster.api())
 
 
 @pytest.fixture

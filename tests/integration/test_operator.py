@@ -35,7 +35,6 @@ from tests.k8s.operator_proc import (
     Resources,
     condition,
     dump,
-    install_crds,
     phase,
     tiny_config,
     tiny_model_config,
@@ -58,16 +57,6 @@ PROCESS_TRAINER = {
     "s3Secret": "s3",
     "databaseSecret": {"name": "db", "key": "url"},
 }
-
-
-@pytest.fixture(scope="session")
-def crds(k8s_cluster) -> None:
-    install_crds(k8s_cluster.api())
-
-
-@pytest.fixture
-def res(k8s_cluster, k8s_namespace, crds) -> Resources:
-    return Resources(k8s_cluster.api(), k8s_namespace)
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ from tests.k8s.operator_proc import (
     Resources,
     condition,
     dump,
-    install_crds,
     phase,
     tiny_config,
     tiny_model_config,
@@ -35,16 +34,6 @@ from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="session")
-def crds(k8s_cluster) -> None:
-    install_crds(k8s_cluster.api())
-
-
-@pytest.fixture
-def res(k8s_cluster, k8s_namespace, crds) -> Resources:
-    return Resources(k8s_cluster.api(), k8s_namespace)
 
 
 @pytest.fixture

@@ -30,7 +30,6 @@ from tests.k8s.operator_proc import (
     Resources,
     condition,
     dump,
-    install_crds,
     phase,
 )
 from tests.k8s.waiting import wait_until
@@ -38,16 +37,6 @@ from tests.promotion_scenario import RECOVER, STAGES, stream_spec
 
 pytest_plugins = ["tests.k8s.fixtures"]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture(scope="session")
-def crds(k8s_cluster) -> None:
-    install_crds(k8s_cluster.api())
-
-
-@pytest.fixture
-def res(k8s_cluster, k8s_namespace, crds) -> Resources:
-    return Resources(k8s_cluster.api(), k8s_namespace)
 
 
 @pytest.fixture

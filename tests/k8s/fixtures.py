@@ -24,6 +24,7 @@ from tests.k8s.binaries import BinaryUnavailable
 from tests.k8s.cluster import ClusterError, TestCluster, test_cluster
 from tests.k8s.kueue import KueueController, kueue_controller
 from tests.k8s.node import RealNode, real_node
+from tests.k8s.operator_proc import Resources, install_crds
 
 _kept: list[str] = []
 _clusters: list[TestCluster] = []
@@ -56,6 +57,18 @@ def k8s_namespace(k8s_cluster: TestCluster, request: pytest.FixtureRequest) -> s
     """A fresh namespace named after the test (left in place: the cluster is throwaway)."""
     stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
     return k8s_cluster.create_namespace(f"{stem}-{uuid.uuid4().hex[:5]}")
+
+
+@pytest.fixture(scope="session")
+def crds(k8s_cluster: TestCluster) -> None:
+    """fastslow's CRDs, installed once per session (the apiserver refuses a non-structural one)."""
+    install_crds(k8s_cluster.api())
+
+
+@pytest.fixture
+def res(k8s_cluster: TestCluster, k8s_namespace: str, crds: None) -> Resources:
+    """The test namespace's fastslow objects, Jobs, Secrets and Events."""
+    return Resources(k8s_cluster.api(), k8s_namespace)
 
 
 @pytest.fixture(scope="session")
