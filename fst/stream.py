@@ -292,13 +292,12 @@ def lineage_rows(runs: list[StageRun]) -> list[dict[str, Any]]:
             scores = None
         else:
             decision = ("promoted " if gate.promoted else "rejected ") + gate.reason
-            scores = (
-                ", ".join(
-                    f"{stage} {gate.baseline[stage].pass_rate:.3f}->{score.pass_rate:.3f}"
-                    for stage, score in gate.candidate.items()
-                )
-                + f" (n={gate.candidate[r.stage].n})"
-            )
+            ns = {score.n for score in gate.candidate.values()}
+            scores = ", ".join(
+                f"{stage} {gate.baseline[stage].pass_rate:.3f}->{score.pass_rate:.3f}"
+                + ("" if len(ns) == 1 else f" (n={score.n})")
+                for stage, score in gate.candidate.items()
+            ) + (f" (n={ns.pop()})" if len(ns) == 1 else "")
         start = r.start_checkpoint
         rows.append(
             {

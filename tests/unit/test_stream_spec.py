@@ -154,10 +154,10 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
     one, two = (stage_config(stream, s, s.name) for s in stream.spec.stages[:2])
     dump = {"mode": "json", "by_alias": True}
     assert (one.mode, one.seed, one.slow.betas, one.slow.lr) == ("rl", 7, (0.8, 0.9), 1e-6)
-    assert one.slow.group_size == 8 and one.slow.warmup_steps == 1  # from the defaults
+    assert one.slow.group_size == 4 and one.slow.warmup_steps == 1  # from the defaults
     assert one.fast.model_dump(**dump) == {
         "seedPrompt": DEFAULT_SEED_PROMPT,
-        "everySteps": 3,
+        "everySteps": 4,
         "topK": 2,
         "metricCalls": 16,
         "minibatchSize": 4,
@@ -172,7 +172,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         },
         "initialPopulation": [],
     }
-    assert one.checkpoint.model_dump(**dump) == {"every": 3, "keepLast": 1, "uri": None}
+    assert one.checkpoint.model_dump(**dump) == {"every": 4, "keepLast": 1, "uri": None}
     assert two.fast.reflector.model_dump(**dump) == {
         "kind": "digest",
         "model": "m",
@@ -184,7 +184,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
     assert two.fast.initial_population == ["p"] and two.checkpoint.uri == "s3://bucket/acme"
     assert two.metrics.model_dump(**dump) == {
         "klPrompts": 4,
-        "klEvery": 3,
+        "klEvery": 4,
         "tensorboard": False,
         "evalEvery": 2,
         "evalProblems": 32,
