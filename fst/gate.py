@@ -101,7 +101,7 @@ class StageGate:
         evaluation = {
             "retention": {stage: candidate[stage].pass_rate for stage in stages},
             "decomposition": {k: v.pass_rate for k, v in decomposition.items()},
-            "n": self.stream.spec.eval_problems,
+            "n": candidate[run.stage].n,  # the stage's test split may hold fewer
         }
         return decision, evaluation
 
