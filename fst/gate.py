@@ -269,6 +269,7 @@ def run_gate_job(job: GateJob, population_of: Callable[[str], list[str]]) -> Gat
             r.population = population_of(r.checkpoint)
     cfg = stage_config(stream, stage_spec(stream, run.stage), run.run)
     db = RunDB(database_url())
+    used = [r.checkpoint for r in runs if r.checkpoint and (r is run or r.promoted)]
     try:
         db.upgrade()
         gate = StageGate(stream, runs, DatabaseScores(db))
@@ -290,7 +291,27 @@ def run_gate_job(job: GateJob, population_of: Callable[[str], list[str]]) -> Gat
         )
     finally:
         db.close()
+        _drop_downloads(used)
     if run.gate is not None:
         verdict = "promoted" if run.gate.promoted else f"REJECTED ({run.gate.reason})"
         log.info("stage %s %s: %s", run.name, verdict, run.gate.message)
     return run.gate
+
+
+def _drop_downloads(checkpoints: list[str]) -> None:
+    """Delete the local copies of the S3 checkpoints a gate downloaded (~2 GB each for
+    SmolLM2 with its optimizer state): a finished pod's emptyDir stays on the node's disk until
+    its Job is deleted, and the next gate downloads what it needs again (or not at all: every
+    score cached, the bundle published)."""
+    import shutil
+
+    from fst.store.checkpoints import open_store, split_checkpoint_uri
+    from fst.store.layout import step_name
+
+    for uri in checkpoints:
+        store_uri, step = split_checkpoint_uri(uri)
+        if not uri.startswith("s3://") or step is None:
+            continue
+        root = getattr(open_store(store_uri), "download_root", None)
+        if root is not None:
+            shutil.rmtree(root / step_name(step), ignore_errors=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -40,7 +41,7 @@ from pydantic import ValidationError
 from fst.config import ConfigError, TaskConfig, TrainConfig, format_validation_error
 from fst.handover import checkpoint_population, source_fingerprint
 from fst.k8s.api import GROUP, VERSION, FastSlowRunSpec, TaskStream
-from fst.k8s.status import Phase, ServedModel
+from fst.k8s.status import GateStatus, Phase, ServedModel
 from fst.plan import (
     StageRun,
     awaiting_gate,
@@ -506,35 +507,14 @@ def gate_stage(
     the database into the run's status.gate, with an Event, and return None. Else what the
     gate is doing (or that it failed)."""
     namespace = body["metadata"]["namespace"]
-    child = next(c for c in children if c["metadata"]["name"] == waiting.run)
-    owner = kopf.Body(cast(kopf.RawBody, child))
     name = builders.gate_name(waiting.run)
-    job = kube.get_job(namespace, name)
-    if job is None:
-        gate_json = builders.gate_input(stream, model, runs, waiting)
-        create_child(builders.gate_config_map(child, gate_json), owner)
-        job = create_child(builders.gate_job(child, SETTINGS.defaults), owner)
-        kopf.event(
-            body,
-            type="Normal",
-            reason="GateStarted",
-            message=f"stage {waiting.name}: Job {name} scores run {waiting.run} against the "
-            "promoted model",
-        )
-    outcome, message = builders.job_outcome(job)
-    if outcome == Phase.FAILED:
-        why = f"Job {name} failed ({message}); delete the Job to gate again"
-        return builders.Gating(waiting.run, why, failed=True)
-    if outcome != Phase.SUCCEEDED:
-        return builders.Gating(waiting.run, f"Job {name}: {str(outcome).lower()}")
-    db = database(namespace)
-    assert db is not None  # gates run only with a database (reconcile_stream)
-    key = builders.run_key(namespace, waiting.run)
-    stages = db.stages(builders.stream_key(namespace, model.metadata.name))
-    info = next((s for s in stages if s.run_name == key), None)
-    gate = builders.gate_status(info) if info is not None else None
-    if gate is None:
-        raise kopf.TemporaryError(f"Job {name} succeeded; its decision is not in the database")
+    gate = _recorded_gate(namespace, model, waiting)
+    if gate is None:  # not decided yet: its Job runs, or is to be created
+        child = next(c for c in children if c["metadata"]["name"] == waiting.run)
+        gating = _drive_gate_job(body, stream, model, child, runs, waiting)
+        gate = _recorded_gate(namespace, model, waiting) if gating is None else None
+        if gate is None:
+            return gating or builders.Gating(waiting.run, f"Job {name} succeeded; reading")
     kube.patch_run_status(namespace, waiting.run, {"gate": gate.dump()})
     verdict = "promoted" if gate.promoted else "rejected, kept for inspection, not served"
     kopf.event(
@@ -546,11 +526,69 @@ def gate_stage(
     return None
 
 
+def _recorded_gate(namespace: str, model: TaskStream, run: StageRun) -> GateStatus | None:
+    """The decision the gate Job of `run` recorded in the stages table, if any (the record
+    of truth: read first, so a gate decided while the operator was away is not run again)."""
+    db = database(namespace)
+    assert db is not None  # gates run only with a database (reconcile_stream)
+    key = builders.run_key(namespace, run.run)
+    stages = db.stages(builders.stream_key(namespace, model.metadata.name))
+    # Of this run's final checkpoint: a stream deleted and made again under the same name
+    # finds its old rows (run names are deterministic) but gates what it trained now.
+    info = next(
+        (s for s in stages if s.run_name == key and s.checkpoint_uri == run.checkpoint), None
+    )
+    return builders.gate_status(info) if info is not None else None
+
+
+def _drive_gate_job(
+    body: kopf.Body,
+    stream: dict[str, Any],
+    model: TaskStream,
+    child: dict[str, Any],
+    runs: list[StageRun],
+    waiting: StageRun,
+) -> builders.Gating | None:
+    """Create the gate Job of `waiting` unless it exists; None once it succeeded, else what
+    it is doing (or that it failed)."""
+    namespace = body["metadata"]["namespace"]
+    owner = kopf.Body(cast(kopf.RawBody, child))
+    name = builders.gate_name(waiting.run)
+    job = kube.get_job(namespace, name)
+    if job is None:
+        gate_json = builders.gate_input(stream, model, runs, waiting)
+        create_child(builders.gate_config_map(child, gate_json), owner)
+        job = create_child(builders.gate_job(child, SETTINGS.defaults), owner)
+        # Two reconciles of the stream (a timer, a child's event) may both get here; the
+        # second finds the first's Job (409) and says nothing.
+        with _announced_lock:
+            first = job["metadata"].get("uid") not in _announced
+            _announced.add(job["metadata"].get("uid"))
+        if first:
+            kopf.event(
+                body,
+                type="Normal",
+                reason="GateStarted",
+                message=f"stage {waiting.name}: Job {name} scores run {waiting.run} against "
+                "the promoted model",
+            )
+    outcome, message = builders.job_outcome(job)
+    if outcome == Phase.FAILED:
+        why = f"Job {name} failed ({message}); delete the Job to gate again"
+        return builders.Gating(waiting.run, why, failed=True)
+    if outcome != Phase.SUCCEEDED:
+        return builders.Gating(waiting.run, f"Job {name}: {str(outcome).lower()}")
+    return None
+
+
 def sync_serving(
     body: kopf.Body, stream: dict[str, Any], model: TaskStream, runs: list[StageRun]
 ) -> ServedModel:
     """`<stream>-serving` holds what is served (fst.plan.serving_run: the newest promoted
     bundle, or spec.serving.pin's); an Event when it changes."""
+    if SETTINGS.database_url and model.spec.eval_problems > 0:
+        # Gated: a run is served once its gate promoted it, never while it waits for its gate.
+        runs = [r for r in runs if r.gate is not None]
     pin = model.spec.serving.pin
     served = serving_run(runs, pin)
     if served is None and pin is not None:
@@ -585,6 +623,10 @@ def sync_serving(
         pinned=pin,
         config_map=cm_name,
     )
+
+
+_announced: set[str | None] = set()  # gate Jobs whose start was announced (an Event)
+_announced_lock = threading.Lock()
 
 
 @functools.lru_cache(maxsize=256)

@@ -74,10 +74,21 @@ def s3_env(minio: MinioServer, monkeypatch: pytest.MonkeyPatch, tmp_path) -> dic
 
 
 @pytest.fixture
-def s3_uri(s3_env: dict[str, str], request: pytest.FixtureRequest) -> str:
-    """A fresh prefix in the test bucket, unique to this test."""
+def s3_uri(s3_env: dict[str, str], request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh prefix in the test bucket, unique to this test; emptied after it (a SmolLM2
+    checkpoint with its optimizer state is ~2 GB, and the session's tests share one disk)."""
     name = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40]
-    return f"s3://{TEST_BUCKET}/{name}-{uuid.uuid4().hex[:6]}"
+    prefix = f"{name}-{uuid.uuid4().hex[:6]}"
+    yield f"s3://{TEST_BUCKET}/{prefix}"
+    from minio.deleteobjects import DeleteObject
+
+    from fst.store.s3 import make_client, parse_endpoint
+
+    client = make_client(parse_endpoint(s3_env["AWS_ENDPOINT_URL"]))
+    objects = client.list_objects(TEST_BUCKET, prefix=f"{prefix}/", recursive=True)
+    doomed = (DeleteObject(o.object_name) for o in objects if o.object_name)
+    for error in client.remove_objects(TEST_BUCKET, doomed):
+        print(f"could not delete {error}")
 
 
 @pytest.fixture

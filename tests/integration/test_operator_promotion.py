@@ -26,6 +26,8 @@ from fst.bundle import read_bundle
 from fst.store.db import RunDB
 from tests.k8s.cluster import PROCESS_NODE_SELECTOR, PROCESS_NODE_TOLERATION
 from tests.k8s.operator_proc import (
+    GROUP,
+    VERSION,
     OperatorProcess,
     Resources,
     condition,
@@ -154,6 +156,12 @@ def test_the_gate_promotes_rejects_pins_and_recovers_through_the_operator(
     cm = wait("serving recover", lambda: (c := serving(res))["stage"] == "recover" and c)
     assert cm["model"] == recover["bundle"]
     assert stream["status"]["servingStage"] == "recover"
+
+    # Deleting the stream deletes its runs, Jobs, pods (and the pods' GBs of scratch on the
+    # node) and the serving ConfigMap; its checkpoints and bundles in S3 are kept.
+    res.custom.delete_namespaced_custom_object(GROUP, VERSION, res.ns, "taskstreams", "gated")
+    wait("cascade", lambda: not res.runs() and not res.core.list_namespaced_pod(res.ns).items, 180)
+    assert read_bundle(recover["bundle"])[1]
 
 
 def test_the_documented_vllm_deployment_is_accepted_by_the_apiserver(res: Resources) -> None:

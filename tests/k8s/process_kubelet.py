@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -325,6 +326,10 @@ class ProcessKubelet:
         if running is not None:
             grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
             running.stop(grace=min(float(grace), 10.0))
+        # A deleted pod's volumes go with it, as a kubelet's emptyDirs do (a SmolLM2 trainer's
+        # scratch holds GBs); its log files stay for the test's report.
+        folder = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        shutil.rmtree(folder / "volumes", ignore_errors=True)
         try:  # grace 0 finishes the deletion, as a kubelet does once containers are gone
             options = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
             self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options)
