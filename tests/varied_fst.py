@@ -9,7 +9,9 @@ killed) right after run RUN has committed its checkpoint of step STEP: a kill te
 it at a known point. The tiny model takes a step in a fraction of a second, so a test that
 polls for the checkpoint and then kills would otherwise land anywhere after it, or after the
 end of the run. FST_TEST_HANG_AFTER_SCORES=RUN:N does the same once the promotion gate of run
-RUN has measured N scores (fst/gate.py StageGate.score).
+RUN has measured N scores (fst/gate.py StageGate.score), and FST_TEST_HANG_IN_UPLOAD=TEXT:N
+once N files whose S3 key contains TEXT have been uploaded (a commit's files go up one by one,
+the manifest last). FST_TEST_HANG_MARKER names a file created when a hang begins.
 """
 
 from __future__ import annotations
@@ -71,5 +73,26 @@ if HANG_AFTER_SCORES:
 
     fst.gate.StageGate.evaluate = _evaluate_noting_the_run  # type: ignore[method-assign]
     fst.gate.StageGate.score = _score_then_hang  # type: ignore[method-assign]
+
+HANG_IN_UPLOAD = os.environ.get("FST_TEST_HANG_IN_UPLOAD")
+if HANG_IN_UPLOAD:
+    from fst.store.s3 import S3CheckpointStore
+
+    text, count = HANG_IN_UPLOAD.rsplit(":", 1)
+    uploaded: list[str] = []
+    _upload = S3CheckpointStore._upload
+
+    def _upload_then_hang(self: Any, path: Any, key: str, info: Any) -> Any:
+        result = _upload(self, path, key, info)
+        if text in key:
+            uploaded.append(key)
+            if len(uploaded) == int(count):
+                if os.environ.get("FST_TEST_HANG_MARKER"):
+                    open(os.environ["FST_TEST_HANG_MARKER"], "w").close()
+                while True:
+                    time.sleep(60)
+        return result
+
+    S3CheckpointStore._upload = _upload_then_hang  # type: ignore[method-assign]
 
 sys.exit(main())

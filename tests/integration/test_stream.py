@@ -303,3 +303,88 @@ def test_a_gate_killed_mid_evaluation_keeps_its_scores(tmp_path, tiny_model_dir)
     entries = json.loads(state_file.read_text())["stages"]
     assert [e["status"] for e in entries] == ["succeeded", "succeeded"]
     assert entries[1]["gate"]["stage"] == "second"
+
+
+def test_a_kill_while_publishing_a_bundle_keeps_the_previous_one_serving(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+    s3_uri,
+):
+    """A stream SIGKILLed while the promoted stage 2 uploads its bundle to MinIO (two files
+    up, the rest and the manifest not): stage 1's bundle stays served, the half-written one
+    is listed nowhere and cannot be fetched; run again, stage 2's bundle is published whole
+    and served."""
+    from fst.bundle import bundle_uri_of, fetch_bundle
+    from fst.store.checkpoints import open_store
+    from fst.store.layout import CheckpointError
+    from fst.store.s3 import make_client, parse_endpoint, parse_s3_uri
+
+    always = {"minGain": -1, "maxRegression": 1}  # the tiny model's scores are noise: promote
+    path = stream_doc(
+        tmp_path,
+        tiny_model_dir,
+        [
+            {"name": "first", "task": ARITH, "steps": 1, "checkpoint": {"uri": f"{s3_uri}/first"}},
+            {
+                "name": "second",
+                "task": {**ARITH, "seed": 4},
+                "steps": 1,
+                "checkpoint": {"uri": f"{s3_uri}/second"},
+            },
+        ],
+        promotion=always,
+    )
+    folder = tmp_path / "runs" / "tiny"
+    bucket, prefix = parse_s3_uri(s3_uri)
+    marker = tmp_path / "hanging"
+    proc = subprocess.Popen(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(
+            FST_TEST_HANG_IN_UPLOAD=f"{prefix}/second/bundle/:2", FST_TEST_HANG_MARKER=str(marker)
+        ),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(marker.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+
+    first, second = json.loads((folder / "stream.json").read_text())["stages"]
+    serving = json.loads((folder / "serving.json").read_text())
+    assert first["bundle"] == bundle_uri_of(first["checkpoint"])
+    assert (serving["stage"], serving["bundle"]) == ("first", first["bundle"])
+    assert second["status"] == "running" and second["bundle"] is None
+    # Two files of stage 2's bundle are in the bucket, its manifest is not: no bundle is listed.
+    client = make_client(parse_endpoint(os.environ["AWS_ENDPOINT_URL"]))
+    half = [
+        o.object_name
+        for o in client.list_objects(bucket, prefix=f"{prefix}/second/bundle/", recursive=True)
+    ]
+    assert len(half) == 2 and not any(name.endswith("manifest.json") for name in half), half
+    bundles = open_store(f"{s3_uri}/second/bundle")
+    assert bundles.steps() == []
+    half_uri = f"{s3_uri}/second/bundle/{half[0].split('/bundle/')[1].split('/')[0]}"
+    with pytest.raises(CheckpointError):
+        fetch_bundle(half_uri)
+    fetch_bundle(first["bundle"])  # the served one is whole
+
+    out = subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    first, second = json.loads((folder / "stream.json").read_text())["stages"]
+    serving = json.loads((folder / "serving.json").read_text())
+    assert second["status"] == "succeeded" and second["gate"]["promoted"]
+    assert second["bundle"] == bundle_uri_of(second["checkpoint"]) == half_uri
+    assert (serving["stage"], serving["bundle"]) == ("second", second["bundle"])
+    assert len(bundles.steps()) == 1
+    assert (fetch_bundle(second["bundle"]) / "system_prompt.txt").read_text() == serving[
+        "systemPrompt"
+    ]
