@@ -162,6 +162,26 @@ class SlowConfig(Schema):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup.")
     grad_clip: float = Field(1.0, gt=0.0, description="Max global gradient norm.")
     micro_batch_size: int = Field(8, gt=0, description="Sequences per forward/backward pass.")
+    updates_per_batch: int = Field(
+        1,
+        gt=0,
+        description="Optimizer updates per generation batch: the batch is split into this many "
+        "mini-batches, one AdamW update each (TRL's steps_per_generation, verl's PPO "
+        "mini-batches). From the second update on the policy is no longer the sampler, so "
+        "CISPO's ratio moves off 1 and its truncation can bind. The learning-rate schedule still "
+        "counts RL steps.",
+    )
+
+    @model_validator(mode="after")
+    def _updates_within_batch(self) -> SlowConfig:
+        rollouts = self.problems_per_step * self.group_size
+        if self.updates_per_batch > rollouts:
+            raise ValueError(
+                f"updatesPerBatch ({self.updates_per_batch}) exceeds the batch's "
+                f"problemsPerStep x groupSize = {rollouts} rollouts: every update needs at "
+                "least one"
+            )
+        return self
 
 
 # ----------------------------------------------------------------------------- fast channel

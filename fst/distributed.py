@@ -146,6 +146,15 @@ def max_all(value: int, world: World) -> int:
     return int(t.item())
 
 
+def min_max_all(lo: float, hi: float, world: World) -> tuple[float, float]:
+    """(min over ranks of lo, max over ranks of hi)."""
+    if not world.distributed:
+        return lo, hi
+    t = torch.tensor([-lo, hi], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return -float(t[0]), float(t[1])
+
+
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()

@@ -25,8 +25,9 @@ class SamplingParams:
 class Rollout:
     """One sampled completion.
 
-    `logprobs[t]` is log π_sampler(completion_ids[t] | prefix) under the temperature-scaled
-    distribution (before top-p truncation). `finished` is False when max_new_tokens cut it.
+    `logprobs[t]` is log π_sampler(completion_ids[t] | prefix) under the distribution it was
+    drawn from: temperature-scaled, renormalised over the top-p nucleus when top_p < 1 (greedy
+    decoding: the temperature-scaled one). `finished` is False when max_new_tokens cut it.
     The stop token, when produced, is the last entry of completion_ids (it is trained on: the
     policy must learn when to stop) but is not part of `text`.
     """

@@ -23,8 +23,10 @@ def sample_next(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the next token for each row of `logits` (B, V).
 
-    Returns (tokens (B,), logprobs (B,)); logprobs are under the temperature-scaled softmax
-    (before top-p truncation).
+    Returns (tokens (B,), logprobs (B,)): the log-probability of each token under the
+    distribution it was drawn from, the temperature-scaled softmax, renormalised over the
+    top-p nucleus when top_p < 1 (so CISPO's ratio π_θ / π_sampler weighs a nucleus-sampled
+    token by the policy's whole distribution against the truncated one actually sampled).
 
     One exp pass over the vocabulary serves both the logprob (through log Σ exp) and the
     sampling weights; the token is drawn by inverting the CDF with one uniform number per row.
@@ -48,6 +50,9 @@ def sample_next(
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= params.top_p
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             weights = torch.zeros_like(probs).scatter(-1, sorted_idx, sorted_probs)
+            # The nucleus's share of the mass: sampled tokens are that much likelier than
+            # under the whole softmax. (weights are now probabilities, so log_z is theirs.)
+            log_z = log_z + weights.sum(dim=-1, keepdim=True).log()
         tokens = _inverse_cdf(weights, generator)
     logprobs = (x.gather(-1, tokens[:, None]) - peak - log_z).squeeze(-1)
     return tokens, logprobs

@@ -28,12 +28,12 @@ Design
   generate() wakes the weights, reloads them from the policy, then wakes the KV cache. With
   sleep on, sync_weights() has nothing to do: every generate() loads the current policy.
   (One process; under torchrun see below: level 1, and only sync_weights() pushes.)
-- *Sampler logprobs.* Rollout.logprobs must be log-probs of the temperature-scaled distribution
-  before top-p truncation (what CISPO's ratio compares against; see fst/rollout/__init__.py).
-  vLLM returns, with `logprobs_mode="processed_logprobs"` (vLLM >= 0.10.2) and
-  `SamplingParams(logprobs=0)`, the sampled token's log-prob after temperature AND after
-  top-k/top-p (renormalised over the nucleus). With top_p = 1 that is exactly our quantity;
-  with top_p < 1 it is not, so this engine refuses top_p < 1 (use `rollout.engine: hf`).
+- *Sampler logprobs.* Rollout.logprobs must be log-probs of the distribution each token was
+  drawn from: temperature-scaled, renormalised over the top-p nucleus when top_p < 1 (what
+  CISPO's ratio compares against; see fst/rollout/__init__.py, and fst/rollout/hf.py, which
+  computes the same). vLLM returns exactly that with `logprobs_mode="processed_logprobs"`
+  (vLLM >= 0.10.2) and `SamplingParams(logprobs=0)`: the sampled token's log-prob after
+  temperature and top-k/top-p, renormalised over what was kept.
   Greedy requests (temperature 0 in vLLM) get log-probs of the *unscaled* distribution
   (temperature 1); only evaluation decodes greedily, at temperature 1, and it reads only text.
 - *Seeds.* Each request gets its own seed drawn from the run's torch.Generator, so the
@@ -97,7 +97,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, runtime_checkable
 
 import torch
 
-from fst.config import ConfigError, RolloutConfig
+from fst.config import ConfigError
 from fst.distributed import SINGLE, World, full_tensor, world_from_env
 from fst.rollout import Rollout, SamplingParams
 
@@ -147,17 +147,6 @@ def version_at_least(version: str, minimum: str) -> bool:
         return Version(version) >= Version(minimum)
     except InvalidVersion:
         return False
-
-
-def check_rollout_config(r: RolloutConfig) -> None:
-    """Settings this engine cannot honour exactly are errors, not silent approximations."""
-    if r.top_p < 1.0:
-        raise ConfigError(
-            f"rollout.topP: {r.top_p} is not supported with rollout.engine: vllm. vLLM's "
-            "sampler logprobs are renormalised over the top-p nucleus, but the slow channel "
-            "needs them under the whole temperature-scaled distribution (the one the trainer "
-            "recomputes). Set rollout.topP: 1, or use rollout.engine: hf."
-        )
 
 
 # ----------------------------------------------------------------------------- placement
@@ -315,11 +304,6 @@ def sampling_kwargs(
 
     `seed` is the request's own seed (ignored for greedy decoding, which draws nothing).
     """
-    if not params.greedy and params.top_p < 1.0:
-        raise ValueError(
-            f"top_p={params.top_p}: vLLM's logprobs would be of the top-p-truncated "
-            "distribution; this engine supports top_p = 1 only (see check_rollout_config)"
-        )
     kw: dict[str, Any] = {
         "n": 1,
         "max_tokens": params.max_new_tokens,
@@ -605,7 +589,6 @@ class VLLMRolloutEngine:
         """Start vLLM for run `cfg` (rollout.engine: vllm) on this process's GPU: the first
         visible one with one process, cuda:$LOCAL_RANK under torchrun (one engine per rank,
         every rank calls this together)."""
-        check_rollout_config(cfg.rollout)
         world = world_from_env()
         placement = engine_placement(world, tensor_parallel_size())
         if world.distributed:

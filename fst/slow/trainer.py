@@ -30,7 +30,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicLayer
 
 from fst.config import SlowConfig
-from fst.distributed import SINGLE, World, full_tensor, max_all, sum_all
+from fst.distributed import SINGLE, World, full_tensor, max_all, min_max_all, sum_all
 from fst.rollout import Rollout
 from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss
 
@@ -275,6 +275,44 @@ def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool | None:
     return True if ok and params else None  # None: torch's own default
 
 
+def mini_batches(n: int, parts: int) -> list[range]:
+    """`parts` contiguous, near-equal index ranges covering range(n) (the first n % parts one
+    longer). The rollouts come grouped by problem, G in a row: with P*G divisible by
+    parts*G each mini-batch holds whole problems."""
+    size, extra = divmod(n, parts)
+    starts = [k * size + min(k, extra) for k in range(parts + 1)]
+    return [range(starts[k], starts[k + 1]) for k in range(parts)]
+
+
+def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """One RL step's metrics from its updates' (each over its own mini-batch): counts add up,
+    token-weighted means (clip fraction, ratio mean, entropy) are re-weighted by the tokens each
+    update trained, extremes are taken over all, and loss and gradient norm are the mean of the
+    updates that ran. `updates` counts the optimizer updates taken."""
+    if len(updates) == 1:
+        return {**updates[0], "updates": updates[0]["updated"]}
+    ran = [u for u in updates if u["updated"]]
+    tokens = sum(u["trained_tokens"] for u in updates)
+
+    def token_mean(key: str) -> float:
+        return sum(u[key] * u["trained_tokens"] for u in ran) / tokens if tokens else math.nan
+
+    return {
+        "loss": sum(u["loss"] for u in ran) / len(ran) if ran else 0.0,
+        "lr": updates[0]["lr"],
+        "trained_tokens": tokens,
+        "trained_seqs": sum(u["trained_seqs"] for u in updates),
+        "clip_frac": token_mean("clip_frac") if tokens else 0.0,
+        "ratio_mean": token_mean("ratio_mean"),
+        "ratio_min": min((u["ratio_min"] for u in ran), default=math.nan),
+        "ratio_max": max((u["ratio_max"] for u in ran), default=math.nan),
+        "entropy": token_mean("entropy"),
+        "grad_norm": sum(u["grad_norm"] for u in ran) / len(ran) if ran else 0.0,
+        "updated": 1.0 if ran else 0.0,
+        "updates": float(len(ran)),
+    }
+
+
 class DivergedError(RuntimeError):
     """A step's loss or gradient norm, or the updated model's output, is NaN or infinite.
 
@@ -352,13 +390,36 @@ class SlowTrainer:
         return dapo_loss(logp, b.old_logp, b.adv, b.mask, c.clip_low, c.clip_high, num_tokens)
 
     def step(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
-        """One optimizer step on the whole batch (this rank's share of it, under torchrun).
-        Returns the step's training metrics (the whole batch's, on every rank).
+        """One RL step on the whole generation batch (this rank's share of it, under torchrun):
+        `updatesPerBatch` optimizer updates, each on one contiguous mini-batch of the rollouts
+        (whole problems when it divides evenly), then one step of the LR schedule. Returns the
+        step's training metrics (the whole batch's, on every rank).
+
+        With one update the policy IS the sampler and CISPO's ratio is 1 up to float noise;
+        from the second update on it is not, and the truncation min(ρ, ε_max) can bind.
 
         Raises DivergedError (see there) when the loss, the gradient norm or the updated
         model's output on one of the batch's sequences is NaN or infinite."""
+        # A rank whose share is smaller than the number of updates has empty mini-batches; it
+        # still takes part in each update's collectives, running a real sequence weighted 0.
+        filler = rollouts[0]
+        updates = [
+            self._update([rollouts[i] for i in part], [advantages[i] for i in part], filler)
+            for part in mini_batches(len(rollouts), self.cfg.updates_per_batch)
+        ]
+        with warnings.catch_warnings():
+            # The schedule counts RL steps, updated or not; torch warns when the first step
+            # of a run had no update (every group flat), which is expected here.
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
+        return combine_updates(updates)
+
+    def _update(
+        self, rollouts: list[Rollout], advantages: list[float], filler: Rollout
+    ) -> dict[str, float]:
+        """One optimizer update on a mini-batch (token mean over the mini-batch)."""
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = self.backward(rollouts, advantages)
+        metrics = self.backward(rollouts, advantages, filler)
         if metrics["trained_seqs"] > 0:
             if not math.isfinite(metrics["loss"]):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -377,7 +438,7 @@ class SlowTrainer:
             metrics["grad_norm"] = norm
             self.optimizer.step()
             active = [r for r, a in zip(rollouts, advantages, strict=True) if a != 0.0]
-            probe = (active or rollouts)[0]
+            probe = (active or rollouts or [filler])[0]
             finite = outputs_finite(self.model, probe.prompt_ids + probe.completion_ids)
             if sum_all([0.0 if finite else 1.0], self.world)[0] > 0:
                 raise DivergedError("the update made the model's outputs NaN or infinite")
@@ -385,11 +446,6 @@ class SlowTrainer:
             # Every group had zero variance: no gradient. Skipping the update keeps Adam's
             # momentum and weight decay from moving the weights on a step without signal.
             metrics["grad_norm"] = 0.0
-        with warnings.catch_warnings():
-            # The schedule counts RL steps, updated or not; torch warns when the first step
-            # of a run had no update (every group flat), which is expected here.
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
-            self.scheduler.step()
         metrics["updated"] = 1.0 if metrics["trained_seqs"] > 0 else 0.0
         return metrics
 
@@ -408,9 +464,13 @@ class SlowTrainer:
         logp, entropy = token_logprobs(self.model, packed, self.temperature)
         return logp, entropy, packed
 
-    def backward(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
-        """The step's loss, backpropagated: gradients accumulate into the parameters' .grad
-        (no optimizer update). Returns the loss and the training metrics (whole batch)."""
+    def backward(
+        self, rollouts: list[Rollout], advantages: list[float], filler: Rollout | None = None
+    ) -> dict[str, float]:
+        """The loss of `rollouts`, backpropagated: gradients accumulate into the parameters'
+        .grad (no optimizer update). Returns the loss and the training metrics (over every
+        rank's rollouts). `filler`: the sequence an idle micro-batch runs when this rank has no
+        rollouts of its own (default: its first rollout)."""
         world = self.world
         num_tokens, num_seqs = sum_all(
             [float(sum(len(r.completion_ids) for r in rollouts)), float(len(rollouts))], world
@@ -423,16 +483,24 @@ class SlowTrainer:
         # are collectives): the extra ones are a real sequence with its loss multiplied by 0.
         n_micro = max_all(len(local), world) if world.distributed else len(local)
         stats = torch.zeros(6, dtype=torch.float64)  # loss clipped ratio entropy tokens seqs
+        ratio_lo, ratio_hi = math.inf, -math.inf
         for m in range(n_micro):
             idle = m >= len(local)
-            idx = [0] if idle else local[m]
-            logp, entropy, batch = self._logprobs(
-                [rollouts[j] for j in idx], [0.0 if idle else advantages[j] for j in idx]
-            )
-            out = self._loss(logp, batch, int(num_tokens), int(num_seqs))
+            if idle:
+                rows, advs = [rollouts[0] if rollouts else filler], [0.0]
+            else:
+                rows, advs = [rollouts[j] for j in local[m]], [advantages[j] for j in local[m]]
+            assert rows[0] is not None, "an idle micro-batch needs a filler sequence"
+            logp, entropy, batch = self._logprobs(rows, advs)  # type: ignore[arg-type]
+            out = self._loss(logp, batch, max(int(num_tokens), 1), int(num_seqs))
             (out.loss * 0.0 if idle else out.loss).backward()
             if idle:
                 continue
+            real = batch.mask > 0
+            if bool(real.any()):
+                ratio = torch.exp(logp.detach() - batch.old_logp)[real]
+                ratio_lo = min(ratio_lo, float(ratio.min()))
+                ratio_hi = max(ratio_hi, float(ratio.max()))
             stats += torch.tensor(
                 [
                     float(out.loss.detach()),
@@ -440,11 +508,12 @@ class SlowTrainer:
                     float(out.ratio_sum),
                     float((entropy * batch.mask).sum()),
                     float(batch.mask.sum()),
-                    float(len(idx)),
+                    float(len(rows)),
                 ],
                 dtype=torch.float64,
             )
         loss, clipped, ratio_sum, entropy_sum, trained, seqs = sum_all(stats.tolist(), world)
+        ratio_lo, ratio_hi = min_max_all(ratio_lo, ratio_hi, world)
         return {
             "loss": loss,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -452,6 +521,8 @@ class SlowTrainer:
             "trained_seqs": seqs,
             "clip_frac": clipped / trained if trained else 0.0,
             "ratio_mean": ratio_sum / trained if trained else math.nan,
+            "ratio_min": ratio_lo if trained else math.nan,
+            "ratio_max": ratio_hi if trained else math.nan,
             "entropy": entropy_sum / trained if trained else math.nan,
         }
 

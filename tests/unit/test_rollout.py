@@ -116,7 +116,11 @@ def test_sampler_draws_from_the_tempered_distribution():
     freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
     assert torch.allclose(freq, want, atol=0.015)
     assert torch.allclose(logprobs, torch.log(want)[tokens], atol=1e-6)
-    # With top-p the truncated tokens are never drawn, and logprobs stay untruncated.
+    # With top-p the truncated tokens are never drawn, and each logprob is that of the nucleus
+    # it was drawn from: softmax renormalised over tokens {0, 1}, the frequencies seen.
     tokens, logprobs = sample_next(logits, SamplingParams(top_p=0.8), torch.Generator())
     assert set(tokens.tolist()) == {0, 1}
-    assert torch.allclose(logprobs, torch.log_softmax(logits[0], -1)[tokens], atol=1e-6)
+    nucleus = torch.softmax(logits[0, :2], -1)
+    assert torch.allclose(logprobs, torch.log(nucleus)[tokens], atol=1e-6)
+    freq = torch.bincount(tokens, minlength=2).float() / len(tokens)
+    assert torch.allclose(freq, nucleus, atol=0.015)

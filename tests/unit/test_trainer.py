@@ -131,3 +131,55 @@ def test_token_logprob_matches_autograd_reference(temperature):
     assert torch.allclose(logp.double(), ref_logp, atol=1e-5)
     assert torch.allclose(entropy.double(), ref_entropy.detach(), atol=1e-5)
     assert torch.allclose(x.grad, y.grad, atol=1e-5)
+
+
+def test_mini_batches_cover_the_batch_in_order():
+    from fst.slow.trainer import mini_batches
+
+    assert mini_batches(8, 1) == [range(0, 8)]
+    assert mini_batches(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert [len(r) for r in mini_batches(7, 3)] == [3, 2, 2]
+    assert [i for r in mini_batches(7, 3) for i in r] == list(range(7))
+
+
+def test_several_updates_per_batch_go_off_policy(model):
+    """updatesPerBatch 2: the step is two updates, one per half of the batch, the second on a
+    policy that is no longer the sampler: its ratios move off 1 and (with a low ε_max) the
+    truncation binds. The step equals two single-update steps on the halves in turn."""
+    import copy
+
+    from fst.config import SlowConfig
+
+    # The second half repeats the first: what update 1 made likelier, update 2 sees with ρ > 1.
+    prompts = [[1, 2, 3]] * 8
+    completions = [[4, 5], [6], [7, 8, 9], [10]] * 2
+    rs = rollouts_from(model, prompts, completions)
+    adv = [1.0, -1.0, 0.5, -0.5] * 2
+    cfg = {"lr": 5e-2, "eps_max": 1.02, "micro_batch_size": 8}
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    two = SlowTrainer(a, SlowConfig(updates_per_batch=2, **cfg), 1.0, pad_id=0)
+    m = two.step(rs, adv)
+    assert m["updates"] == 2.0 and m["updated"] == 1.0
+    assert m["trained_seqs"] == 8 and m["trained_tokens"] == sum(map(len, completions))
+    assert m["ratio_min"] < 0.99  # the second half is off-policy both ways
+    assert m["ratio_max"] > 1.02 and m["clip_frac"] > 0  # ε_max = 1.02 truncates some tokens
+
+    one = SlowTrainer(b, SlowConfig(**cfg), 1.0, pad_id=0)
+    first = one.step(rs[:4], adv[:4])
+    second = one.step(rs[4:], adv[4:])
+    assert first["ratio_max"] == pytest.approx(1.0, abs=1e-4)  # on-policy: ρ = 1
+    assert m["loss"] == pytest.approx((first["loss"] + second["loss"]) / 2, rel=1e-5)
+    assert m["clip_frac"] == pytest.approx(
+        second["clip_frac"] * second["trained_tokens"] / m["trained_tokens"], rel=1e-6
+    )
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_more_updates_than_rollouts_is_a_config_error():
+    from pydantic import ValidationError
+
+    from fst.config import SlowConfig
+
+    with pytest.raises(ValidationError, match=r"updatesPerBatch \(9\) exceeds .* 8 rollouts"):
+        SlowConfig(problems_per_step=4, group_size=2, updates_per_batch=9)
