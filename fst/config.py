@@ -184,6 +184,35 @@ class SlowConfig(Schema):
         return self
 
 
+class DistillConfig(Schema):
+    """mode fst-distill: the FST loop plus a reverse-KL term that distills what the fast
+    channel's best prompt does into the weights under the seed prompt (self-distillation).
+
+    Each RL step samples `samplesPerProblem` completions y of each problem under the seed
+    prompt (the student's own samples) and adds, per completion token, weight ×
+    KL(π_θ(·|seed, x, y<t) ‖ sg π_θ(·|best prompt, x, y<t)) over the whole vocabulary, token
+    mean. Zero while the best prompt is the seed prompt."""
+
+    weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Coefficient of the per-token reverse KL beside the policy-gradient term "
+        "(not tuned here: say so if you change it).",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, description="Ramp the weight linearly from 0 over the first N RL steps."
+    )
+    samples_per_problem: int = Field(
+        1, gt=0, description="Student completions sampled per problem per step (seed prompt)."
+    )
+
+    def weight_at(self, step: int) -> float:
+        """The coefficient at RL step `step` (0-based)."""
+        if self.warmup_steps == 0:
+            return self.weight
+        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+
+
 # ----------------------------------------------------------------------------- fast channel
 
 
@@ -366,6 +395,10 @@ class CheckpointConfig(Schema):
     )
 
 
+# Modes that train the weights on rollouts split across the population's top-K prompts.
+PROMPT_AND_WEIGHT_MODES = ("fst", "fst-distill")
+
+
 class TrainConfig(Schema):
     """Everything `fst train` needs. Also the spec of a FastSlowRun and a TaskStream stage."""
 
@@ -375,8 +408,11 @@ class TrainConfig(Schema):
         max_length=63,
         description="Run name (a DNS label, so it can name Kubernetes objects).",
     )
-    mode: Literal["rl", "fst", "gepa"] = Field(
-        "rl", description="rl: weights only. fst: weights and prompts. gepa: prompts only."
+    mode: Literal["rl", "fst", "fst-distill", "gepa"] = Field(
+        "rl",
+        description="rl: weights only. fst: weights and prompts. fst-distill: fst plus a "
+        "reverse-KL term distilling the best prompt into the weights (see distill). gepa: "
+        "prompts only.",
     )
     steps: int = Field(20, gt=0, description="RL steps (optimizer steps) in this run.")
     seed: int = 0
@@ -392,6 +428,7 @@ class TrainConfig(Schema):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     slow: SlowConfig = Field(default_factory=SlowConfig)
     fast: FastConfig = Field(default_factory=FastConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
@@ -399,10 +436,11 @@ class TrainConfig(Schema):
     @model_validator(mode="after")
     def _k_within_g(self) -> TrainConfig:
         # Mirrored by a CEL rule in the FastSlowRun CRD (fst/k8s/crd.py TOP_K_RULE).
-        if self.mode == "fst" and self.fast.top_k > self.slow.group_size:
+        if self.mode in PROMPT_AND_WEIGHT_MODES and self.fast.top_k > self.slow.group_size:
             raise ValueError(
                 f"fast.topK (K={self.fast.top_k}) must not exceed slow.groupSize "
-                f"(G={self.slow.group_size}) in fst mode: each problem's G rollouts are split "
+                f"(G={self.slow.group_size}) in mode {self.mode}: each problem's G rollouts "
+                "are split "
                 "across the K prompts"
             )
         return self

@@ -4,10 +4,12 @@
         problems  <- next `problemsPerStep` problems of the train split
         for each problem: G rollouts, spread round-robin over the population's K prompts
         rewards (P, G) -> advantages (P, G), one group per problem across all its prompts
-        slow step (mode rl/fst): CISPO on all P*G rollouts
+        slow step (mode rl/fst): CISPO on all P*G rollouts, `slow.updatesPerBatch` updates
+        (mode fst-distill: plus weight x KL(π_θ(.|seed prompt) || sg π_θ(.|best prompt)) on
+        completions sampled under the seed prompt, fst/slow/losses.py reverse_kl_loss)
         metrics -> metrics.jsonl ; checkpoint every N steps (manifest last)
 
-    every T steps (modes fst and gepa), BEFORE the step: one GEPA round on the current policy
+    every T steps (modes fst, fst-distill, gepa), BEFORE the step: a GEPA round on the policy
         population <- top-K of the Pareto front (fst/fast/gepa_adapter.py)
 
 In mode `rl` the population is the seed prompt alone and never changes; in mode `gepa` the
@@ -69,7 +71,7 @@ from fst.rollout.hf import HFRolloutEngine
 from fst.run_state import read_checkpoint_files, write_checkpoint_files
 from fst.signals import Terminated
 from fst.slow.advantages import group_advantages
-from fst.slow.trainer import DivergedError, SlowTrainer, outputs_finite
+from fst.slow.trainer import DistillBatch, DivergedError, SlowTrainer, outputs_finite
 from fst.store.checkpoints import (
     CheckpointError,
     CheckpointStore,
@@ -454,6 +456,7 @@ def rl_step(run: Run) -> dict[str, Any]:
     problems = [train[i] for i in idx[share]]
 
     out = run.rollout(problems, run.population, first=share.start)
+    distill = distill_batch(run, problems) if cfg.mode == "fst-distill" else None
     t_gen = time.perf_counter() - t0
     adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P_rank, G): whole groups per rank
 
@@ -462,7 +465,7 @@ def rl_step(run: Run) -> dict[str, Any]:
         train_metrics: dict[str, float] = {"updated": 0.0}
     else:
         try:
-            train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist())
+            train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist(), distill)
         except DivergedError as e:
             raise DivergedError(diverged_message(run, str(e))) from None
         if train_metrics.get("updated"):
@@ -505,6 +508,26 @@ def rl_step(run: Run) -> dict[str, Any]:
     record["step_s"] = time.perf_counter() - t0
     run.slow_s += record["step_s"]
     return record
+
+
+def distill_batch(run: Run, problems: list[Problem]) -> DistillBatch | None:
+    """FST-distill's data for this step: `distill.samplesPerProblem` completions of each problem
+    sampled under the seed prompt (the student's own samples), each paired with the same
+    problem under the population's best prompt (the teacher). None while the best prompt is
+    the seed prompt: the two contexts are then one, and the term is exactly zero."""
+    cfg = run.cfg
+    seed, best = cfg.fast.seed_prompt, run.population[0].text
+    if best == seed:
+        return None
+    n = cfg.distill.samples_per_problem
+    asked = [p for p in problems for _ in range(n)]
+    students = run.engine.generate(
+        [chat_prompt_ids(run.tokenizer, seed, p.prompt) for p in asked],
+        run.sampling,
+        run.generator,
+    )
+    teachers = [chat_prompt_ids(run.tokenizer, best, p.prompt) for p in asked]
+    return DistillBatch(students, teachers, cfg.distill.weight_at(run.step))
 
 
 def diverged_message(run: Run, what: str) -> str:

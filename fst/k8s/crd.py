@@ -165,7 +165,7 @@ def condition_column(name: str, type_: ConditionType) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the CRDs
 
 TOP_K_RULE = {
-    "rule": "self.mode != 'fst' || self.fast.topK <= self.slow.groupSize",
+    "rule": "!(self.mode in ['fst', 'fst-distill']) || self.fast.topK <= self.slow.groupSize",
     "message": "fast.topK (K) must not exceed slow.groupSize (G) in fst mode: "
     "each problem's G rollouts are split across the K prompts",
     "fieldPath": ".fast.topK",

@@ -93,3 +93,27 @@ def dapo_loss(
         clipped_tokens=(was_clipped * mask).sum(),
         ratio_sum=(ratio * mask).sum(),
     )
+
+
+def reverse_kl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    num_tokens: int,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FST-distill's term: Σ_t KL(p_s,t ‖ sg p_t,t) / num_tokens over real completion tokens,
+    with p = softmax(logits / temperature) over the whole vocabulary.
+
+      student_logits  (B, C, V)  π_θ's logits under the seed prompt (requires grad)
+      teacher_logits  (B, C, V)  π_θ's logits under the best prompt, same completions (no grad)
+      mask            (B, C)     1.0 on real completion tokens
+
+    Reverse KL (the student's expectation) on the student's own samples: mode-seeking, as in
+    on-policy self-distillation. d KL_t / d z_s,k = p_s,k (log p_s,k − log p_t,k − KL_t) / T:
+    zero wherever the two contexts give the same distribution. Returns (loss, the KL summed
+    over real tokens, detached, for the metric)."""
+    log_s = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    kl = (log_s.exp() * (log_s - log_t)).sum(dim=-1)  # (B, C)
+    return (kl * mask).sum() / num_tokens, (kl.detach() * mask).sum()

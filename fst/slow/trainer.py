@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from fst.config import SlowConfig
 from fst.distributed import SINGLE, World, full_tensor, max_all, min_max_all, sum_all
 from fst.rollout import Rollout
-from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss
+from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss, reverse_kl_loss
 
 
 @dataclass
@@ -100,6 +100,36 @@ def token_logprobs(
     are the same distribution family (otherwise ρ would be off by the temperature alone).
     """
     return logp_entropy(window_logits(model, batch), batch.targets, temperature)
+
+
+def completion_logits(
+    model: PreTrainedModel, rollouts: list[Rollout], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits predicting each completion token, aligned by completion position: (B, C, V)
+    with C the longest completion, and the mask of real tokens (B, C). Row b's token t is
+    predicted at position p_b - 1 + t of its prompt + completion (window coordinates: minus
+    the batch's start)."""
+    batch = pack(rollouts, [0.0] * len(rollouts), pad_id, device)
+    logits = window_logits(model, batch)  # (B, W, V)
+    C = max(len(r.completion_ids) for r in rollouts)
+    t = torch.arange(C, device=device)
+    first = torch.tensor([len(r.prompt_ids) - 1 - batch.start for r in rollouts], device=device)
+    lengths = torch.tensor([len(r.completion_ids) for r in rollouts], device=device)
+    mask = (t[None, :] < lengths[:, None]).float()  # (B, C)
+    where = (first[:, None] + t[None, :]).clamp(max=logits.shape[1] - 1)  # (B, C)
+    aligned = logits.gather(1, where[:, :, None].expand(-1, -1, logits.shape[-1]))
+    return aligned, mask
+
+
+@dataclass
+class DistillBatch:
+    """FST-distill's data for one RL step (fst/slow/losses.py reverse_kl_loss): completions
+    sampled under the seed prompt (the student's context) and, for each, the same problem
+    under the best prompt (the teacher's context)."""
+
+    students: list[Rollout]  # prompt_ids: seed prompt + problem; completion_ids: the sample
+    teacher_prompts: list[list[int]]  # per student: best prompt + the same problem
+    weight: float  # the term's coefficient at this step (distill.weightAt)
 
 
 def logp_entropy(
@@ -310,6 +340,22 @@ def combine_updates(updates: list[dict[str, float]]) -> dict[str, float]:
         "grad_norm": sum(u["grad_norm"] for u in ran) / len(ran) if ran else 0.0,
         "updated": 1.0 if ran else 0.0,
         "updates": float(len(ran)),
+        **_combine_distill(updates),
+    }
+
+
+def _combine_distill(updates: list[dict[str, float]]) -> dict[str, float]:
+    """FST-distill's metrics over a step's updates: tokens add up, the KL is token-weighted."""
+    if "distill_tokens" not in updates[0]:
+        return {}
+    tokens = sum(u["distill_tokens"] for u in updates)
+    kl = sum(u["distill_kl"] * u["distill_tokens"] for u in updates) / tokens if tokens else 0.0
+    weight = updates[0]["distill_weight"]
+    return {
+        "distill_kl": kl,
+        "distill_loss": weight * kl,
+        "distill_tokens": tokens,
+        "distill_weight": weight,
     }
 
 
@@ -389,7 +435,12 @@ class SlowTrainer:
             return grpo_loss(logp, b.old_logp, b.adv, b.mask, c.clip_low, num_seqs)
         return dapo_loss(logp, b.old_logp, b.adv, b.mask, c.clip_low, c.clip_high, num_tokens)
 
-    def step(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
+    def step(
+        self,
+        rollouts: list[Rollout],
+        advantages: list[float],
+        distill: DistillBatch | None = None,
+    ) -> dict[str, float]:
         """One RL step on the whole generation batch (this rank's share of it, under torchrun):
         `updatesPerBatch` optimizer updates, each on one contiguous mini-batch of the rollouts
         (whole problems when it divides evenly), then one step of the LR schedule. Returns the
@@ -398,14 +449,31 @@ class SlowTrainer:
         With one update the policy IS the sampler and CISPO's ratio is 1 up to float noise;
         from the second update on it is not, and the truncation min(ρ, ε_max) can bind.
 
+        `distill` (mode fst-distill) adds its reverse-KL term, its students split across the
+        updates like the rollouts.
+
         Raises DivergedError (see there) when the loss, the gradient norm or the updated
         model's output on one of the batch's sequences is NaN or infinite."""
         # A rank whose share is smaller than the number of updates has empty mini-batches; it
         # still takes part in each update's collectives, running a real sequence weighted 0.
         filler = rollouts[0]
+        n = self.cfg.updates_per_batch
+        parts = mini_batches(len(rollouts), n)
+        distill_parts = (
+            [
+                DistillBatch(
+                    [distill.students[i] for i in part],
+                    [distill.teacher_prompts[i] for i in part],
+                    distill.weight,
+                )
+                for part in mini_batches(len(distill.students), n)
+            ]
+            if distill is not None and distill.weight > 0
+            else [None] * n
+        )
         updates = [
-            self._update([rollouts[i] for i in part], [advantages[i] for i in part], filler)
-            for part in mini_batches(len(rollouts), self.cfg.updates_per_batch)
+            self._update([rollouts[i] for i in part], [advantages[i] for i in part], filler, d)
+            for part, d in zip(parts, distill_parts, strict=True)
         ]
         with warnings.catch_warnings():
             # The schedule counts RL steps, updated or not; torch warns when the first step
@@ -415,13 +483,21 @@ class SlowTrainer:
         return combine_updates(updates)
 
     def _update(
-        self, rollouts: list[Rollout], advantages: list[float], filler: Rollout
+        self,
+        rollouts: list[Rollout],
+        advantages: list[float],
+        filler: Rollout,
+        distill: DistillBatch | None = None,
     ) -> dict[str, float]:
         """One optimizer update on a mini-batch (token mean over the mini-batch)."""
         self.optimizer.zero_grad(set_to_none=True)
         metrics = self.backward(rollouts, advantages, filler)
-        if metrics["trained_seqs"] > 0:
-            if not math.isfinite(metrics["loss"]):
+        if distill is not None:
+            metrics.update(self.distill_backward(distill, filler))
+        if metrics["trained_seqs"] > 0 or metrics.get("distill_tokens", 0.0) > 0:
+            if not (
+                math.isfinite(metrics["loss"]) and math.isfinite(metrics.get("distill_loss", 0))
+            ):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise DivergedError(
                     f"the loss is {metrics['loss']}; the update was refused (the weights "
@@ -446,8 +522,57 @@ class SlowTrainer:
             # Every group had zero variance: no gradient. Skipping the update keeps Adam's
             # momentum and weight decay from moving the weights on a step without signal.
             metrics["grad_norm"] = 0.0
-        metrics["updated"] = 1.0 if metrics["trained_seqs"] > 0 else 0.0
+        updated = metrics["trained_seqs"] > 0 or metrics.get("distill_tokens", 0.0) > 0
+        metrics["updated"] = 1.0 if updated else 0.0
         return metrics
+
+    def distill_backward(self, distill: DistillBatch, filler: Rollout) -> dict[str, float]:
+        """FST-distill's term on `distill`, backpropagated into .grad (accumulating onto the
+        policy-gradient term's): weight × Σ_t KL(student ‖ sg teacher) / the students' tokens.
+        Returns distill_loss (weighted), distill_kl (per token), distill_tokens and
+        distill_weight."""
+        world, device = self.world, self.model.device
+        students = distill.students
+        num_tokens = sum_all([float(sum(len(r.completion_ids) for r in students))], world)[0]
+        mbs = self.cfg.micro_batch_size
+        local = [list(range(i, min(i + mbs, len(students)))) for i in range(0, len(students), mbs)]
+        n_micro = max_all(len(local), world) if world.distributed else len(local)
+        kl_sum = 0.0
+        self.model.train()
+        for m in range(n_micro):
+            idle = m >= len(local)
+            rows = [filler] if idle else [students[j] for j in local[m]]
+            teachers = (
+                [filler]
+                if idle
+                else [
+                    Rollout(
+                        distill.teacher_prompts[j],
+                        r.completion_ids,
+                        [0.0] * len(r.completion_ids),
+                        "",
+                        True,
+                    )
+                    for j, r in zip(local[m], rows, strict=True)
+                ]
+            )
+            with torch.no_grad():
+                teacher, _ = completion_logits(self.model, teachers, self.pad_id, device)
+            student, mask = completion_logits(self.model, rows, self.pad_id, device)
+            loss, kl = reverse_kl_loss(
+                student, teacher, mask, max(int(num_tokens), 1), self.temperature
+            )
+            (loss * (0.0 if idle else distill.weight)).backward()
+            if not idle:
+                kl_sum += float(kl)
+        kl_total = sum_all([kl_sum], world)[0]
+        per_token = kl_total / num_tokens if num_tokens else 0.0
+        return {
+            "distill_loss": distill.weight * per_token,
+            "distill_kl": per_token,
+            "distill_tokens": num_tokens,
+            "distill_weight": distill.weight,
+        }
 
     def _logprobs(
         self, rollouts: list[Rollout], advantages: list[float]

@@ -74,10 +74,14 @@ def signal_after_checkpoint(
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-distill"])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mode):  # noqa: F811
-    straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode)
-    killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode)
+    # fst-distill: a population without the seed prompt, so that its best prompt differs from
+    # the student's context from step 1 and the distill term runs on every step.
+    extra = {"fast.initialPopulation": ["Be brief.", "Answer with a number."]}
+    extra = extra if mode == "fst-distill" else {}
+    straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode, **extra)
+    killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode, **extra)
     run("train", "-c", str(write_config(tmp_path, straight, "a.yaml")), "--no-progress")
 
     cfg_b = write_config(tmp_path, killed, "b.yaml")
@@ -106,7 +110,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
     # and AdamW state.
     assert all(m["updated"] for m in metrics_a), "every step should update the weights"
 
-    if mode == "fst":
+    if mode == "fst-distill":  # the distill term ran on every step, before and after the kill
+        assert all(m["distill_kl"] > 0 and m["distill_tokens"] > 0 for m in metrics_b), metrics_b
+    if mode in ("fst", "fst-distill"):
         pop_a, pop_b = (
             read_jsonl(run_a / "population.jsonl"),
             read_jsonl(run_b / "population.jsonl"),
