@@ -35,6 +35,7 @@ from fst.schema import (
     Schema,
     format_validation_error,
 )
+from fst.store.layout import parse_step_name
 from fst.tasks import validate_task_params
 from fst.yamlio import load_yaml, read_yaml_file
 
@@ -415,6 +416,14 @@ class TrainConfig(Schema):
         "prompts only.",
     )
     steps: int = Field(20, gt=0, description="RL steps (optimizer steps) in this run.")
+    continue_from: str | None = Field(
+        None,
+        description="One checkpoint (…/step-N, a local folder or s3://) whose trajectory this "
+        "run continues: its weights, AdamW and schedule state, RNG, step counter (so the GEPA "
+        "cadence every fast.everySteps steps goes on) and prompt population carry over; only "
+        "the data is this run's task. The run ends at step N + steps. Set by a TaskStream "
+        "with continueTrajectory: true.",
+    )
     seed: int = 0
     output_dir: str = Field("runs", description="Local folder for run state, metrics, checkpoints.")
     database: str | None = Field(
@@ -445,9 +454,31 @@ class TrainConfig(Schema):
             )
         return self
 
+    @field_validator("continue_from")
+    @classmethod
+    def _one_checkpoint(cls, v: str | None) -> str | None:
+        if v is not None and continued_step(v) is None:
+            raise ValueError(f"{v!r}: must name one checkpoint, …/step-NNNNNNNN")
+        return v
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.run
+
+    @property
+    def first_step(self) -> int:
+        """The step this run starts at: 0, or the step of the checkpoint it continues."""
+        return 0 if self.continue_from is None else continued_step(self.continue_from) or 0
+
+    @property
+    def final_step(self) -> int:
+        """The step this run ends at (its last checkpoint's)."""
+        return self.first_step + self.steps
+
+
+def continued_step(uri: str) -> int | None:
+    """The step of a checkpoint URI `…/step-N`, or None if `uri` does not name one."""
+    return parse_step_name(uri.rstrip("/").rpartition("/")[2])
 
 
 # ----------------------------------------------------------------------------- loading

@@ -79,6 +79,7 @@ from fst.store.checkpoints import (
     latest_step,
     open_store,
     prune,
+    split_checkpoint_uri,
 )
 from fst.store.db import DEFAULT_LEASE_S, Lease, RunDB, RunLockedError, database_url
 from fst.tasks import Problem, Task, build_task
@@ -672,7 +673,11 @@ def preflight(cfg: TrainConfig) -> Task:
     folder, the S3 credentials a remote checkpoint or model needs, and the task's data (built
     here and handed to build_run). Errors name the field."""
     check_output_dir(cfg.output_dir)
-    for field_name, uri in (("checkpoint.uri", cfg.checkpoint.uri), ("model.name", cfg.model.name)):
+    for field_name, uri in (
+        ("checkpoint.uri", cfg.checkpoint.uri),
+        ("model.name", cfg.model.name),
+        ("continueFrom", cfg.continue_from),
+    ):
         if uri and uri.startswith("s3://"):
             try:
                 check_s3_credentials(uri)
@@ -705,6 +710,23 @@ def restore_latest(run: Run) -> dict[str, Any] | None:
     run.population = [PromptRecord.from_dict(d) for d in state["population"]]
     run.sync_sampler()  # the checkpoint's weights, not the start model's, are sampled
     return state
+
+
+def continue_trajectory(run: Run, uri: str) -> None:
+    """Start `run` where the checkpoint `uri` (another run's, e.g. the stream's previous stage)
+    left its trajectory: weights, AdamW and schedule state, RNG, step counter and population.
+    What is new is the data: the cursor restarts on this run's task, and the next GEPA round
+    (at the step counter's usual cadence, not at once) re-scores the carried population on
+    this task's validation split, so the Pareto front follows the data. Every rank calls it."""
+    store_uri, step = split_checkpoint_uri(uri)
+    assert step is not None  # TrainConfig checked it
+    folder = open_store(store_uri).materialize(step)
+    state = read_checkpoint_files(folder, run.policy, run.trainer, run.generator, run.world)
+    run.step, run.cursor = state["step"], 0
+    run.fast_s, run.slow_s = state.get("fast_s", 0.0), state.get("slow_s", 0.0)
+    if run.cfg.mode != "rl":  # mode rl trains under the seed prompt alone (initial_population)
+        run.population = [PromptRecord.from_dict(d) for d in state["population"]]
+    run.sync_sampler()
 
 
 class RunLock:
@@ -753,8 +775,9 @@ def train(
 def _train_worker(cfg: TrainConfig, resume: bool, task: Task, world: World) -> None:
     """A rank other than 0: the same run, nothing written but its checkpoint shards."""
     run = build_run(cfg, cfg.run_dir, None, task, world)
-    if resume:
-        restore_latest(run)
+    restored = restore_latest(run) if resume else None  # the same collectives as rank 0's
+    if restored is None and cfg.continue_from is not None:
+        continue_trajectory(run, cfg.continue_from)
     if not broadcast(True, world):  # rank 0's go: its checks passed (else it exits, and so do we)
         return
     _loop(run, False, None)
@@ -798,6 +821,11 @@ def _train_main(
             log.info("resumed %s at step %d", cfg.run, run.step)
             db.log_event(cfg.run, "resumed", f"from step {run.step}")
             run.sink.truncate_after(run.step)
+        elif cfg.continue_from is not None:
+            continue_trajectory(run, cfg.continue_from)
+            log.info("%s continues %s at step %d", cfg.run, cfg.continue_from, run.step)
+            db.log_event(cfg.run, "continued", f"{cfg.continue_from}, {cfg.steps} steps")
+            run.sink.truncate_after(run.step)
         else:
             db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
             run.sink.truncate_after(0)
@@ -838,13 +866,13 @@ def _train_main(
 
 
 def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
-    """Steps until cfg.steps. Every write is preceded by a lease check (Run.ensure_writer), so
+    """Steps until cfg.final_step. Every write is preceded by a lease check (Run.ensure_writer), so
     a run that lost its lease to another trainer stops without writing anything more. Only
     rank 0 writes (`main`); every rank trains, measures KL and saves its checkpoint shards."""
     cfg, world = run.cfg, run.world
     main = world.main
     bar = tqdm(
-        total=cfg.steps,
+        total=cfg.final_step,
         initial=run.step,
         desc=f"{cfg.run} [{cfg.mode}]",
         disable=not progress or not main,
@@ -854,11 +882,11 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
     last_kl = None
     last_round: dict[str, Any] = {}
     every = cfg.metrics.eval_every
-    if every and run.step == 0 and main:
-        point = {"step": 0, **heldout_eval(run)}  # the base point of the curve
+    if every and run.step == cfg.first_step and main:
+        point = {"step": run.step, **heldout_eval(run)}  # the base point of the curve
         run.ensure_writer()
         run.sink.write(point)
-    while run.step < cfg.steps:
+    while run.step < cfg.final_step:
         run.ensure_writer()  # the step boundary: stop here once the lease is lost
         round_metrics: dict[str, Any] = {}
         if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
@@ -869,7 +897,7 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
             run.population, run.fast_s = broadcast((run.population, run.fast_s), world)
             bar.set_description(f"{cfg.run} [{cfg.mode}]")
         record = {**rl_step(run), **round_metrics}
-        if every and (run.step % every == 0 or run.step == cfg.steps) and main:
+        if every and (run.step % every == 0 or run.step == cfg.final_step) and main:
             record.update(heldout_eval(run))
         total = run.fast_s + run.slow_s
         record["fast_time_share"] = run.fast_s / total if total > 0 else 0.0
@@ -888,7 +916,7 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
             shown["gepa"] = f"r{last_round['round']} +{last_round['gepa_new_candidates']}"
             shown["best_val"] = f"{last_round['population_best_val']:.2f}"
         bar.set_postfix(shown)
-        if run.step % cfg.checkpoint.every == 0 or run.step == cfg.steps:
+        if run.step % cfg.checkpoint.every == 0 or run.step == cfg.final_step:
             run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)
             if db is not None:

@@ -133,7 +133,9 @@ def stage_config(
     spec = stream.spec
     raw = _deep_merge(spec.defaults.overrides(), stage.overrides())
     model = spec.model.model_dump(mode="json", by_alias=True)
-    if start_checkpoint is not None:
+    continued = start_checkpoint is not None and spec.continue_trajectory
+    if start_checkpoint is not None and not continued:
+        # A fresh run from the checkpoint's weights (its exported model/), KL still to the base.
         model["name"] = start_checkpoint
         model["reference"] = spec.model.reference or spec.model.name
     raw.update(
@@ -143,7 +145,11 @@ def stage_config(
         model=model,
         outputDir=str(Path(spec.output_dir) / stream.metadata.name),
     )
-    if start_population and raw.get("mode", "rl") != "rl":
+    if continued:
+        # The base model, then the checkpoint's whole state on top (a LoRA run's checkpoint
+        # holds its adapters, not the frozen base); its population comes with it.
+        raw["continueFrom"] = start_checkpoint
+    elif start_population and raw.get("mode", "rl") != "rl":
         raw = _deep_merge(raw, {"fast": {"initialPopulation": start_population}})
     return TrainConfig.model_validate(raw)
 

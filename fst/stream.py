@@ -331,7 +331,7 @@ def _trained(cfg: TrainConfig) -> bool:
     from fst.loop import checkpoint_store
     from fst.store.checkpoints import latest_step
 
-    return latest_step(checkpoint_store(cfg)) == cfg.steps
+    return latest_step(checkpoint_store(cfg)) == cfg.final_step
 
 
 def _final_checkpoint(cfg: TrainConfig) -> tuple[Path, str]:

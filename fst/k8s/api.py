@@ -375,6 +375,16 @@ class TaskStreamSpec(Schema):
     )
     watch_interval_seconds: float = Field(10.0, gt=0)
     stages: list[StageSpec] = Field(min_length=1, max_length=100)
+    continue_trajectory: bool = Field(
+        False,
+        description="Stages continue ONE training trajectory (the paper's continual setting): "
+        "a stage starts from its start checkpoint's full state (weights, AdamW and schedule, "
+        "step counter, so the GEPA cadence goes on and no round is forced at the boundary, and "
+        "the population), with only the data new. Default false: each stage is a fresh run "
+        "from that checkpoint's weights and population (a new AdamW, warmup, step 0 and a GEPA "
+        "round first), reproducible on its own and carrying no optimizer momentum from a "
+        "stage the gate rejected.",
+    )
     promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     serving: ServingSpec = Field(default_factory=ServingSpec)
     # In a cluster only (the operator); `fst stream` ignores them.

@@ -203,7 +203,11 @@ class FastSlowRunStatus(StatusModel):
     )
     observed_generation: int | None = None
     job_name: str | None = None
-    steps: int | None = Field(None, description="Steps the run trains for.")
+    steps: int | None = Field(
+        None,
+        description="The step the run ends at: its steps, after the step of the checkpoint it "
+        "continues (spec.config.continueFrom), if any.",
+    )
     checkpoint_uri: str | None = Field(
         None,
         description="The latest checkpoint. Its state.json holds the prompt population saved "

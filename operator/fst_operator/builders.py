@@ -557,7 +557,7 @@ def decide_run(
         status.last_error = None
     attempt = old.attempt or 1
     status.attempt, status.job_name = attempt, job_name(name, attempt)
-    status.observed_generation, status.steps = gen, spec.config.steps
+    status.observed_generation, status.steps = gen, spec.config.final_step
     apply_progress(status, progress)
     if old.phase in (Phase.SUCCEEDED, Phase.FAILED):
         return RunDecision(status)  # terminal: only progress is refreshed
@@ -619,7 +619,7 @@ def decide_run(
             ConditionType.SUCCEEDED,
             True,
             Reason.COMPLETED,
-            f"trained {status.steps} steps",
+            f"trained {spec.config.steps} steps",
             gen,
         )
     elif outcome == Phase.SUSPENDED:

@@ -388,3 +388,87 @@ def test_a_kill_while_publishing_a_bundle_keeps_the_previous_one_serving(
     assert (fetch_bundle(second["bundle"]) / "system_prompt.txt").read_text() == serving[
         "systemPrompt"
     ]
+
+
+def adamw_steps(checkpoint: Path, tmp_path: Path) -> set[float]:
+    """The AdamW step counts saved in a checkpoint (one per trained parameter)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"{checkpoint.name}-{checkpoint.parent.parent.name}.pt"
+    dcp_to_torch_save(checkpoint / "dcp", out)
+    state = torch.load(out, weights_only=False)
+    return {float(s["step"]) for s in state["optim"]["state"].values()}
+
+
+def test_continue_trajectory_carries_the_optimizer_and_the_gepa_cadence(tmp_path, tiny_model_dir):  # noqa: F811
+    """continueTrajectory: true: stage 2 continues stage 1's trajectory (the paper's single
+    continual run): its AdamW state goes on from stage 1's (step counts 4, 5, not 1, 2), its
+    steps are numbered on (4, 5), its schedule is not warmed up again, and no GEPA round is
+    forced at the boundary: with T = 2, the round comes before global step 5, at the cadence."""
+    path = stream_doc(
+        tmp_path,
+        tiny_model_dir,
+        [
+            {"name": "first", "task": ARITH, "steps": 3},
+            {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 2},
+        ],
+        continueTrajectory=True,
+    )
+    out = subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    folder = tmp_path / "runs" / "tiny"
+    first, second = json.loads((folder / "stream.json").read_text())["stages"]
+    assert second["start_checkpoint"] == first["checkpoint"]
+    assert first["checkpoint"].endswith("step-00000003")
+    assert second["checkpoint"].endswith("step-00000005")  # the run ends at 3 + 2
+
+    ckpts = folder / second["run"] / "checkpoints"
+    assert adamw_steps(Path(first["checkpoint"]), tmp_path) == {3.0}
+    assert adamw_steps(ckpts / "step-00000004", tmp_path) == {4.0}  # a fresh AdamW would say 1
+    assert adamw_steps(ckpts / "step-00000005", tmp_path) == {5.0}
+
+    metrics = [json.loads(line) for line in (folder / second["run"] / "metrics.jsonl").open()]
+    steps = [m["step"] for m in metrics if "reward_mean" in m]
+    assert steps == [4, 5]
+    by_step = {m["step"]: m for m in metrics if "reward_mean" in m}
+    assert "round" not in by_step[4]  # no round forced at the boundary (3 % T != 0) ...
+    assert "round" in by_step[5]  # ... the next one at the cadence, before step 5
+    # The schedule goes on (warmupSteps 0 here: the LR is the configured one, not restarted).
+    assert by_step[4]["lr"] == by_step[5]["lr"] == pytest.approx(1e-2)
+    rounds = [json.loads(line) for line in (folder / second["run"] / "population.jsonl").open()]
+    assert len(rounds) == 1
+
+    # Without the option stage 2 is a fresh run: steps 1, 2 and a round before step 1.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    path = stream_doc(
+        fresh,
+        tiny_model_dir,
+        [
+            {"name": "first", "task": ARITH, "steps": 3},
+            {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 2},
+        ],
+    )
+    out = subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    folder = fresh / "runs" / "tiny"
+    _, second = json.loads((folder / "stream.json").read_text())["stages"]
+    metrics = [json.loads(line) for line in (folder / second["run"] / "metrics.jsonl").open()]
+    by_step = {m["step"]: m for m in metrics if "reward_mean" in m}
+    assert sorted(by_step) == [1, 2] and "round" in by_step[1]
+    assert adamw_steps(folder / second["run"] / "checkpoints" / "step-00000001", tmp_path) == {1.0}

@@ -286,6 +286,37 @@ def test_run_for_stage_is_the_planned_run() -> None:
     FastSlowRunSpec.model_validate(run["spec"])  # a valid run spec
 
 
+def test_a_continued_trajectory_runs_from_the_base_with_the_checkpoint_to_continue() -> None:
+    """continueTrajectory: the stage's run loads the base model and continues the start
+    checkpoint's whole state (continueFrom); it inherits no initialPopulation (the population
+    comes with the checkpoint) and ends at the checkpoint's step + its steps."""
+    stream = stream_object(
+        [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
+    )
+    stream["spec"]["continueTrajectory"] = True
+    model = builders.stream_model(stream)
+    planned = StageRun(
+        stage="b",
+        version=1,
+        run="acme-b",
+        start_checkpoint="s3://c/team-acme-a/step-00000002",
+        start_population=["best", "second"],
+    )
+    cfg = builders.run_for_stage(stream, model, planned, sequence=1)["spec"]["config"]
+    assert cfg["continueFrom"] == "s3://c/team-acme-a/step-00000002"
+    assert cfg["model"]["name"] == "smollm2-135m-instruct" and "reference" not in cfg["model"]
+    assert not cfg["fast"].get("initialPopulation")
+    parsed = FastSlowRunSpec.model_validate({"config": cfg})
+    assert (parsed.config.first_step, parsed.config.final_step) == (2, 5)
+
+
+def test_continue_from_must_name_one_checkpoint() -> None:
+    with pytest.raises(ValueError, match=r"continueFrom[\s\S]*must name one checkpoint"):
+        FastSlowRunSpec.model_validate(
+            {"config": {"task": TASK, "continueFrom": "s3://c/team-acme-a"}}
+        )
+
+
 def child(name: str, stage: str, seq: int, phase: str, version: int = 1) -> dict:
     return {
         "metadata": {
