@@ -18,6 +18,7 @@ def main() -> None:
     r.add_argument("--steps", type=int, default=STEPS)
     r.add_argument("--workers", type=int, default=2, help="jobs side by side")
     r.add_argument("--no-streams", action="store_true")
+    r.add_argument("--no-plasticity", action="store_true", help="skip the plasticity probe")
     r.add_argument("--only", nargs="+", help="job names, e.g. mul-fst-s0 stream-rl-s0")
     a = sub.add_parser("analyze", help="tables and plots into docs/")
     a.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -34,6 +35,7 @@ def main() -> None:
             args.workers,
             not args.no_streams,
             args.only,
+            not args.no_plasticity,
         )
     else:
         from bench.learning.analyze import analyze

@@ -22,9 +22,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bench.learning.spec import COMMON, MODES, SEEDS, STEPS, TASKS
+from bench.learning.spec import (
+    COMMON,
+    MODES,
+    PLASTICITY_ARMS,
+    PLASTICITY_STEPS_B,
+    SEEDS,
+    STEPS,
+    TASKS,
+)
 from fst.analysis import (
     decompose,
+    first_step_reaching,
     fit_sigmoid,
     forgetting,
     kl_at_reward,
@@ -33,7 +42,7 @@ from fst.analysis import (
     steps_to_peak,
 )
 
-COLORS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green"}
+COLORS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "base": "tab:gray"}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -346,6 +355,72 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
     return result
 
 
+# ----------------------------------------------------------------------------- plasticity
+
+
+def plasticity_curves(out_dir: Path, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
+    """Per arm (A trained in rl / fst, or the base) and seed: task B's fresh rl run, its
+    held-out eval curve (every 2 steps) and training reward. Only finished B runs."""
+    curves: dict[str, Any] = {}
+    for arm in PLASTICITY_ARMS:
+        for seed in seeds:
+            folder = out_dir / "streams" / f"plasticity-{arm}-s{seed}"
+            state_file = folder / "stream.json"
+            if not state_file.is_file():
+                continue
+            entries = json.loads(state_file.read_text())["stages"]
+            b = next((e for e in entries if e["stage"] == "b"), None)
+            if b is None or b["status"] != "succeeded":
+                continue
+            metrics = _read_jsonl(folder / b["run"] / "metrics.jsonl")
+            evals = [(m["step"], m["eval_pass_rate"]) for m in metrics if "eval_pass_rate" in m]
+            train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
+            curves.setdefault(arm, {})[seed] = {
+                "eval_steps": [s for s, _ in evals],
+                "eval": [v for _, v in evals],
+                "train_steps": [s for s, _ in train],
+                "train_reward": [v for _, v in train],
+            }
+    return curves
+
+
+def analyze_plasticity(out_dir: Path, figdir: Path) -> dict[str, Any]:
+    """B's learning per arm: start, end, gain and the steps to reach a common threshold (the
+    lowest final score of any arm on that seed, so that every arm gets there)."""
+    curves = plasticity_curves(out_dir)
+    if not curves:
+        return {}
+    result: dict[str, Any] = {"arms": {}, "steps_b": PLASTICITY_STEPS_B}
+    seeds = sorted({s for per_seed in curves.values() for s in per_seed})
+    for seed in seeds:
+        arms = {a: c[seed] for a, c in curves.items() if seed in c}
+        threshold = min(c["eval"][-1] for c in arms.values())
+        for arm, c in arms.items():
+            result["arms"].setdefault(arm, {})[seed] = {
+                "start": c["eval"][0],
+                "end": c["eval"][-1],
+                "gain": c["eval"][-1] - c["eval"][0],
+                "threshold": threshold,
+                "steps_to_threshold": first_step_reaching(c["eval_steps"], c["eval"], threshold),
+            }
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for arm, per_seed in curves.items():
+        for i, (seed, c) in enumerate(sorted(per_seed.items())):
+            label = f"A: {arm}" if i == 0 else None
+            style = "-" if seed == seeds[0] else "--"
+            axes[0].plot(c["eval_steps"], c["eval"], style, color=COLORS[arm], label=label)
+            axes[1].plot(c["train_steps"], c["train_reward"], style, color=COLORS[arm], label=label)
+    axes[0].set_title("task B held-out pass rate (greedy, 32 test problems)", fontsize=9)
+    axes[1].set_title("task B training reward", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("rl step on task B")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(figdir / "plasticity.png", dpi=110)
+    plt.close(fig)
+    return result
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -477,6 +552,26 @@ def tables(summary: dict[str, Any]) -> str:
                     f"| {mode} | {name} | {_fmt(r['start'][i])} | {_fmt(r['end'][i])} | "
                     f"{r['acquisition'][i]:+.3f} | {_fmt(r['retention'][-1][i])} | {_fmt(fg)} |"
                 )
+    if summary.get("plasticity"):
+        lines += [
+            "",
+            "### Plasticity probe (a fresh rl run on task B from each checkpoint)",
+            "",
+            "Task A (`mul`) trained in mode rl or fst, or not at all (base); then task B (add/sub) "
+            "by rl from that checkpoint under the seed prompt. Held-out greedy pass rate on B "
+            "(32 test problems) at B's step 0 and last step; steps to threshold: the first B "
+            "step at which the arm reaches the lowest final B score of any arm on that seed.",
+            "",
+            "| A trained by | seed | B start | B end | B gain | threshold | steps to threshold |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for arm, per_seed in summary["plasticity"]["arms"].items():
+            for seed, r in sorted(per_seed.items()):
+                reached = _fmt(r["steps_to_threshold"], 0)
+                lines.append(
+                    f"| {arm} | {seed} | {_fmt(r['start'])} | {_fmt(r['end'])} | "
+                    f"{r['gain']:+.3f} | {_fmt(r['threshold'])} | {reached} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -499,6 +594,7 @@ def analyze(out_dir: Path, docs: Path, partial: bool = False) -> dict[str, Any]:
         if runs:
             summary["tasks"][task] = analyze_task(task, runs, figdir)
     summary["streams"] = analyze_streams(out_dir, figdir)
+    summary["plasticity"] = analyze_plasticity(out_dir, figdir)
     summary["steps_per_run"] = STEPS
     (figdir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     (figdir / "tables.md").write_text(tables(summary))

@@ -23,7 +23,17 @@ from pathlib import Path
 
 import yaml
 
-from bench.learning.spec import MODES, STEPS, TASKS, RunSpec, all_runs, run_config, stream_manifest
+from bench.learning.spec import (
+    MODES,
+    PLASTICITY_ARMS,
+    STEPS,
+    TASKS,
+    RunSpec,
+    all_runs,
+    plasticity_manifest,
+    run_config,
+    stream_manifest,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslow")) / (
@@ -71,7 +81,14 @@ def train_job(spec: RunSpec, out: Path, steps: int) -> Job:
 
 
 def stream_job(mode: str, out: Path) -> Job:
-    manifest = stream_manifest(mode, str(out / "streams"))
+    return _stream_job(stream_manifest(mode, str(out / "streams")), out)
+
+
+def plasticity_job(arm: str, out: Path, seed: int = 0) -> Job:
+    return _stream_job(plasticity_manifest(arm, str(out / "streams"), seed), out)
+
+
+def _stream_job(manifest: dict, out: Path) -> Job:
     name = manifest["metadata"]["name"]
     path = out / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,9 +107,12 @@ def _rm(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def plan(out: Path, seeds: tuple[int, ...], steps: int, streams: bool) -> list[Job]:
+def plan(
+    out: Path, seeds: tuple[int, ...], steps: int, streams: bool, plasticity: bool = True
+) -> list[Job]:
     """In order of what a bench stopped early most needs: the first task's three modes on the
-    first seed, RL and FST on its other seeds, the two streams, then the rest."""
+    first seed, RL and FST on its other seeds, the two streams, then the rest, then the
+    plasticity probe (its three arms per seed)."""
     first_task = next(iter(TASKS))
 
     def rank(r: RunSpec) -> tuple[int, int, int]:
@@ -110,7 +130,10 @@ def plan(out: Path, seeds: tuple[int, ...], steps: int, streams: bool) -> list[J
     jobs = [train_job(r, out, steps) for r in runs if rank(r)[0] < 2]
     if streams:
         jobs += [stream_job(m, out) for m in ("rl", "fst")]
-    return jobs + [train_job(r, out, steps) for r in runs if rank(r)[0] >= 2]
+    jobs += [train_job(r, out, steps) for r in runs if rank(r)[0] >= 2]
+    if plasticity:
+        jobs += [plasticity_job(arm, out, s) for s in seeds for arm in PLASTICITY_ARMS]
+    return jobs
 
 
 def wait_for_lock(run_dir: Path, poll_s: float = 30.0) -> None:
@@ -177,9 +200,10 @@ def run_all(
     workers: int = 2,
     streams: bool = True,
     only: list[str] | None = None,
+    plasticity: bool = True,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [j for j in plan(out, seeds, steps, streams) if not only or j.name in only]
+    jobs = [j for j in plan(out, seeds, steps, streams, plasticity) if not only or j.name in only]
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done; output {out}", flush=True)
     lock = threading.Lock()

@@ -87,6 +87,54 @@ STREAM_STAGES: list[dict[str, Any]] = [
 ]
 
 
+# The plasticity probe (the paper: "starting from a checkpoint trained with either method, a
+# fresh RL pass on a new task"): task A trained in mode rl or fst, then a FRESH rl run on task
+# B from A's final checkpoint, under the seed prompt alone (an rl stage never inherits a
+# population: fst.loop.initial_population), with a new AdamW (no continueTrajectory). Arm
+# `base` runs B from the base model: the reference a trained checkpoint is compared with.
+PLASTICITY_ARMS = ("base", "rl", "fst")
+PLASTICITY_A = "mul"
+PLASTICITY_B: dict[str, Any] = copy.deepcopy(STREAM_STAGES[0]["task"])  # add/sub, lenient
+PLASTICITY_STEPS_B = 12
+
+
+def plasticity_manifest(arm: str, output_dir: str, seed: int = 0) -> dict[str, Any]:
+    """The probe of one arm as a TaskStream: stage `a` (task A, mode `arm`, STEPS steps;
+    absent for arm base), then stage `b` (task B, mode rl, PLASTICITY_STEPS_B steps, a held-out
+    eval every 2 steps). B starts from A's final checkpoint whatever the gate decides
+    (nextStageFrom: candidate): the probe measures the checkpoint, not the gate."""
+    if arm not in PLASTICITY_ARMS:
+        raise ValueError(f"plasticity arm {arm!r}: one of {PLASTICITY_ARMS}")
+    defaults = copy.deepcopy(COMMON)
+    defaults.update(mode="rl", seed=seed)
+    defaults["checkpoint"] = {"every": STEPS, "keepLast": 1}
+    stage_b: dict[str, Any] = {
+        "name": "b",
+        "task": copy.deepcopy(PLASTICITY_B),
+        "steps": PLASTICITY_STEPS_B,
+        "mode": "rl",
+        "metrics": {"evalEvery": 2},
+    }
+    stages = [stage_b]
+    if arm != "base":
+        stages.insert(
+            0,
+            {"name": "a", "task": copy.deepcopy(TASKS[PLASTICITY_A]), "steps": STEPS, "mode": arm},
+        )
+    return {
+        "apiVersion": "fastslow.io/v1alpha1",
+        "kind": "TaskStream",
+        "metadata": {"name": f"plasticity-{arm}-s{seed}"},
+        "spec": {
+            "outputDir": output_dir,
+            "evalProblems": 16,
+            "promotion": {"nextStageFrom": "candidate"},
+            "defaults": defaults,
+            "stages": stages,
+        },
+    }
+
+
 @dataclass(frozen=True)
 class RunSpec:
     task: str
