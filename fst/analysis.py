@@ -13,6 +13,9 @@
   linearly interpolated, so two runs can be compared at matched reward.
 - `decompose`: the four-way channel decomposition (base/trained weights × seed/evolved prompt).
 - `stage_acquisition`: per-stage gain of a continual stream (end of stage − start of stage).
+- `bootstrap_diff`, `bootstrap_mean`: percentile bootstrap confidence intervals, for a
+  difference between two modes evaluated on the same problems (paired, resampling seeds and
+  problems) and for a statistic per seed.
 """
 
 from __future__ import annotations
@@ -390,3 +393,60 @@ def forgetting(retention: Sequence[Sequence[float | None]]) -> list[float | None
         after, final = retention[j][j], retention[last][j]
         out.append(None if after is None or final is None else float(after) - float(final))
     return out
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+
+@dataclass(frozen=True)
+class Interval:
+    """An estimate and its percentile bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float = 0.95
+
+    def excludes_zero(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def bootstrap_diff(
+    a: ArrayLike, b: ArrayLike, n_boot: int = 4000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """mean(a) − mean(b) with a paired, two-level percentile bootstrap interval.
+
+    a, b: (S, N) outcomes (e.g. 0/1 greedy pass) of two modes on the SAME N held-out problems
+    for each of S seeds (seed s of both modes shares its problems and sampling seed). Each
+    replicate draws S seeds and N problems with replacement and applies the same draw to both,
+    so the variation of problems (which are hard) and of seeds (training noise) both enter the
+    interval, and their shared part cancels. With S = 1 only problems are resampled."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.shape != y.shape or x.ndim != 2 or x.size == 0:
+        raise ValueError(
+            f"bootstrap_diff: need two equal (seeds, problems) arrays, got {x.shape} and {y.shape}"
+        )
+    d = x - y  # (S, N): paired differences
+    S, N = d.shape
+    rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, S, size=(n_boot, S)) if S > 1 else np.zeros((n_boot, 1), dtype=int)
+    problems = rng.integers(0, N, size=(n_boot, N))
+    # Replicate r: mean over its drawn seeds and, within each, its drawn problems.
+    reps = d[seeds[:, :, None], problems[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(d.mean()), float(lo), float(hi), level)
+
+
+def bootstrap_mean(
+    values: Sequence[float], n_boot: int = 4000, level: float = 0.95, seed: int = 0
+) -> Interval:
+    """The mean of per-seed values (a steps-to-peak ratio, a KL at matched reward, ...) with a
+    percentile bootstrap interval over seeds. With 3 seeds the interval is coarse, and it
+    says so by being wide; with one value it is that value."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if v.size == 0:
+        return Interval(math.nan, math.nan, math.nan, level)
+    rng = np.random.default_rng(seed)
+    reps = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(float(v.mean()), float(lo), float(hi), level)

@@ -382,6 +382,12 @@ class MetricsConfig(Schema):
         "0 = off (it costs a greedy generation of evalProblems sequences).",
     )
     eval_problems: int = Field(32, gt=0, description="Test problems in that periodic eval.")
+    ood_task: TaskConfig | None = Field(
+        None,
+        description="A task the run does not train on (out of domain), scored in the same "
+        "periodic eval: greedy pass rate of the same weights and best prompt on the first "
+        "evalProblems of its test split (metric ood_pass_rate).",
+    )
 
 
 class CheckpointConfig(Schema):

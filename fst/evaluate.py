@@ -17,6 +17,7 @@ class EvalResult:
     reward_mean: float
     pass_rate: float
     n: int
+    passed: tuple[bool, ...] = ()  # per problem, in order: what a paired bootstrap resamples
 
 
 def evaluate_prompt(
@@ -37,6 +38,7 @@ def evaluate_prompt(
         reward_mean=sum(rewards) / n if n else 0.0,
         pass_rate=sum(r >= 1.0 for r in rewards) / n if n else 0.0,
         n=n,
+        passed=tuple(r >= 1.0 for r in rewards),
     )
 
 

@@ -187,6 +187,7 @@ class Run:
     lease: Lease | None = None  # the run's writer lease (train() sets it)
     world: World = SINGLE  # this process among the run's processes (torchrun)
     rollout_copy: RolloutCopy | None = None  # under FSDP: the full weights this rank samples
+    ood_task: Task | None = None  # metrics.oodTask: scored in the periodic eval, never trained
 
     def sync_sampler(self) -> None:
         """After the weights changed: the sampler must see the new ones."""
@@ -251,6 +252,18 @@ def load_task(cfg: TrainConfig) -> Task:
             task.problems(split)
     except (ValueError, OSError) as e:
         raise ConfigError(f"task ({cfg.task.name}): {e}") from e
+    return task
+
+
+def load_ood_task(cfg: TrainConfig) -> Task | None:
+    """metrics.oodTask, built and its test split generated (errors name the field)."""
+    if cfg.metrics.ood_task is None:
+        return None
+    try:
+        task = build_task(cfg.metrics.ood_task)
+        task.problems("test")
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"metrics.oodTask ({cfg.metrics.ood_task.name}): {e}") from e
     return task
 
 
@@ -357,6 +370,7 @@ def build_run(
         population=initial_population(cfg),
         world=world,
         rollout_copy=rollout_copy,
+        ood_task=load_ood_task(cfg),
     )
     if cfg.mode != "rl" and world.main:  # the GEPA round runs on rank 0 alone
         base: PreTrainedModel | None = reference if reference is not None else policy
@@ -563,21 +577,36 @@ def heldout_eval(run: Run) -> dict[str, float]:
     from fst.evaluate import evaluate_prompt
 
     t0 = time.perf_counter()
-    problems = run.task.problems("test")[: run.cfg.metrics.eval_problems]
+    n, prompt = run.cfg.metrics.eval_problems, run.population[0].text
     res = evaluate_prompt(
         run.engine,
         run.tokenizer,
         run.task,
-        problems,
-        run.population[0].text,
+        run.task.problems("test")[:n],
+        prompt,
         run.cfg.rollout.max_new_tokens,
     )
-    return {
+    out: dict[str, Any] = {
         "eval_pass_rate": res.pass_rate,
         "eval_reward": res.reward_mean,
         "eval_n": float(res.n),
-        "eval_s": time.perf_counter() - t0,
+        # Which problems passed ("1" / "0", in test order): a paired bootstrap across modes
+        # and seeds resamples these (fst/analysis.py bootstrap_diff).
+        "eval_passed": "".join("1" if p else "0" for p in res.passed),
     }
+    if run.ood_task is not None:
+        ood = evaluate_prompt(
+            run.engine,
+            run.tokenizer,
+            run.ood_task,
+            run.ood_task.problems("test")[:n],
+            prompt,
+            run.cfg.rollout.max_new_tokens,
+        )
+        out["ood_pass_rate"] = ood.pass_rate
+        out["ood_passed"] = "".join("1" if p else "0" for p in ood.passed)
+    out["eval_s"] = time.perf_counter() - t0
+    return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -688,6 +717,7 @@ def preflight(cfg: TrainConfig) -> Task:
             "slow.lr=%g is unusually large (usual values: 1e-6 to 1e-4); training may diverge",
             cfg.slow.lr,
         )
+    load_ood_task(cfg)  # its errors now, not after the model load
     return load_task(cfg)
 
 

@@ -32,6 +32,9 @@ from bench.learning.spec import (
     TASKS,
 )
 from fst.analysis import (
+    Interval,
+    bootstrap_diff,
+    bootstrap_mean,
     decompose,
     first_step_reaching,
     fit_sigmoid,
@@ -42,7 +45,14 @@ from fst.analysis import (
     steps_to_peak,
 )
 
-COLORS = {"rl": "tab:blue", "fst": "tab:red", "gepa": "tab:green", "base": "tab:gray"}
+EVAL_N = COMMON["metrics"]["evalProblems"]
+COLORS = {
+    "rl": "tab:blue",
+    "fst": "tab:red",
+    "fst-distill": "tab:purple",
+    "gepa": "tab:green",
+    "base": "tab:gray",
+}
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -84,6 +94,14 @@ def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
         "running": not finished,
         "decomposition": json.loads(dec_path.read_text()) if dec_path.is_file() else None,
         "final_prompt": _final_prompt(run_dir),
+        # Per-problem outcomes of each eval ("1"/"0" per test problem; absent before they were
+        # recorded), the out-of-domain eval, and the policy's entropy per training step.
+        "eval_passed": [m.get("eval_passed") for m in metrics if "eval_pass_rate" in m],
+        "ood_steps": [m["step"] for m in metrics if "ood_pass_rate" in m],
+        "ood": [m["ood_pass_rate"] for m in metrics if "ood_pass_rate" in m],
+        "ood_passed": [m.get("ood_passed") for m in metrics if "ood_pass_rate" in m],
+        "entropy_steps": [m["step"] for m in steps if m.get("entropy") is not None],
+        "entropy": [m["entropy"] for m in steps if m.get("entropy") is not None],
     }
 
 
@@ -100,6 +118,14 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     if abs(x) >= 1e4:
         return f"{x:.0e}"  # an unidentified parameter's error: its size is the message
     return f"{x:.{digits}f}"
+
+
+def _ci(i: dict[str, float] | None, signed: bool = False) -> str:
+    """`+0.094 [+0.031, +0.156]`; `-` when there is nothing to show."""
+    if i is None or math.isnan(i["estimate"]):
+        return "-"
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(i['estimate'])} [{f.format(i['low'])}, {f.format(i['high'])}]"
 
 
 def _pm(v: float, se: float, digits: int = 3) -> str:
@@ -180,7 +206,7 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
         except ValueError as e:
             out["fits"][mode] = {"error": str(e)}
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("held-out pass rate (greedy, 32 test problems)")
+    ax.set_ylabel(f"held-out pass rate (greedy, {EVAL_N} test problems)")
     ax.set_title(
         f"{task}: mean over seeds (thick), per seed (thin), running max (dotted), fit (dashed)",
         fontsize=8,
@@ -225,7 +251,7 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
         if ("rl", s) not in runs:
             continue
         rl_full = runs[("rl", s)]
-        for mode in ("fst", "gepa"):
+        for mode in (m for m in MODES if m != "rl"):
             if (mode, s) not in runs:
                 continue
             # Compared on the steps both have (a running run is shorter): equal budgets.
@@ -274,6 +300,8 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
     fig.savefig(figdir / f"kl-{task}.png", dpi=110)
     plt.close(fig)
 
+    out["differences"] = differences(runs)
+    plot_entropy(task, runs, figdir)
     for s in SEEDS:
         r = runs.get(("fst", s))
         if r and r["decomposition"]:
@@ -286,6 +314,92 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
             )
             out["decomposition"][f"s{s}"] = g.__dict__
     return out
+
+
+# ----------------------------------------------------------------------------- differences
+
+
+def _outcomes(r: dict[str, Any], key: str) -> list[int] | None:
+    """The per-problem outcomes of a run's LAST eval (key eval_passed / ood_passed)."""
+    last = r[key][-1] if r[key] else None
+    return [int(c) for c in last] if last else None
+
+
+def _interval(i: Interval | None) -> dict[str, float] | None:
+    return None if i is None else {"estimate": i.estimate, "low": i.low, "high": i.high}
+
+
+def differences(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    """Every mode against rl, over the seeds both ran, each with a 95% bootstrap interval:
+    final held-out and out-of-domain pass rate (paired over seeds x problems), the
+    steps-to-RL-peak ratio and the KL ratio at matched reward (over seeds), and the mean
+    entropy of the last 5 training steps (difference per seed, over seeds)."""
+    out: dict[str, Any] = {}
+    for mode in (m for m in MODES if m != "rl"):
+        seeds = [s for s in SEEDS if (mode, s) in runs and ("rl", s) in runs]
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"seeds": seeds}
+        for key, name in (("eval_passed", "final"), ("ood_passed", "ood")):
+            pairs = [
+                (_outcomes(runs[(mode, s)], key), _outcomes(runs[("rl", s)], key)) for s in seeds
+            ]
+            ok = [(a, b) for a, b in pairs if a and b and len(a) == len(b)]
+            same_n = len({len(a) for a, _ in ok}) == 1
+            row[name] = (
+                _interval(bootstrap_diff([a for a, _ in ok], [b for _, b in ok]))
+                if ok and same_n
+                else None
+            )
+        ratios = []
+        for s in seeds:
+            rl, c = _common_steps(runs[("rl", s)], runs[(mode, s)])
+            ratios.append(
+                steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]).ratio
+            )
+        row["peak_ratio"] = _interval(bootstrap_mean([r for r in ratios if r is not None]))
+        row["peak_reached"] = sum(r is not None for r in ratios)
+        kl_ratios = []
+        for s in seeds:
+            rl, c = _common_steps(runs[("rl", s)], runs[(mode, s)])
+            target = min(max(rl["eval"]), max(c["eval"]))
+            if target <= rl["eval"][0] or mode == "gepa":  # no matched gain; gepa has KL 0
+                continue
+            k_rl = kl_at_reward(rl["eval_steps"], rl["eval"], rl["kl_steps"], rl["kl"], target)
+            k_c = kl_at_reward(c["eval_steps"], c["eval"], c["kl_steps"], c["kl"], target)
+            if k_rl and k_c is not None:
+                kl_ratios.append(k_c / k_rl)
+        row["kl_ratio"] = _interval(bootstrap_mean(kl_ratios)) if kl_ratios else None
+        ent = [
+            mean(runs[(mode, s)]["entropy"][-5:]) - mean(runs[("rl", s)]["entropy"][-5:])
+            for s in seeds
+            if runs[(mode, s)]["entropy"] and runs[("rl", s)]["entropy"]
+        ]
+        row["entropy"] = _interval(bootstrap_mean(ent)) if ent else None
+        out[mode] = row
+    return out
+
+
+def plot_entropy(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir: Path) -> None:
+    """The policy's entropy on its trained tokens per step, per mode (mean over seeds)."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    drawn = False
+    for mode in MODES:
+        seeds = [s for s in SEEDS if (mode, s) in runs and runs[(mode, s)]["entropy"]]
+        if not seeds:
+            continue
+        n = min(len(runs[(mode, s)]["entropy"]) for s in seeds)
+        ys = [mean(runs[(mode, s)]["entropy"][i] for s in seeds) for i in range(n)]
+        ax.plot(runs[(mode, seeds[0])]["entropy_steps"][:n], ys, color=COLORS[mode], label=mode)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("step")
+        ax.set_ylabel("entropy of π_θ on trained tokens (nats)")
+        ax.set_title(f"{task}: policy entropy, mean over seeds", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(figdir / f"entropy-{task}.png", dpi=110)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- stream
@@ -340,7 +454,7 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
         for ax, title in zip(
             axes,
             [
-                "acquisition per stage (end − start, 32 test problems)",
+                f"acquisition per stage (end − start, {EVAL_N} test problems)",
                 "pass rate on each stage after the last (16 test problems)",
             ],
             strict=True,
@@ -410,7 +524,7 @@ def analyze_plasticity(out_dir: Path, figdir: Path) -> dict[str, Any]:
             style = "-" if seed == seeds[0] else "--"
             axes[0].plot(c["eval_steps"], c["eval"], style, color=COLORS[arm], label=label)
             axes[1].plot(c["train_steps"], c["train_reward"], style, color=COLORS[arm], label=label)
-    axes[0].set_title("task B held-out pass rate (greedy, 32 test problems)", fontsize=9)
+    axes[0].set_title(f"task B held-out pass rate (greedy, {EVAL_N} test problems)", fontsize=9)
     axes[1].set_title("task B training reward", fontsize=9)
     for ax in axes:
         ax.set_xlabel("rl step on task B")
@@ -520,7 +634,7 @@ def tables(summary: dict[str, Any]) -> str:
         if t["decomposition"]:
             lines += [
                 "",
-                "Four-way channel decomposition of the FST run (greedy, 32 test "
+                f"Four-way channel decomposition of the FST run (greedy, {EVAL_N} test "
                 "problems; gains over base weights + seed prompt):",
                 "",
                 "| seed | base | fast alone | slow alone | both | interaction |",
@@ -531,12 +645,33 @@ def tables(summary: dict[str, Any]) -> str:
                     f"| {key} | {_fmt(g['base'])} | {g['fast']:+.3f} | {g['slow']:+.3f} | "
                     f"{g['both']:+.3f} | {g['interaction']:+.3f} |"
                 )
+    for task, t in summary["tasks"].items():
+        if not t.get("differences"):
+            continue
+        lines += [
+            "",
+            f"### `{task}`: every mode against rl (95% bootstrap intervals)",
+            "",
+            "Final and OOD: pass-rate difference at the last eval, paired bootstrap over seeds "
+            "and the held-out problems. Peak ratio: steps to reach rl's running peak / rl's "
+            "steps (< 1 faster; over the seeds that reached it). KL ratio: KL to the base at "
+            "matched held-out reward / rl's. Entropy: last 5 steps, difference per seed.",
+            "",
+            "| mode | seeds | final Δ | OOD Δ | peak ratio (reached) | KL ratio | entropy Δ |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for mode, d in t["differences"].items():
+            lines.append(
+                f"| {mode} | {len(d['seeds'])} | {_ci(d['final'], True)} | "
+                f"{_ci(d['ood'], True)} | {_ci(d['peak_ratio'])} ({d['peak_reached']}) | "
+                f"{_ci(d['kl_ratio'])} | {_ci(d['entropy'], True)} |"
+            )
     if summary["streams"]:
         lines += [
             "",
             "### Continual stream (3 stages, seed 0)",
             "",
-            "start/end: the stage run's own held-out eval (greedy, 32 test problems) at its "
+            f"start/end: the stage run's own held-out eval (greedy, {EVAL_N} test problems) at its "
             "step 0 and last step; acquisition = end − start. At stream end and forgetting: "
             "`fst stream`'s retention evals (greedy, the first 16 test problems of each stage, "
             "best prompt) after the last stage; forgetting = score right after the stage − "
@@ -559,8 +694,9 @@ def tables(summary: dict[str, Any]) -> str:
             "",
             "Task A (`mul`) trained in mode rl or fst, or not at all (base); then task B (add/sub) "
             "by rl from that checkpoint under the seed prompt. Held-out greedy pass rate on B "
-            "(32 test problems) at B's step 0 and last step; steps to threshold: the first B "
-            "step at which the arm reaches the lowest final B score of any arm on that seed.",
+            f"({EVAL_N} test problems) at B's step 0 and last step; steps to threshold: the "
+            "first B step at which the arm reaches the lowest final B score of any arm on that "
+            "seed.",
             "",
             "| A trained by | seed | B start | B end | B gain | threshold | steps to threshold |",
             "| --- | --- | --- | --- | --- | --- | --- |",

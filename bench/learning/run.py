@@ -24,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from bench.learning.spec import (
+    COMMON,
     MODES,
     PLASTICITY_ARMS,
     STEPS,
@@ -64,15 +65,15 @@ def train_job(spec: RunSpec, out: Path, steps: int) -> Job:
     cfg_path.write_text(yaml.safe_dump(run_config(spec, str(runs), steps), sort_keys=False))
     run_dir = runs / spec.name
     commands = [fst("train", "-c", str(cfg_path), "--resume", "--no-progress")]
-    if spec.mode == "fst":
-        # Greedy, on the same 32 test problems as the periodic eval.
+    if spec.mode in ("fst", "fst-distill"):
+        # Greedy, on the same test problems as the periodic eval.
         commands.append(
             fst(
                 "eval",
                 "-c",
                 str(cfg_path),
                 "--limit",
-                "32",
+                str(COMMON["metrics"]["evalProblems"]),
                 "--json",
                 str(run_dir / "decomposition.json"),
             )

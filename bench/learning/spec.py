@@ -15,21 +15,23 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-MODES = ("rl", "fst", "gepa")
-SEEDS = (0, 1)
+MODES = ("rl", "fst", "fst-distill", "gepa")
+SEEDS = (0, 1, 2)
 STEPS = 20
 
 # Tasks where the base model starts low. Both are generated arithmetic because on this CPU a
 # star_graph or codeio prompt is 3-6x longer, and generation dominates the cost.
 TASKS: dict[str, dict[str, Any]] = {
-    # Multiplication, lenient answer format: the base model is right ~10% of the time
-    # (sampled), so RL has some signal from the first step.
+    # Multiplication, lenient answer format: the base model is right some of the time
+    # (sampled), so RL has some signal from the first step. Operands up to 25: 351 distinct
+    # products up to commutativity (the splits keep a * b and b * a together), room for 64
+    # held-out problems, 16 val and 160 train; up to 15 there were 136.
     "mul": {
         "name": "arithmetic",
         "trainSize": 160,
         "valSize": 16,
-        "testSize": 32,
-        "params": {"steps": 1, "maxOperand": 15, "ops": ["*"], "answerFormat": "last_number"},
+        "testSize": 64,
+        "params": {"steps": 1, "maxOperand": 25, "ops": ["*"], "answerFormat": "last_number"},
     },
     # Format-constrained addition/subtraction: reward only for the integer inside \boxed{};
     # the base model almost never writes \boxed{}, so reward starts near 0.
@@ -37,7 +39,7 @@ TASKS: dict[str, dict[str, Any]] = {
         "name": "arithmetic",
         "trainSize": 256,
         "valSize": 16,
-        "testSize": 32,
+        "testSize": 64,
         "params": {"steps": 1, "maxOperand": 20, "ops": ["+", "-"], "answerFormat": "boxed"},
     },
 }
@@ -60,7 +62,21 @@ COMMON: dict[str, Any] = {
         "paretoSize": 8,
         "reflector": {"kind": "digest"},
     },
-    "metrics": {"klPrompts": 4, "klEvery": 4, "evalEvery": 4, "evalProblems": 32},
+    # A held-out eval every 2 steps on 64 test problems, and the same on a task no run
+    # trains on (out of domain: exact division, lenient format).
+    "metrics": {
+        "klPrompts": 4,
+        "klEvery": 2,
+        "evalEvery": 2,
+        "evalProblems": 64,
+        "oodTask": {
+            "name": "arithmetic",
+            "trainSize": 1,
+            "valSize": 1,
+            "testSize": 64,
+            "params": {"steps": 1, "maxOperand": 20, "ops": ["/"], "answerFormat": "last_number"},
+        },
+    },
     # One mid-run checkpoint for resumability; keepLast 1 because each is ~1.6 GB.
     "checkpoint": {"every": 10, "keepLast": 1},
 }
@@ -73,7 +89,7 @@ STREAM_STAGES: list[dict[str, Any]] = [
             "name": "arithmetic",
             "trainSize": 256,
             "valSize": 16,
-            "testSize": 32,
+            "testSize": 64,
             "params": {
                 "steps": 1,
                 "maxOperand": 20,

@@ -29,7 +29,7 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 # TrainConfig sections a stage (or the stream defaults) may set.
-STAGE_SECTIONS = ("mode", "seed", "rollout", "slow", "fast", "metrics", "checkpoint")
+STAGE_SECTIONS = ("mode", "seed", "rollout", "slow", "fast", "distill", "metrics", "checkpoint")
 DEFAULT_IMAGE = "ghcr.io/fastslow/trainer:0.1.0"
 
 # TrainConfig fields the operator sets for a run in a cluster, so a CR never carries them:
@@ -255,7 +255,11 @@ class Overrides(Schema):
 
 def _override_type(annotation: Any) -> Any:
     """A field's type in an override model: a config model (alone or in `X | None`) becomes
-    its override model; anything else is replaced whole by a merge, so it keeps its type."""
+    its override model; anything else is replaced whole by a merge, so it keeps its type. A
+    task (metrics.oodTask) is replaced whole too, like a stage's own task: which params it
+    takes depends on its name."""
+    if annotation is TaskConfig:
+        return annotation
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return overrides_of(annotation)
     if get_origin(annotation) in (Union, types.UnionType):

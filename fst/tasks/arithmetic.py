@@ -24,6 +24,7 @@ NAME = "arithmetic"
 
 Op = Literal["+", "-", "*", "/"]
 DEFAULT_OPS: tuple[Op, ...] = ("+", "-", "*")
+COMMUTATIVE = frozenset({"+", "*"})
 
 
 class ArithmeticParams(Schema):
@@ -55,6 +56,9 @@ class Expr:
     text: str
     value: int
     steps: tuple[str, ...]
+    # The expression up to commutativity: a + b and b + a (a * b, b * a) share it, so the
+    # splits keep such twins together (the same fact asked twice is not a held-out problem).
+    canon: str = ""
 
 
 def _apply(op: str, a: int, b: int) -> int:
@@ -82,13 +86,13 @@ def make_expr(rng: random.Random, steps: int, max_operand: int, ops: Sequence[st
     except the outermost, so precedence never matters."""
     if steps == 0:
         n = rng.randint(0, max_operand)
-        return Expr(str(n), n, ())
+        return Expr(str(n), n, (), str(n))
     op = rng.choice(ops)
     if op == "/":
         # The divisor is a leaf chosen to divide the left value, so division is always exact.
         left = make_expr(rng, steps - 1, max_operand, ops)
         d = _divisor(rng, left.value, max_operand)
-        right = Expr(str(d), d, ())
+        right = Expr(str(d), d, (), str(d))
     else:
         k = rng.randint(0, steps - 1)
         left = make_expr(rng, k, max_operand, ops)
@@ -96,7 +100,9 @@ def make_expr(rng: random.Random, steps: int, max_operand: int, ops: Sequence[st
     value = _apply(op, left.value, right.value)
     text = f"{_wrap(left, not left.steps)} {op} {_wrap(right, not right.steps)}"
     step = f"{left.value} {op} {right.value} = {value}"
-    return Expr(text, value, (*left.steps, *right.steps, step))
+    pair = [left.canon, right.canon]
+    canon = f"({op.join(sorted(pair) if op in COMMUTATIVE else pair)})"
+    return Expr(text, value, (*left.steps, *right.steps, step), canon)
 
 
 def format_prompt(expr: Expr, answer_format: str = "boxed") -> str:
@@ -184,7 +190,7 @@ class ArithmeticTask:
             cfg.seed,
             {"test": cfg.test_size, "val": cfg.val_size, "train": cfg.train_size},
             draw=lambda rng: make_expr(rng, p.steps, p.max_operand, p.ops),
-            key=lambda expr: format_prompt(expr, p.answer_format),
+            key=lambda expr: expr.canon,  # twins (a * b, b * a) never straddle two splits
             remedy="lower the split sizes or raise steps or maxOperand",
         )
         return {

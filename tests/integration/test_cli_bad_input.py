@@ -30,7 +30,7 @@ ARITH = {
     "testSize": 2,
     # Sums of small numbers: a random model's last digit is right now and then, so most steps
     # have reward variance and update the weights.
-    "params": {"steps": 1, "maxOperand": 4, "ops": ["+"], "answerFormat": "last_number"},
+    "params": {"steps": 1, "maxOperand": 5, "ops": ["+"], "answerFormat": "last_number"},
 }
 
 

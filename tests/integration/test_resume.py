@@ -78,7 +78,13 @@ def signal_after_checkpoint(
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mode):  # noqa: F811
     # fst-distill: a population without the seed prompt, so that its best prompt differs from
     # the student's context from step 1 and the distill term runs on every step.
-    extra = {"fast.initialPopulation": ["Be brief.", "Answer with a number."]}
+    # It also scores an out-of-domain task in the periodic eval (metrics.oodTask).
+    extra = {
+        "fast.initialPopulation": ["Be brief.", "Answer with a number."],
+        "metrics.evalEvery": 2,
+        "metrics.evalProblems": 3,
+        "metrics.oodTask": {"name": "arithmetic", "trainSize": 1, "valSize": 1, "testSize": 3},
+    }
     extra = extra if mode == "fst-distill" else {}
     straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode, **extra)
     killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode, **extra)
@@ -97,7 +103,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
 
     run_a = Path(straight["outputDir"]) / "t"
     metrics_a, metrics_b = read_jsonl(run_a / "metrics.jsonl"), read_jsonl(run_b / "metrics.jsonl")
-    assert [m["step"] for m in metrics_b] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics_b if "reward_mean" in m] == [1, 2, 3, 4]
     for a, b in zip(metrics_a, metrics_b, strict=True):
         a, b = comparable(a), comparable(b)
         assert a.keys() == b.keys()
@@ -108,10 +114,16 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
                 assert b[key] == a[key], (a["step"], key)
     # Every step trains (the varied reward), so steps 3 and 4 depend on the restored weights
     # and AdamW state.
-    assert all(m["updated"] for m in metrics_a), "every step should update the weights"
+    steps_a = [m for m in metrics_a if "reward_mean" in m]
+    assert all(m["updated"] for m in steps_a), "every step should update the weights"
 
     if mode == "fst-distill":  # the distill term ran on every step, before and after the kill
-        assert all(m["distill_kl"] > 0 and m["distill_tokens"] > 0 for m in metrics_b), metrics_b
+        trained = [m for m in metrics_b if "reward_mean" in m]
+        assert all(m["distill_kl"] > 0 and m["distill_tokens"] > 0 for m in trained), metrics_b
+        evals = [m for m in metrics_b if "eval_pass_rate" in m]
+        assert [m["step"] for m in evals] == [0, 2, 4]  # step 0: the base point of the curve
+        assert all(len(m["eval_passed"]) == len(m["ood_passed"]) == 3 for m in evals)
+        assert all(m["ood_pass_rate"] == m["ood_passed"].count("1") / 3 for m in evals)
     if mode in ("fst", "fst-distill"):
         pop_a, pop_b = (
             read_jsonl(run_a / "population.jsonl"),
@@ -123,7 +135,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         ]
         assert pop_a[1]["members"] == pop_b[1]["members"]  # scores too: the resumed policy's
         assert pop_a[1]["members"] != pop_a[0]["members"], "round 1 scores the trained policy"
-        assert "population_size" in metrics_b[0] and "population_size" in metrics_b[2]
+        by_step = {m["step"]: m for m in metrics_b if "reward_mean" in m}
+        assert "population_size" in by_step[1] and "population_size" in by_step[3]
 
 
 def test_sigterm_releases_the_run_so_the_next_attempt_starts_at_once(tmp_path, tiny_model_dir):  # noqa: F811

@@ -193,3 +193,54 @@ def test_sigmoid_fit_of_a_flat_curve_says_b_and_c_mid_are_unidentified() -> None
     fit = fit_sigmoid(c, np.full(c.size, 0.3), r0=0.3, a_max=1.0)
     assert fit.a == pytest.approx(0.3) and math.isfinite(fit.a_se)
     assert math.isinf(fit.b_se) and math.isinf(fit.c_mid_se)
+
+
+def test_bootstrap_diff_is_paired_and_covers_the_truth():
+    import numpy as np
+
+    from fst.analysis import bootstrap_diff
+
+    rng = np.random.default_rng(1)
+    # 3 seeds x 64 problems; mode a passes each problem with p + 0.15, b with p: a true gain.
+    hard = rng.uniform(0.1, 0.7, size=64)
+    b = (rng.uniform(size=(3, 64)) < hard).astype(float)
+    a = (rng.uniform(size=(3, 64)) < hard + 0.15).astype(float)
+    ci = bootstrap_diff(a, b)
+    assert ci.low < ci.estimate < ci.high
+    assert ci.estimate == pytest.approx(a.mean() - b.mean())
+    # Two identical modes: a zero difference with a zero-width interval (paired).
+    same = bootstrap_diff(b, b)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0) and not same.excludes_zero()
+    # A shift of one problem in 64 on one seed: far inside the noise.
+    c = b.copy()
+    c[0, np.argmin(c[0])] = 1.0
+    small = bootstrap_diff(c, b)
+    assert small.estimate > 0 and small.low == 0.0  # resamples without that problem give 0
+    with pytest.raises(ValueError, match="equal"):
+        bootstrap_diff(a, b[:2])
+
+
+def test_bootstrap_diff_interval_shrinks_with_more_problems():
+    import numpy as np
+
+    from fst.analysis import bootstrap_diff
+
+    rng = np.random.default_rng(2)
+    widths = []
+    for n in (32, 512):
+        a = (rng.uniform(size=(3, n)) < 0.6).astype(float)
+        b = (rng.uniform(size=(3, n)) < 0.4).astype(float)
+        ci = bootstrap_diff(a, b)
+        widths.append(ci.high - ci.low)
+        assert ci.excludes_zero() or n == 32
+    assert widths[1] < widths[0] / 2  # ~1/sqrt(n)
+
+
+def test_bootstrap_mean_over_seeds():
+    from fst.analysis import bootstrap_mean
+
+    ci = bootstrap_mean([0.5, 0.6, 0.7])
+    assert ci.estimate == pytest.approx(0.6) and 0.5 <= ci.low < 0.6 < ci.high <= 0.7
+    one = bootstrap_mean([0.4, None, float("nan")])
+    assert (one.estimate, one.low, one.high) == (0.4, 0.4, 0.4)
+    assert math.isnan(bootstrap_mean([]).estimate)

@@ -188,6 +188,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         "tensorboard": False,
         "evalEvery": 2,
         "evalProblems": 32,
+        "oodTask": None,
     }
     assert two.rollout.temperature == 1.0 and two.rollout.max_new_tokens == 48
 

@@ -1,5 +1,5 @@
-"""The learning benchmark's plasticity probe (bench/learning): its manifests, and its analysis on
-hand-written stage runs."""
+"""The learning benchmark (bench/learning): the plasticity probe's manifests, and the analysis
+(plasticity, differences with bootstrap intervals) on hand-written runs."""
 
 from __future__ import annotations
 
@@ -74,3 +74,49 @@ def test_steps_to_threshold_and_the_table(tmp_path):
     summary = {"runs": {}, "unfinished": [], "tasks": {}, "streams": {}, "plasticity": result}
     table = tables(summary)
     assert "| fst | 0 | 0.300 | 0.700 | +0.400 | 0.500 | 2 |" in table
+
+
+def write_run(out: Path, name: str, evals: list[str], entropy: float, kl: float) -> None:
+    """A finished run: evals every 2 steps as per-problem outcome strings, KL growing by
+    `kl` per step, constant entropy, the same outcomes on the OOD task."""
+    run = out / "runs" / name
+    run.mkdir(parents=True)
+    lines = []
+    for i, passed in enumerate(evals):
+        rate = passed.count("1") / len(passed)
+        lines.append(
+            {
+                "step": 2 * i,
+                "eval_pass_rate": rate,
+                "eval_passed": passed,
+                "ood_pass_rate": rate,
+                "ood_passed": passed,
+            }
+        )
+    for step in range(1, 2 * len(evals) - 1):
+        lines.append(
+            {"step": step, "reward_mean": 0.5, "entropy": entropy, "kl": kl * step, "loss": 0.1}
+        )
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (run / "done.json").write_text(json.dumps({"wall_s": 1.0, "cpu_s": 1.0}))
+
+
+def test_differences_against_rl_carry_bootstrap_intervals(tmp_path):
+    from bench.learning.analyze import differences, load_run
+
+    runs = {}
+    for seed in (0, 1, 2):
+        # rl: 2 of 8 at step 0, 4 of 8 from step 4; fst: the same start, 6 of 8 at step 2.
+        write_run(tmp_path, f"rl-{seed}", ["11000000", "11000000", "11110000"], 1.0, 0.02)
+        write_run(tmp_path, f"fst-{seed}", ["11000000", "11111100", "11111100"], 1.5, 0.01)
+        runs[("rl", seed)] = load_run(tmp_path / "runs" / f"rl-{seed}")
+        runs[("fst", seed)] = load_run(tmp_path / "runs" / f"fst-{seed}")
+    d = differences(runs)["fst"]
+    assert d["seeds"] == [0, 1, 2]
+    assert d["final"]["estimate"] == pytest.approx(0.25)  # 6/8 - 4/8
+    assert d["final"]["low"] < 0.25 < d["final"]["high"]
+    assert d["ood"]["estimate"] == pytest.approx(0.25)
+    assert d["peak_ratio"]["estimate"] == pytest.approx(0.5) and d["peak_reached"] == 3
+    # Matched reward 0.5: rl at step 4 (KL 0.08); fst, interpolated, at step 1 (KL 0.01).
+    assert d["kl_ratio"]["estimate"] == pytest.approx(0.125)
+    assert d["entropy"]["estimate"] == pytest.approx(0.5)
