@@ -231,7 +231,12 @@ def run_gepa_round(
             rec = PromptRecord(text=text, parents=parent_ids, born_round=round_idx)
         rec.val_scores, rec.scored_round = scores, round_idx
         candidates.append(rec)
-    keep = top_k_by_coverage([c.val_scores for c in candidates], top_k)
+    # A reply with no instruction in it (GEPA takes an unfenced reply whole, so an empty or
+    # blank one is a blank candidate: a small reflector writes those) stays in the record of
+    # candidates but never enters the population: every rollout needs a system prompt.
+    usable = [i for i, c in enumerate(candidates) if c.text.strip()]
+    ranked = top_k_by_coverage([candidates[i].val_scores for i in usable], top_k)
+    keep = [usable[j] for j in ranked]
     new_population, seen = [], set()
     for i in keep:
         if candidates[i].id not in seen:  # the same text proposed twice is one prompt

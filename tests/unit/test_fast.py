@@ -159,6 +159,46 @@ def test_scripted_reflection_better_prompt_accepted_worse_rejected(task, tmp_pat
     assert result.metric_calls > 0
 
 
+class BlankLovingEngine(ScriptedEngine):
+    """Answers correctly iff the system prompt is blank: a policy under which GEPA accepts a
+    reflector's empty reply."""
+
+    def generate(self, prompts, params, generator):
+        out = []
+        for ids in prompts:
+            text = "".join(chr(i) for i in ids)
+            system = re.search(r"<system>(.*?)</system>", text, re.S)
+            value = eval(re.search(r"Compute (.*?)\. Give", text).group(1))
+            good = system is None or not system.group(1).strip()
+            answer = f"\\boxed{{{value}}}" if good else "I am not sure."
+            out.append(Rollout(list(ids), [1, 2], [-0.1, -0.1], answer, True))
+        return out
+
+
+def test_a_blank_proposal_is_a_candidate_but_never_a_population_member(task, tmp_path):
+    """A small reflector's empty reply (GEPA takes an unfenced reply whole: here "") is
+    accepted by GEPA when it scores better, recorded as a candidate, and kept out of the
+    population: every rollout needs a system prompt."""
+    adapter = PolicyAdapter(BlankLovingEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+    seed = PromptRecord("You are a helpful assistant.")
+    result = run_gepa_round(
+        population=[seed],
+        adapter=adapter,
+        val_problems=task.problems("val"),
+        train_problems=task.problems("train"),
+        round_idx=1,
+        top_k=4,
+        metric_calls=24,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=lambda prompt: "   ",
+    )
+    blank = [c for c in result.candidates if not c.text.strip()]
+    assert blank and blank[0].mean_score > seed.mean_score  # accepted by GEPA, the better one
+    assert [p.text for p in result.population] == [seed.text]
+
+
 def test_round_continues_from_the_population_not_the_seed(task, tmp_path):
     """A second round starts with both prompts of the first, re-scored under the policy."""
     a = PromptRecord("plain prompt")
