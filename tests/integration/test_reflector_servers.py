@@ -54,9 +54,9 @@ def served(smollm2, tmp_path_factory):
         port = s.getsockname()[1]
     cli = Path(sys.executable).parent / "transformers"
     log = (tmp_path_factory.mktemp("serve") / "serve.log").open("w")
+    serve = [str(cli), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
-        [str(cli), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port)]
-        + ["--device", "cpu"],
+        [*serve, "--device", "cpu"],
         stdout=log,
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"},
