@@ -400,6 +400,12 @@ class CheckpointConfig(Schema):
     uri: str | None = Field(
         None, description="Where to save; default <outputDir>/<run>/checkpoints."
     )
+    background_upload: bool = Field(
+        True,
+        description="S3 (uri s3://...): training waits only for the local snapshot; the upload "
+        "(manifest last) runs in the background, one at a time (the next save waits for it). "
+        "A local folder is always committed at once (a rename).",
+    )
 
 
 # Modes that train the weights on rollouts split across the population's top-K prompts.

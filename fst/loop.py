@@ -73,6 +73,7 @@ from fst.signals import Terminated
 from fst.slow.advantages import group_advantages
 from fst.slow.trainer import DistillBatch, DivergedError, SlowTrainer, outputs_finite
 from fst.store.checkpoints import (
+    BackgroundCommits,
     CheckpointError,
     CheckpointStore,
     check_s3_credentials,
@@ -188,6 +189,8 @@ class Run:
     world: World = SINGLE  # this process among the run's processes (torchrun)
     rollout_copy: RolloutCopy | None = None  # under FSDP: the full weights this rank samples
     ood_task: Task | None = None  # metrics.oodTask: scored in the periodic eval, never trained
+    # checkpoint.backgroundUpload to S3 (rank 0 of a single-node run): commits in flight.
+    commits: BackgroundCommits | None = None
 
     def sync_sampler(self) -> None:
         """After the weights changed: the sampler must see the new ones."""
@@ -649,11 +652,22 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
     uri = ""
     if world.nodes > 1:
         uri = _commit_across_nodes(run, staging, meta)
+    elif world.main and run.commits is not None:
+        # The snapshot is on disk (every rank's shards: write_checkpoint_files ends with a
+        # barrier); upload it while training goes on. Its URI is reported once committed.
+        store, step, keep = run.store, run.step, run.cfg.checkpoint.keep_last
+
+        def commit() -> str:
+            committed = store.commit(step, staging, meta)
+            prune(store, keep)
+            return committed
+
+        run.commits.submit(commit)
     elif world.main:
         uri = run.store.commit(run.step, staging, meta)
-    if world.main:
+    if world.main and run.commits is None:
         prune(run.store, run.cfg.checkpoint.keep_last)
-    barrier(world)  # nobody saves again, or reads the store, before the commit
+    barrier(world)  # nobody saves again, or reads the store, before the commit (or its start)
     return broadcast(uri, world)
 
 
@@ -825,6 +839,7 @@ def _train_main(
     lock = RunLock(run_dir)  # one trainer per run folder on this machine
     db = RunDB(database_url(cfg.database, Path(cfg.output_dir) / "fst.db"))
     lease, finished, started, stopped = None, False, False, False
+    run: Run | None = None
     previous: str | None = None  # the run's status before this attempt
     try:
         db.upgrade()
@@ -839,6 +854,9 @@ def _train_main(
         lease.keep_alive()
         run = build_run(cfg, run_dir, db, task, world)
         run.lease = lease
+        if cfg.checkpoint.background_upload and run.store.uri.startswith("s3://"):
+            # Several nodes commit together (each uploads its own files): synchronously.
+            run.commits = BackgroundCommits() if world.nodes == 1 else None
         existing = latest_step(run.store)
         if existing is not None and not resume:
             raise RunError(
@@ -880,6 +898,13 @@ def _train_main(
                 db.log_event(cfg.run, "error", redact_url(f"{type(e).__name__}: {e}")[:2000])
         raise
     finally:
+        if run is not None and run.commits is not None and not finished:
+            # A snapshot taken before the failure still goes up (training stopped, its upload
+            # need not): the next attempt resumes from it rather than from the one before.
+            try:
+                run.commits.wait()
+            except Exception as e:
+                log.warning("run %r: its last checkpoint upload failed: %s", cfg.run, e)
         if lease is not None and not finished:
             # An attempt that failed before training (a bad model, a refused resume) leaves the
             # run as it was: a finished run stays finished.
@@ -949,8 +974,28 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
         if run.step % cfg.checkpoint.every == 0 or run.step == cfg.final_step:
             run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)
-            if db is not None:
-                db.log_event(cfg.run, "checkpoint", uri)  # the operator mirrors it into status
-            log.info("step %d: checkpoint %s", run.step, uri)
+            if uri:
+                _checkpoint_committed(run, db, uri)
+            elif main and run.commits is not None:
+                log.info(
+                    "step %d: checkpoint snapshot taken, uploading in the background", run.step
+                )
+        _report_commits(run, db)
+    if run.commits is not None:
+        run.commits.wait()  # the last checkpoint is in the store before the run is finished
+        _report_commits(run, db)
     bar.close()
     run.sink.close()
+
+
+def _checkpoint_committed(run: Run, db: RunDB | None, uri: str) -> None:
+    if db is not None:
+        db.log_event(run.cfg.run, "checkpoint", uri)  # the operator mirrors it into status
+    log.info("checkpoint %s", uri)
+
+
+def _report_commits(run: Run, db: RunDB | None) -> None:
+    """Announce the background uploads that finished (checkpoint.backgroundUpload)."""
+    if run.commits is not None:
+        for uri in run.commits.committed():
+            _checkpoint_committed(run, db, uri)

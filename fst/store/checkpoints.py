@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -201,3 +201,60 @@ def fetch_model_dir(uri: str) -> Path:
     if not model.is_dir():
         raise CheckpointError(f"{uri}: checkpoint of step {step} has no model/ folder")
     return model
+
+
+class BackgroundCommits:
+    """A run's checkpoint commits (upload, manifest last, prune) on a background thread, so a
+    training step waits only for the checkpoint's local snapshot. At most one commit is in
+    flight: `submit` first waits for the previous one (back-pressure: a save that comes
+    before the last upload finished waits for it, so at most two snapshots are on disk).
+
+    Nothing changes for readers: a checkpoint is listed once its manifest is up, so a process
+    killed mid-upload leaves the previous checkpoint the latest, and a resume starts there.
+    A failed commit is raised at the next `submit` or `wait` (the run then stops, as it would
+    have at a synchronous save)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._committed: list[str] = []
+
+    def submit(self, commit: Callable[[], str]) -> None:
+        """Run `commit` (returns the checkpoint's URI) in the background, after the last one."""
+        import threading
+
+        self.wait()
+
+        def run() -> None:
+            try:
+                uri = commit()
+            except BaseException as e:  # raised in the training thread by wait()
+                self._error = e
+                return
+            with self._lock:
+                self._committed.append(uri)
+
+        self._thread = threading.Thread(target=run, name="checkpoint-commit", daemon=True)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until no commit is in flight; raise the error of one that failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"a checkpoint upload failed: {error}") from error
+
+    def committed(self) -> list[str]:
+        """URIs of the checkpoints committed since the last call, oldest first."""
+        with self._lock:
+            done, self._committed = self._committed, []
+        return done

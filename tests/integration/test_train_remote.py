@@ -5,6 +5,7 @@ tested is the plumbing of checkpoints and records, which is the same for SmolLM2
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -83,6 +84,71 @@ def test_sigkill_and_resume_from_s3_and_postgres(tmp_path, s3_uri, pg_url, tiny_
     assert info["status"] == "finished"
     local = (Path(cfg["outputDir"]) / "t" / "metrics.jsonl").read_text().splitlines()
     assert len(local) == 2  # the new pod's own steps 3 and 4; the database has all four
+
+
+def test_background_upload_lets_training_go_on_and_a_kill_keeps_the_previous_checkpoint(
+    tmp_path,
+    s3_uri,
+    tiny_model_dir,  # noqa: F811
+):
+    """checkpoint.backgroundUpload (the default for S3): the upload of step 4's checkpoint is
+    held after two files (tests/varied_fst.py); training goes on through steps 5 and 6, then
+    the step-6 save waits for it (one upload at a time) and step 7 never starts. SIGKILLed
+    there, the store still lists only step 2 (the half of step 4 is invisible); resumed, the
+    run continues from step 2 and ends with steps 4, 6, 8 committed."""
+    from fst.store.s3 import parse_s3_uri
+
+    cfg = tiny_run_config(
+        tmp_path,
+        tiny_model_dir,
+        steps=8,
+        **{"checkpoint.uri": s3_uri, "checkpoint.every": 2, "checkpoint.keepLast": 3},
+    )
+    path = write_config(tmp_path, cfg)
+    store = open_store(s3_uri)
+    _, prefix = parse_s3_uri(s3_uri)
+    marker = tmp_path / "hanging"
+    metrics = Path(cfg["outputDir"]) / "t" / "metrics.jsonl"
+
+    def steps_logged() -> list[int]:
+        if not metrics.is_file():
+            return []
+        return [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+
+    hold = {"FST_TEST_HANG_IN_UPLOAD": f"{prefix}/step-00000004/:2"}
+    proc = subprocess.Popen(
+        varied_fst("train", "-c", str(path), "--no-progress"),
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **hold, "FST_TEST_HANG_MARKER": str(marker)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 600
+        while not (marker.exists() and 6 in steps_logged()):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, f"stuck at steps {steps_logged()}"
+            time.sleep(0.3)
+        time.sleep(3)  # a tiny-model step takes a fraction of a second
+        assert max(steps_logged()) == 6  # the step-6 save waits for step 4's upload
+        assert store.steps() == [2]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+
+    out = subprocess.run(
+        varied_fst("train", "-c", str(path), "--resume", "--no-progress"),
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "resumed t at step 2" in out.stderr
+    assert store.steps() == [4, 6, 8]
+    assert "uploading in the background" in out.stderr
 
 
 def test_jsonl_task_reads_s3_and_the_stream_sees_new_data(s3_uri, minio):
