@@ -172,7 +172,12 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         },
         "initialPopulation": [],
     }
-    assert one.checkpoint.model_dump(**dump) == {"every": 4, "keepLast": 1, "uri": None}
+    assert one.checkpoint.model_dump(**dump) == {
+        "every": 4,
+        "keepLast": 1,
+        "uri": None,
+        "backgroundUpload": True,
+    }
     assert two.fast.reflector.model_dump(**dump) == {
         "kind": "digest",
         "model": "m",
