@@ -573,22 +573,12 @@ def diverged_message(run: Run, what: str) -> str:
 LARGE_LR = 1e-2
 
 
-def heldout_eval(run: Run) -> dict[str, float]:
+def heldout_eval(run: Run) -> dict[str, Any]:
     """Greedy pass rate of (current weights, best prompt) on the first `evalProblems` test
-    problems. The test split, not val: val is GEPA's Pareto set, which the fast channel selects
-    on, so only test is held out from both channels."""
-    from fst.evaluate import evaluate_prompt
-
+    problems, and on metrics.oodTask's. The test split, not val: val is GEPA's Pareto set,
+    which the fast channel selects on, so only test is held out from both channels."""
     t0 = time.perf_counter()
-    n, prompt = run.cfg.metrics.eval_problems, run.population[0].text
-    res = evaluate_prompt(
-        run.engine,
-        run.tokenizer,
-        run.task,
-        run.task.problems("test")[:n],
-        prompt,
-        run.cfg.rollout.max_new_tokens,
-    )
+    res = _greedy_test_eval(run, run.task)
     out: dict[str, Any] = {
         "eval_pass_rate": res.pass_rate,
         "eval_reward": res.reward_mean,
@@ -598,18 +588,22 @@ def heldout_eval(run: Run) -> dict[str, float]:
         "eval_passed": "".join("1" if p else "0" for p in res.passed),
     }
     if run.ood_task is not None:
-        ood = evaluate_prompt(
-            run.engine,
-            run.tokenizer,
-            run.ood_task,
-            run.ood_task.problems("test")[:n],
-            prompt,
-            run.cfg.rollout.max_new_tokens,
-        )
+        ood = _greedy_test_eval(run, run.ood_task)
         out["ood_pass_rate"] = ood.pass_rate
         out["ood_passed"] = "".join("1" if p else "0" for p in ood.passed)
     out["eval_s"] = time.perf_counter() - t0
     return out
+
+
+def _greedy_test_eval(run: Run, task: Task) -> Any:
+    """evaluate_prompt of the population's best prompt on `task`'s first evalProblems tests."""
+    from fst.evaluate import evaluate_prompt
+
+    problems = task.problems("test")[: run.cfg.metrics.eval_problems]
+    prompt = run.population[0].text
+    return evaluate_prompt(
+        run.engine, run.tokenizer, task, problems, prompt, run.cfg.rollout.max_new_tokens
+    )
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -38,6 +38,18 @@ def one_thread(**env: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", **env}
 
 
+def stream_to_the_end(path: Path) -> subprocess.CompletedProcess:
+    """`fst stream PATH --no-progress` to its end (one torch thread), output captured."""
+    return subprocess.run(
+        stream_cmd(str(path), "--no-progress"),
+        cwd=REPO,
+        env=one_thread(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
 QA = [
     ("France", "Paris"),
     ("Japan", "Tokyo"),
@@ -157,14 +169,7 @@ def test_killed_in_stage_two_resumes_stage_two(tmp_path, tiny_model_dir):  # noq
         ("second", "running"),
     ]
 
-    out = subprocess.run(
-        stream_cmd(str(path), "--no-progress"),
-        cwd=REPO,
-        env=one_thread(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = stream_to_the_end(path)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "report:" in out.stdout
     state = json.loads((runs / "stream.json").read_text())["stages"]
@@ -287,14 +292,7 @@ def test_a_gate_killed_mid_evaluation_keeps_its_scores(tmp_path, tiny_model_dir)
     assert [e["status"] for e in entries] == ["succeeded", "running"]
     assert entries[0]["gate"] is not None and entries[1]["gate"] is None
 
-    out = subprocess.run(
-        stream_cmd(str(path), "--no-progress"),
-        cwd=REPO,
-        env=one_thread(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = stream_to_the_end(path)
     assert out.returncode == 0, out.stderr[-4000:]
     final = scores()
     assert {k: final[k] for k in kept} == kept  # nothing measured before the kill changed
@@ -370,14 +368,7 @@ def test_a_kill_while_publishing_a_bundle_keeps_the_previous_one_serving(
         fetch_bundle(half_uri)
     fetch_bundle(first["bundle"])  # the served one is whole
 
-    out = subprocess.run(
-        stream_cmd(str(path), "--no-progress"),
-        cwd=REPO,
-        env=one_thread(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    out = stream_to_the_end(path)
     assert out.returncode == 0, out.stderr[-4000:]
     first, second = json.loads((folder / "stream.json").read_text())["stages"]
     serving = json.loads((folder / "serving.json").read_text())
@@ -401,31 +392,34 @@ def adamw_steps(checkpoint: Path, tmp_path: Path) -> set[float]:
     return {float(s["step"]) for s in state["optim"]["state"].values()}
 
 
+def run_two_stages(root: Path, model: Path, **spec) -> tuple[Path, dict, dict]:
+    """`fst stream` of two tiny stages (3 steps, then 2 on other data) under `root`, to the
+    end; (the stream's folder, stage 1's entry, stage 2's entry in stream.json)."""
+    root.mkdir(exist_ok=True)
+    stages = [
+        {"name": "first", "task": ARITH, "steps": 3},
+        {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 2},
+    ]
+    path = stream_doc(root, model, stages, **spec)
+    out = stream_to_the_end(path)
+    assert out.returncode == 0, out.stderr[-4000:]
+    folder = root / "runs" / "tiny"
+    first, second = json.loads((folder / "stream.json").read_text())["stages"]
+    return folder, first, second
+
+
+def steps_of(run_dir: Path) -> dict[int, dict]:
+    """A run's training-step records by step (metrics.jsonl)."""
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return {m["step"]: m for m in metrics if "reward_mean" in m}
+
+
 def test_continue_trajectory_carries_the_optimizer_and_the_gepa_cadence(tmp_path, tiny_model_dir):  # noqa: F811
     """continueTrajectory: true: stage 2 continues stage 1's trajectory (the paper's single
     continual run): its AdamW state goes on from stage 1's (step counts 4, 5, not 1, 2), its
     steps are numbered on (4, 5), its schedule is not warmed up again, and no GEPA round is
     forced at the boundary: with T = 2, the round comes before global step 5, at the cadence."""
-    path = stream_doc(
-        tmp_path,
-        tiny_model_dir,
-        [
-            {"name": "first", "task": ARITH, "steps": 3},
-            {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 2},
-        ],
-        continueTrajectory=True,
-    )
-    out = subprocess.run(
-        stream_cmd(str(path), "--no-progress"),
-        cwd=REPO,
-        env=one_thread(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    folder = tmp_path / "runs" / "tiny"
-    first, second = json.loads((folder / "stream.json").read_text())["stages"]
+    folder, first, second = run_two_stages(tmp_path / "on", tiny_model_dir, continueTrajectory=True)
     assert second["start_checkpoint"] == first["checkpoint"]
     assert first["checkpoint"].endswith("step-00000003")
     assert second["checkpoint"].endswith("step-00000005")  # the run ends at 3 + 2
@@ -435,10 +429,8 @@ def test_continue_trajectory_carries_the_optimizer_and_the_gepa_cadence(tmp_path
     assert adamw_steps(ckpts / "step-00000004", tmp_path) == {4.0}  # a fresh AdamW would say 1
     assert adamw_steps(ckpts / "step-00000005", tmp_path) == {5.0}
 
-    metrics = [json.loads(line) for line in (folder / second["run"] / "metrics.jsonl").open()]
-    steps = [m["step"] for m in metrics if "reward_mean" in m]
-    assert steps == [4, 5]
-    by_step = {m["step"]: m for m in metrics if "reward_mean" in m}
+    by_step = steps_of(folder / second["run"])
+    assert sorted(by_step) == [4, 5]
     assert "round" not in by_step[4]  # no round forced at the boundary (3 % T != 0) ...
     assert "round" in by_step[5]  # ... the next one at the cadence, before step 5
     # The schedule goes on (warmupSteps 0 here: the LR is the configured one, not restarted).
@@ -447,28 +439,7 @@ def test_continue_trajectory_carries_the_optimizer_and_the_gepa_cadence(tmp_path
     assert len(rounds) == 1
 
     # Without the option stage 2 is a fresh run: steps 1, 2 and a round before step 1.
-    fresh = tmp_path / "fresh"
-    fresh.mkdir()
-    path = stream_doc(
-        fresh,
-        tiny_model_dir,
-        [
-            {"name": "first", "task": ARITH, "steps": 3},
-            {"name": "second", "task": {**ARITH, "seed": 4}, "steps": 2},
-        ],
-    )
-    out = subprocess.run(
-        stream_cmd(str(path), "--no-progress"),
-        cwd=REPO,
-        env=one_thread(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    folder = fresh / "runs" / "tiny"
-    _, second = json.loads((folder / "stream.json").read_text())["stages"]
-    metrics = [json.loads(line) for line in (folder / second["run"] / "metrics.jsonl").open()]
-    by_step = {m["step"]: m for m in metrics if "reward_mean" in m}
+    folder, _, second = run_two_stages(tmp_path / "off", tiny_model_dir)
+    by_step = steps_of(folder / second["run"])
     assert sorted(by_step) == [1, 2] and "round" in by_step[1]
     assert adamw_steps(folder / second["run"] / "checkpoints" / "step-00000001", tmp_path) == {1.0}
