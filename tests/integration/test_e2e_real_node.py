@@ -371,12 +371,21 @@ def test_a_stream_trains_stage_after_stage_in_containers(release: Release) -> No
     (trainer,) = trainers[0].status.container_statuses
     assert trainer.image == release.images["trainer"]
     assert trainer.state.terminated.exit_code == 0
+
     # Each stage was gated by `fst gate` in a restricted container of the same image, which
     # published the promoted bundle to the namespace's S3 prefix; the stream serves it.
-    gates = core.list_namespaced_pod(ns, label_selector="job-name=customer-add-more-gate").items
-    assert gates and gates[0].spec.node_name == release.node.name
+    # (The stream advances as soon as the gate's decision is in the database; the gate's
+    # container then still deletes the checkpoints it downloaded before it exits.)
+    def gate_exited() -> Any:
+        pods = core.list_namespaced_pod(ns, label_selector="job-name=customer-add-more-gate")
+        statuses = [p.status.container_statuses for p in pods.items]
+        done = pods.items and all(s and s[0].state.terminated for s in statuses)
+        return pods.items if done else None
+
+    gates = wait_until(gate_exited, 120, "the gate container exited", poll=1.0)
+    assert gates[0].spec.node_name == release.node.name
     assert gates[0].spec.containers[0].security_context.read_only_root_filesystem
-    assert gates[0].status.container_statuses[0].state.terminated.exit_code == 0
+    assert [g.status.container_statuses[0].state.terminated.exit_code for g in gates] == [0]
     gate = second["status"]["gate"]
     assert gate["reason"] in ("GatePassed", "InsufficientGain") or gate["reason"].startswith(
         "RegressionOn"

@@ -103,7 +103,8 @@ def test_the_gate_promotes_rejects_pins_and_recovers_through_the_operator(
     assert add and more and wreck, dump(stream["status"])
     assert add["promoted"] and more["promoted"], (add, more)
     assert add["reason"] == more["reason"] == "GatePassed"
-    assert add["baseline"]["add"] >= 0.25, add  # the base model scores: a regression can show
+    # The base model scores on add (1 of 8 or more): a drop to 0 exceeds maxRegression 0.1.
+    assert add["baseline"]["add"] >= 0.125, add
     assert not wreck["promoted"] and wreck["reason"].startswith("RegressionOnAdd"), wreck
     assert wreck["candidate"]["add"] < wreck["baseline"]["add"] - 0.1, wreck
     assert "bundle" not in wreck  # kept for inspection, never published or served

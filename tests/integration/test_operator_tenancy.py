@@ -165,6 +165,8 @@ def test_two_customers_cannot_reach_each_other(
             60,
             "B's tenant Secret",
         )
+        # (its Job follows the Secret: the operator creates the Secret first)
+        wait_until(lambda: b.jobs(), 60, "B's Job")
         assert [j.metadata.name for j in b.jobs()] == ["mine-a1"]
 
         # No root or owner credential in B's namespace.

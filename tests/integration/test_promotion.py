@@ -66,8 +66,9 @@ def stream(tmp_path_factory) -> dict:
 def test_a_stage_that_regresses_an_earlier_one_is_rejected_and_never_served(stream):
     add, more, wreck, recover = stream["state"].runs
     assert add.gate.promoted and more.gate.promoted, (add.gate.message, more.gate.message)
-    # The base model scores something on `add` (else a regression could not show).
-    assert add.gate.baseline["add"].pass_rate >= 0.25, add.gate
+    # The base model scores something on `add` (else a regression could not show): at least
+    # one of its 8 problems, so a drop to 0 exceeds maxRegression 0.1.
+    assert add.gate.baseline["add"].pass_rate >= 0.125, add.gate
     assert not wreck.gate.promoted
     assert wreck.gate.reason.startswith("RegressionOnAdd"), wreck.gate.message
     assert wreck.bundle is None and wreck.checkpoint  # kept for inspection, never served
