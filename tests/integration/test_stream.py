@@ -388,7 +388,7 @@ def adamw_steps(checkpoint: Path, tmp_path: Path) -> set[float]:
 
     out = tmp_path / f"{checkpoint.name}-{checkpoint.parent.parent.name}.pt"
     dcp_to_torch_save(checkpoint / "dcp", out)
-    state = torch.load(out, weights_only=False)
+    state = torch.load(out, weights_only=True)
     return {float(s["step"]) for s in state["optim"]["state"].values()}
 
 

@@ -262,11 +262,13 @@ def stream_object(stages: list[dict]) -> dict:
     }
 
 
-def test_run_for_stage_is_the_planned_run() -> None:
+def run_for_stage_b(**spec) -> dict:
+    """The FastSlowRun of stage b (3 steps) of a 2-stage stream, started from stage a's
+    checkpoint of step 2 with a population of two prompts; `spec`: more stream spec."""
     stream = stream_object(
         [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
     )
-    model = builders.stream_model(stream)
+    stream["spec"].update(spec)
     planned = StageRun(
         stage="b",
         version=1,
@@ -274,7 +276,11 @@ def test_run_for_stage_is_the_planned_run() -> None:
         start_checkpoint="s3://c/team-acme-a/step-00000002",
         start_population=["best", "second"],
     )
-    run = builders.run_for_stage(stream, model, planned, sequence=1)
+    return builders.run_for_stage(stream, builders.stream_model(stream), planned, sequence=1)
+
+
+def test_run_for_stage_is_the_planned_run() -> None:
+    run = run_for_stage_b()
     cfg = run["spec"]["config"]
     assert run["metadata"]["name"] == "acme-b"
     assert cfg["model"]["name"] == "s3://c/team-acme-a/step-00000002"
@@ -290,19 +296,7 @@ def test_a_continued_trajectory_runs_from_the_base_with_the_checkpoint_to_contin
     """continueTrajectory: the stage's run loads the base model and continues the start
     checkpoint's whole state (continueFrom); it inherits no initialPopulation (the population
     comes with the checkpoint) and ends at the checkpoint's step + its steps."""
-    stream = stream_object(
-        [{"name": "a", "task": TASK, "steps": 2}, {"name": "b", "task": TASK, "steps": 3}]
-    )
-    stream["spec"]["continueTrajectory"] = True
-    model = builders.stream_model(stream)
-    planned = StageRun(
-        stage="b",
-        version=1,
-        run="acme-b",
-        start_checkpoint="s3://c/team-acme-a/step-00000002",
-        start_population=["best", "second"],
-    )
-    cfg = builders.run_for_stage(stream, model, planned, sequence=1)["spec"]["config"]
+    cfg = run_for_stage_b(continueTrajectory=True)["spec"]["config"]
     assert cfg["continueFrom"] == "s3://c/team-acme-a/step-00000002"
     assert cfg["model"]["name"] == "smollm2-135m-instruct" and "reference" not in cfg["model"]
     assert not cfg["fast"].get("initialPopulation")
