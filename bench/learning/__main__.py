@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bench.learning.run import DEFAULT_OUT, run_all
-from bench.learning.spec import STEPS
+from bench.learning.spec import SEEDS, STEPS
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run (or resume) every job; finished jobs are skipped")
     r.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    r.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     r.add_argument("--steps", type=int, default=STEPS)
     r.add_argument("--workers", type=int, default=2, help="jobs side by side")
     r.add_argument("--no-streams", action="store_true")

@@ -325,6 +325,11 @@ def _outcomes(r: dict[str, Any], key: str) -> list[int] | None:
     return [int(c) for c in last] if last else None
 
 
+def _bits(passed: str | list[int]) -> list[int]:
+    """Per-problem outcomes as metrics.jsonl keeps them ("0110...") as a list of 0/1."""
+    return [int(c) for c in passed]
+
+
 def _interval(i: Interval | None) -> dict[str, float] | None:
     return None if i is None else {"estimate": i.estimate, "low": i.low, "high": i.high}
 
@@ -407,22 +412,28 @@ def plot_entropy(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
 
 def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for mode in ("rl", "fst"):
+    for mode in MODES:
         folder = out_dir / "streams" / f"stream-{mode}-s0"
         state_file = folder / "stream.json"
         if not state_file.is_file():
             continue
         entries = [e for e in json.loads(state_file.read_text())["stages"]]
-        starts, ends, names, retention = [], [], [], []
+        starts, ends, names, retention, intervals = [], [], [], [], []
         for e in entries:
             metrics = _read_jsonl(folder / e["run"] / "metrics.jsonl")
-            evals = [m["eval_pass_rate"] for m in metrics if "eval_pass_rate" in m]
+            evals = [m for m in metrics if "eval_pass_rate" in m]
             if e["status"] != "succeeded" or len(evals) < 2:
                 continue
             names.append(e["stage"])
-            starts.append(evals[0])
-            ends.append(evals[-1])
+            starts.append(evals[0]["eval_pass_rate"])
+            ends.append(evals[-1]["eval_pass_rate"])
             retention.append(e["evaluation"]["retention"])
+            # The same test problems at the stage's first and last eval: a paired interval.
+            first, last = evals[0].get("eval_passed"), evals[-1].get("eval_passed")
+            paired = first is not None and last is not None and len(first) == len(last)
+            intervals.append(
+                _interval(bootstrap_diff([_bits(last)], [_bits(first)])) if paired else None
+            )
         if not names:
             continue
         matrix = [[row.get(n) for n in names] for row in retention]
@@ -431,16 +442,18 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
             "start": starts,
             "end": ends,
             "acquisition": stage_acquisition(starts, ends),
+            "acquisition_ci": intervals,
             "retention": matrix,
             "forgetting": forgetting(matrix) if len(matrix) == len(names) else None,
             "finished": bool((folder / "done.json").is_file()),
         }
     if result:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        width = 0.38
-        for i, mode in enumerate(m for m in ("rl", "fst") if m in result):
+        shown = [m for m in MODES if m in result]
+        width = 0.8 / len(shown)
+        for i, mode in enumerate(shown):
             r = result[mode]
-            xs = np.arange(len(r["stages"])) + (i - 0.5) * width
+            xs = np.arange(len(r["stages"])) + (i - (len(shown) - 1) / 2) * width
             axes[0].bar(xs, r["acquisition"], width, color=COLORS[mode], label=mode)
             final = r["retention"][-1]
             axes[1].bar(
@@ -487,11 +500,13 @@ def plasticity_curves(out_dir: Path, seeds: tuple[int, ...] = SEEDS) -> dict[str
             if b is None or b["status"] != "succeeded":
                 continue
             metrics = _read_jsonl(folder / b["run"] / "metrics.jsonl")
-            evals = [(m["step"], m["eval_pass_rate"]) for m in metrics if "eval_pass_rate" in m]
+            evals = [m for m in metrics if "eval_pass_rate" in m]
             train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
             curves.setdefault(arm, {})[seed] = {
-                "eval_steps": [s for s, _ in evals],
-                "eval": [v for _, v in evals],
+                "eval_steps": [m["step"] for m in evals],
+                "eval": [m["eval_pass_rate"] for m in evals],
+                "passed_start": evals[0].get("eval_passed") if evals else None,
+                "passed_end": evals[-1].get("eval_passed") if evals else None,
                 "train_steps": [s for s, _ in train],
                 "train_reward": [v for _, v in train],
             }
@@ -517,6 +532,7 @@ def analyze_plasticity(out_dir: Path, figdir: Path) -> dict[str, Any]:
                 "threshold": threshold,
                 "steps_to_threshold": first_step_reaching(c["eval_steps"], c["eval"], threshold),
             }
+    result["intervals"] = plasticity_intervals(curves)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for arm, per_seed in curves.items():
         for i, (seed, c) in enumerate(sorted(per_seed.items())):
@@ -533,6 +549,33 @@ def analyze_plasticity(out_dir: Path, figdir: Path) -> dict[str, Any]:
     fig.savefig(figdir / "plasticity.png", dpi=110)
     plt.close(fig)
     return result
+
+
+def plasticity_intervals(curves: dict[str, Any]) -> dict[str, Any]:
+    """Per arm, over the seeds with per-problem outcomes: B's gain (end − start on the same
+    test problems) and, for a trained arm, its B end − the base arm's B end (same seeds),
+    each with a paired 95% bootstrap interval over seeds x problems."""
+
+    def outcomes(arm: str, key: str, seeds: list[int]) -> list[list[int]] | None:
+        rows = [curves[arm][s].get(key) for s in seeds]
+        if any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+            return None
+        return [_bits(r) for r in rows]
+
+    out: dict[str, Any] = {}
+    for arm, per_seed in curves.items():
+        seeds = sorted(per_seed)
+        start, end = outcomes(arm, "passed_start", seeds), outcomes(arm, "passed_end", seeds)
+        row: dict[str, Any] = {"seeds": seeds, "gain": None, "end_vs_base": None}
+        if start and end:
+            row["gain"] = _interval(bootstrap_diff(end, start))
+        both = sorted(set(seeds) & set(curves.get("base", {})))
+        if arm != "base" and both:
+            mine, base = outcomes(arm, "passed_end", both), outcomes("base", "passed_end", both)
+            if mine and base and len(mine[0]) == len(base[0]):
+                row["end_vs_base"] = _interval(bootstrap_diff(mine, base))
+        out[arm] = row
+    return out
 
 
 # ----------------------------------------------------------------------------- tables
@@ -669,10 +712,11 @@ def tables(summary: dict[str, Any]) -> str:
     if summary["streams"]:
         lines += [
             "",
-            "### Continual stream (3 stages, seed 0)",
+            "### Continual stream (3 stages, one trajectory, seed 0)",
             "",
             f"start/end: the stage run's own held-out eval (greedy, {EVAL_N} test problems) at its "
-            "step 0 and last step; acquisition = end − start. At stream end and forgetting: "
+            "first and last step; acquisition = end − start, with a 95% paired bootstrap "
+            "interval over the test problems. At stream end and forgetting: "
             "`fst stream`'s retention evals (greedy, the first 16 test problems of each stage, "
             "best prompt) after the last stage; forgetting = score right after the stage − "
             "score at stream end.",
@@ -683,9 +727,11 @@ def tables(summary: dict[str, Any]) -> str:
         for mode, r in summary["streams"].items():
             for i, name in enumerate(r["stages"]):
                 fg = r["forgetting"][i] if r["forgetting"] else None
+                ci = (r.get("acquisition_ci") or [None] * len(r["stages"]))[i]
+                acquired = _ci(ci, True) if ci else f"{r['acquisition'][i]:+.3f}"
                 lines.append(
                     f"| {mode} | {name} | {_fmt(r['start'][i])} | {_fmt(r['end'][i])} | "
-                    f"{r['acquisition'][i]:+.3f} | {_fmt(r['retention'][-1][i])} | {_fmt(fg)} |"
+                    f"{acquired} | {_fmt(r['retention'][-1][i])} | {_fmt(fg)} |"
                 )
     if summary.get("plasticity"):
         lines += [
@@ -708,6 +754,19 @@ def tables(summary: dict[str, Any]) -> str:
                     f"| {arm} | {seed} | {_fmt(r['start'])} | {_fmt(r['end'])} | "
                     f"{r['gain']:+.3f} | {_fmt(r['threshold'])} | {reached} |"
                 )
+        lines += [
+            "",
+            "Over seeds x test problems (95% paired bootstrap): B's gain, and B's final score "
+            "against the base arm's.",
+            "",
+            "| A trained by | seeds | B gain | B end − base's B end |",
+            "| --- | --- | --- | --- |",
+        ]
+        for arm, row in summary["plasticity"].get("intervals", {}).items():
+            lines.append(
+                f"| {arm} | {len(row['seeds'])} | {_ci(row['gain'], True)} | "
+                f"{_ci(row['end_vs_base'], True)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

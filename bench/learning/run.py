@@ -27,6 +27,7 @@ from bench.learning.spec import (
     COMMON,
     MODES,
     PLASTICITY_ARMS,
+    SEEDS,
     STEPS,
     TASKS,
     RunSpec,
@@ -130,7 +131,7 @@ def plan(
     runs = sorted(all_runs(seeds), key=rank)
     jobs = [train_job(r, out, steps) for r in runs if rank(r)[0] < 2]
     if streams:
-        jobs += [stream_job(m, out) for m in ("rl", "fst")]
+        jobs += [stream_job(m, out) for m in MODES]
     jobs += [train_job(r, out, steps) for r in runs if rank(r)[0] >= 2]
     if plasticity:
         jobs += [plasticity_job(arm, out, s) for s in seeds for arm in PLASTICITY_ARMS]
@@ -196,7 +197,7 @@ def run_job(job: Job, out: Path, lock: threading.Lock) -> bool:
 
 def run_all(
     out: Path = DEFAULT_OUT,
-    seeds: tuple[int, ...] = (0, 1),
+    seeds: tuple[int, ...] = SEEDS,
     steps: int = STEPS,
     workers: int = 2,
     streams: bool = True,

@@ -33,14 +33,26 @@ TASKS: dict[str, dict[str, Any]] = {
         "testSize": 64,
         "params": {"steps": 1, "maxOperand": 25, "ops": ["*"], "answerFormat": "last_number"},
     },
-    # Format-constrained addition/subtraction: reward only for the integer inside \boxed{};
-    # the base model almost never writes \boxed{}, so reward starts near 0.
-    "boxed": {
+    # A house notation: "Compute 14 # 9." where '#' is subtraction, said only in the feedback
+    # ("In this task a # b always means a - b, e.g. ..."). The base model reads '#' as
+    # multiplication or worse (0 of 48 greedy, 2 of 96 sampled at T=0.7); told the rule in its
+    # system prompt, 11 of 48 greedy and 10 of 96 sampled. The offline digest reflector lifts
+    # exactly that sentence into the prompt, so the fast channel can unlock what RL alone has
+    # almost no signal for: the paper's star-graph regime. (`boxed`, the previous zero-start
+    # task, stayed at 0 in every mode: SmolLM2-135M ignores format rules in a system prompt.)
+    "house": {
         "name": "arithmetic",
-        "trainSize": 256,
+        "trainSize": 160,
         "valSize": 16,
         "testSize": 64,
-        "params": {"steps": 1, "maxOperand": 20, "ops": ["+", "-"], "answerFormat": "boxed"},
+        "params": {
+            "steps": 1,
+            "maxOperand": 20,
+            "ops": ["-"],
+            "hiddenOp": "-",
+            "nonNegative": True,
+            "answerFormat": "last_number",
+        },
     },
 }
 
@@ -99,7 +111,7 @@ STREAM_STAGES: list[dict[str, Any]] = [
         },
     },
     {"name": "multiply", "task": TASKS["mul"]},
-    {"name": "boxed", "task": TASKS["boxed"]},
+    {"name": "house", "task": TASKS["house"]},
 ]
 
 
@@ -177,11 +189,16 @@ def run_config(spec: RunSpec, output_dir: str, steps: int = STEPS) -> dict[str, 
 
 
 def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]:
-    """A 3-stage TaskStream, all stages in `mode`; FST and RL streams differ only in mode."""
+    """A 3-stage TaskStream, all stages in `mode`; the streams of the modes differ only in mode.
+
+    The paper's continual setting: ONE trajectory across the stages (continueTrajectory:
+    AdamW, schedule, step counter and population carry over) from a task-agnostic seed prompt,
+    and a GEPA round every 4 steps of the whole run (before steps 1, 5, 9, 13, 17), which does
+    not line up with the stage boundaries (steps 7 and 13): the fast channel is not told when
+    the data changed."""
     defaults = copy.deepcopy(COMMON)
     defaults.update(mode=mode, seed=seed)
-    # Stages are short: a GEPA round before steps 1 and 4 of each stage.
-    defaults["fast"]["everySteps"] = 3
+    defaults["fast"]["everySteps"] = 4
     defaults["checkpoint"] = {"every": STREAM_STEPS, "keepLast": 1}
     return {
         "apiVersion": "fastslow.io/v1alpha1",
@@ -191,6 +208,9 @@ def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]
             "outputDir": output_dir,
             # Retention + decomposition after each stage: 16 test problems (cost).
             "evalProblems": 16,
+            "continueTrajectory": True,
+            # One trajectory whatever the gate says (a rejected stage still hands on).
+            "promotion": {"nextStageFrom": "candidate"},
             "defaults": defaults,
             "stages": [
                 {"name": s["name"], "task": copy.deepcopy(s["task"]), "steps": STREAM_STEPS}

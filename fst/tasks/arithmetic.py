@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from fst.schema import Schema
 from fst.tasks import register
@@ -41,12 +41,28 @@ class ArithmeticParams(Schema):
         "model then gets enough reward for RL to start from).",
     )
 
+    hidden_op: Op | None = Field(
+        None,
+        description="Write this operator as '#' in the prompts and say what '#' means only in "
+        "the feedback: a house notation the model has to learn (with '-', SmolLM2-135M scores "
+        "0 of 48 greedy; told the rule in its system prompt, 11 of 48).",
+    )
+    non_negative: bool = Field(
+        False, description="Draw again any expression whose value is negative."
+    )
+
     @field_validator("ops")
     @classmethod
     def _non_empty_unique(cls, ops: list[Op]) -> list[Op]:
         if not ops:
             raise ValueError("at least one operator is required")
         return list(dict.fromkeys(ops))
+
+    @model_validator(mode="after")
+    def _hidden_op_is_used(self) -> ArithmeticParams:
+        if self.hidden_op is not None and self.hidden_op not in self.ops:
+            raise ValueError(f"hiddenOp {self.hidden_op!r} is not one of ops {self.ops}")
+        return self
 
 
 @dataclass(frozen=True)
@@ -105,10 +121,32 @@ def make_expr(rng: random.Random, steps: int, max_operand: int, ops: Sequence[st
     return Expr(text, value, (*left.steps, *right.steps, step), canon)
 
 
-def format_prompt(expr: Expr, answer_format: str = "boxed") -> str:
+HOUSE_SYMBOL = "#"
+
+
+def house_text(text: str, hidden_op: str | None) -> str:
+    """The expression as the prompt shows it: the hidden operator written as '#'. Operators
+    are always written with a space either side and operands are never negative, so this
+    cannot touch a sign."""
+    return text if hidden_op is None else text.replace(f" {hidden_op} ", f" {HOUSE_SYMBOL} ")
+
+
+def house_rule(hidden_op: str) -> str:
+    """The feedback sentence that teaches the notation (an instruction, so the offline digest
+    reflector lifts it into the prompt as a lesson)."""
+    a, b = (9, 4) if hidden_op != "/" else (8, 4)
+    value = _apply(hidden_op, a, b)
+    return (
+        f"In this task a {HOUSE_SYMBOL} b always means a {hidden_op} b, "
+        f"e.g. {a} {HOUSE_SYMBOL} {b} = {a} {hidden_op} {b} = {value}."
+    )
+
+
+def format_prompt(expr: Expr, answer_format: str = "boxed", hidden_op: str | None = None) -> str:
+    text = house_text(expr.text, hidden_op)
     if answer_format == "last_number":
-        return f"Compute {expr.text}. End your reply with the final answer as an integer."
-    return f"Compute {expr.text}. Give the final answer as an integer inside \\boxed{{}}."
+        return f"Compute {text}. End your reply with the final answer as an integer."
+    return f"Compute {text}. Give the final answer as an integer inside \\boxed{{}}."
 
 
 _INT = re.compile(r"[+-]?(\d{1,3}(,\d{3})+|\d+)")
@@ -180,8 +218,12 @@ class ArithmeticTask:
     def score(self, problem: Problem, completion: str) -> Score:
         steps = tuple(problem.meta.get("steps", ()))
         if self.params.answer_format == "last_number":
-            return score_last_number(int(problem.answer), completion, steps)
-        return score_value(int(problem.answer), completion, steps)
+            score = score_last_number(int(problem.answer), completion, steps)
+        else:
+            score = score_value(int(problem.answer), completion, steps)
+        if self.params.hidden_op is None or score.reward >= 1:
+            return score
+        return Score(score.reward, f"{score.feedback} {house_rule(self.params.hidden_op)}")
 
     def _generate(self) -> dict[Split, list[Problem]]:
         p, cfg = self.params, self.cfg
@@ -189,7 +231,7 @@ class ArithmeticTask:
             NAME,
             cfg.seed,
             {"test": cfg.test_size, "val": cfg.val_size, "train": cfg.train_size},
-            draw=lambda rng: make_expr(rng, p.steps, p.max_operand, p.ops),
+            draw=self._draw,
             key=lambda expr: expr.canon,  # twins (a * b, b * a) never straddle two splits
             remedy="lower the split sizes or raise steps or maxOperand",
         )
@@ -197,7 +239,7 @@ class ArithmeticTask:
             split: [
                 Problem(
                     f"{NAME}-{split}-{i}",
-                    format_prompt(expr, p.answer_format),
+                    format_prompt(expr, p.answer_format, p.hidden_op),
                     str(expr.value),
                     {"expression": expr.text, "steps": list(expr.steps)},
                 )
@@ -205,6 +247,13 @@ class ArithmeticTask:
             ]
             for split, exprs in splits.items()
         }
+
+    def _draw(self, rng: random.Random) -> Expr:
+        p = self.params
+        while True:
+            expr = make_expr(rng, p.steps, p.max_operand, p.ops)
+            if not p.non_negative or expr.value >= 0:
+                return expr
 
 
 def build(cfg: TaskSettings) -> ArithmeticTask:

@@ -132,6 +132,8 @@ def test_params_validation() -> None:
         "maxOperand": 9,
         "ops": ["+", "-", "*"],
         "answerFormat": "boxed",
+        "hiddenOp": None,
+        "nonNegative": False,
     }
 
 
@@ -188,3 +190,37 @@ def test_multi_step_twins_share_a_canonical_form() -> None:
     assert all(len(values) == 1 for values in seen.values())  # one form, one value
     a = make_expr(random.Random(1), 1, 9, ["*"])
     assert a.canon == "(" + "*".join(sorted(a.text.split(" * "))) + ")"
+
+
+def test_a_hidden_operator_is_written_as_house_notation_and_taught_only_by_feedback() -> None:
+    from fst.fast.reflectors import digest_rewrite
+
+    task = make_task(
+        sizes=(40, 8, 8),
+        steps=1,
+        ops=["-"],
+        hiddenOp="-",
+        nonNegative=True,
+        answerFormat="last_number",
+        maxOperand=20,
+    )
+    problems = task.problems("train")
+    for p in problems:
+        a, b = (int(n) for n in p.meta["expression"].split(" - "))
+        # The prompt never shows the real operator; the answer is the hidden one's value.
+        assert f"Compute {a} # {b}." in p.prompt and " - " not in p.prompt
+        assert int(p.answer) == a - b >= 0
+    p = problems[0]
+    assert task.score(p, f"So the answer is {p.answer}").reward == 1.0
+    wrong = task.score(p, "The answer is 1000.")
+    assert wrong.reward == 0.0 and "a # b always means a - b" in wrong.feedback
+    assert "a # b" not in task.score(p, p.answer).feedback  # nothing to teach when right
+    # The offline reflector lifts the rule into the prompt as a lesson.
+    seed = "You are a helpful assistant."
+    taught = digest_rewrite(seed, [wrong.feedback], [p.prompt])
+    assert "a # b always means a - b, e.g. 9 # 4 = 9 - 4 = 5." in taught
+
+
+def test_a_hidden_operator_must_be_one_of_the_ops() -> None:
+    with pytest.raises(ValidationError, match="hiddenOp"):
+        ArithmeticParams.model_validate({"ops": ["+"], "hiddenOp": "-"})

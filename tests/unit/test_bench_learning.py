@@ -45,13 +45,21 @@ def test_the_probe_is_planned_after_the_rest_unless_switched_off(tmp_path):
     assert not any("plasticity" in j.name for j in plan(tmp_path, (0,), 4, False, plasticity=False))
 
 
-def write_probe(out: Path, arm: str, evals: list[float]) -> None:
-    folder = out / "streams" / f"plasticity-{arm}-s0"
-    run = f"plasticity-{arm}-s0-b"
+def write_probe(out: Path, arm: str, evals: list[float], seed: int = 0) -> None:
+    folder = out / "streams" / f"plasticity-{arm}-s{seed}"
+    run = f"plasticity-{arm}-s{seed}-b"
     (folder / run).mkdir(parents=True)
     stages = [{"stage": "b", "run": run, "status": "succeeded"}]
     (folder / "stream.json").write_text(json.dumps({"stages": stages}))
-    lines = [{"step": 2 * i, "eval_pass_rate": v} for i, v in enumerate(evals)]
+    # Per-problem outcomes on 10 test problems: the first round(10 * v) pass.
+    lines = [
+        {
+            "step": 2 * i,
+            "eval_pass_rate": v,
+            "eval_passed": "1" * round(10 * v) + "0" * (10 - round(10 * v)),
+        }
+        for i, v in enumerate(evals)
+    ]
     lines += [{"step": s, "reward_mean": 0.1 * s} for s in range(1, 2 * len(evals) - 1)]
     (folder / run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
 
@@ -74,6 +82,57 @@ def test_steps_to_threshold_and_the_table(tmp_path):
     summary = {"runs": {}, "unfinished": [], "tasks": {}, "streams": {}, "plasticity": result}
     table = tables(summary)
     assert "| fst | 0 | 0.300 | 0.700 | +0.400 | 0.500 | 2 |" in table
+    # Intervals over seeds x problems: fst's B gain (3 -> 7 of 10 on the same problems) and
+    # its B end against the base arm's (7 vs 6 of 10).
+    ci = result["intervals"]
+    assert ci["fst"]["gain"]["estimate"] == pytest.approx(0.4)
+    assert 0 < ci["fst"]["gain"]["low"] <= 0.4 <= ci["fst"]["gain"]["high"]
+    assert ci["fst"]["end_vs_base"]["estimate"] == pytest.approx(0.1)
+    assert ci["base"]["end_vs_base"] is None
+    assert "| fst | 1 | +0.400 [" in table
+
+
+def test_the_bench_stream_is_one_trajectory_through_three_tasks(tmp_path):
+    from bench.learning.spec import TASKS, stream_manifest
+
+    stream = TaskStream.model_validate(stream_manifest("fst-distill", str(tmp_path)))
+    check_stages(stream, "bench stream")
+    assert stream.spec.continue_trajectory and stream.spec.promotion.next_stage_from == "candidate"
+    assert [s.name for s in stream.spec.stages] == ["add-sub", "multiply", "house"]
+    second = stage_config(
+        stream, stage_spec(stream, "multiply"), "m", start_checkpoint="/x/step-00000006"
+    )
+    # Stage 2 continues stage 1's state; its GEPA cadence does not restart at the boundary.
+    assert second.continue_from == "/x/step-00000006" and second.mode == "fst-distill"
+    assert second.fast.every_steps == 4 and 6 % 4 != 0
+    assert TASKS["house"]["params"]["hiddenOp"] == "-"
+    names = [j.name for j in plan(tmp_path, (0,), 4, streams=True, plasticity=False)]
+    assert {f"stream-{m}-s0" for m in ("rl", "fst", "fst-distill", "gepa")} <= set(names)
+
+
+def test_stream_acquisition_carries_a_paired_interval(tmp_path):
+    from bench.learning.analyze import analyze_streams
+
+    folder = tmp_path / "streams" / "stream-fst-s0"
+    stages = []
+    for name, first, last in (("one", "00000000", "11110000"), ("two", "11000000", "11000000")):
+        run = f"stream-fst-s0-{name}"
+        (folder / run).mkdir(parents=True)
+        rows = [
+            {"step": 0, "eval_pass_rate": first.count("1") / 8, "eval_passed": first},
+            {"step": 6, "eval_pass_rate": last.count("1") / 8, "eval_passed": last},
+        ]
+        (folder / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        stages.append(
+            {"stage": name, "run": run, "status": "succeeded", "evaluation": {"retention": {}}}
+        )
+    (folder / "stream.json").write_text(json.dumps({"stages": stages}))
+    figdir = tmp_path / "fig"
+    figdir.mkdir()
+    r = analyze_streams(tmp_path, figdir)["fst"]
+    one, two = r["acquisition_ci"]
+    assert one["estimate"] == pytest.approx(0.5) and 0 < one["low"] < 0.5 < one["high"]
+    assert two == {"estimate": 0.0, "low": 0.0, "high": 0.0}
 
 
 def write_run(out: Path, name: str, evals: list[str], entropy: float, kl: float) -> None:

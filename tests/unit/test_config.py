@@ -105,6 +105,8 @@ def test_task_name_and_params_are_fixed_once_validated():
         "max_operand": 20,
         "ops": ["+", "-", "*"],
         "answer_format": "boxed",
+        "hidden_op": None,
+        "non_negative": False,
     }
 
 
