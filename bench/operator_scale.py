@@ -12,7 +12,11 @@ line per N and writes bench/results/operator_scale.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,20 +42,54 @@ def peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def measure(n: int, workdir: Path) -> dict:
+def open_sockets(pid: int) -> int:
+    """The process's open sockets (its API connections: kopf's aiohttp pool, the handlers'
+    urllib3 pools, the watch streams)."""
+    fds = Path(f"/proc/{pid}/fd")
+    count = 0
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):  # closed while we looked
+            count += fd.readlink().name.startswith("socket:")
+    return count
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_profiler(pid: int, out: Path) -> subprocess.Popen:
+    """py-spy sampling the operator (all threads, including kopf's asyncio loop and its
+    handler thread pool) into a flame graph, until it is interrupted."""
+    return subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--rate", "50", "--threads", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = False) -> dict:
     nodes = GpuNodes(count=max(2, (n + 63) // 64), gpus=64, cpu="256")
     with test_cluster(gpu_nodes=nodes) as cluster:
         api = cluster.api()
         install_crds(api)
         ns = cluster.create_namespace(f"scale-{n}")
+        env = {"FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs", "FST_PROGRESS_INTERVAL": "30"}
+        module = "fst_operator"
+        if memory and profile is not None:
+            module = "bench.operator_memprobe"
+            env["FST_MEMPROBE_OUT"] = str(profile / f"operator-{n}-memory.txt")
         op = OperatorProcess(
-            cluster.kubeconfig,
-            [ns],
-            workdir / f"operator-{n}.log",
-            {"FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs", "FST_PROGRESS_INTERVAL": "30"},
+            cluster.kubeconfig, [ns], workdir / f"operator-{n}.log", env, module=module
         ).start()
         res = Resources(api, ns)
         rss_idle = peak_rss_mib(op.proc.pid)
+        profiler = None
+        if profile is not None and not memory:
+            profiler = start_profiler(op.proc.pid, profile / f"operator-{n}.svg")
+        load_before = os.getloadavg()[0]
         t0 = time.monotonic()
         with ThreadPoolExecutor(8) as pool:
             list(
@@ -63,8 +101,10 @@ def measure(n: int, workdir: Path) -> dict:
         batch = k8s.BatchV1Api(api)
         marks: dict[str, float] = {}
         deadline = t0 + 3600
+        max_sockets = 0
         while time.monotonic() < deadline and len(marks) < 3:
             time.sleep(2)
+            max_sockets = max(max_sockets, open_sockets(op.proc.pid))
             try:
                 jobs = len(batch.list_namespaced_job(ns).items)
                 runs = res.runs()
@@ -80,7 +120,14 @@ def measure(n: int, workdir: Path) -> dict:
                 marks.setdefault("all_status_s", now)
             if done >= n:
                 marks.setdefault("all_succeeded_s", now)
-            print(f"{now:6.0f}s jobs {jobs} status {with_status} done {done}", file=sys.stderr)
+            print(
+                f"{now:6.0f}s jobs {jobs} status {with_status} done {done} "
+                f"operator rss {rss_mib(op.proc.pid):.0f} MiB sockets {max_sockets}",
+                file=sys.stderr,
+            )
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its flame graph on SIGINT
+            profiler.wait(timeout=120)
         result = {
             "runs": n,
             "gpu_nodes": nodes.count,
@@ -88,6 +135,8 @@ def measure(n: int, workdir: Path) -> dict:
             **{k: round(v, 1) for k, v in marks.items()},
             "operator_rss_idle_mib": round(rss_idle, 1),
             "operator_rss_peak_mib": round(peak_rss_mib(op.proc.pid), 1),
+            "operator_sockets_max": max_sockets,
+            "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }
         op.stop()
         return result
@@ -97,11 +146,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, nargs="+", default=[100, 1000])
     parser.add_argument("--out", type=Path, default=Path("bench/results/operator_scale.json"))
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="write a py-spy flame graph of the operator per N into this folder (it costs "
+        "CPU: profile and measure in separate runs)",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="with --profile: run the operator under tracemalloc (bench/operator_memprobe.py) "
+        "instead of py-spy",
+    )
     args = parser.parse_args()
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.runs:
-            result = measure(n, Path(tmp))
+            result = measure(n, Path(tmp), args.profile, args.memory)
             print(json.dumps(result), flush=True)
             results.append(result)
     args.out.parent.mkdir(parents=True, exist_ok=True)
