@@ -35,9 +35,10 @@ SPEC = {
 }
 
 
-def peak_rss_mib(pid: int) -> float:
+def status_mib(pid: int, key: str = "VmHWM") -> float:
+    """A memory line of /proc/PID/status in MiB: VmHWM (the peak resident set) or VmRSS."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -51,13 +52,6 @@ def open_sockets(pid: int) -> int:
         with contextlib.suppress(OSError):  # closed while we looked
             count += fd.readlink().name.startswith("socket:")
     return count
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def start_profiler(pid: int, out: Path) -> subprocess.Popen:
@@ -85,7 +79,7 @@ def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = F
             cluster.kubeconfig, [ns], workdir / f"operator-{n}.log", env, module=module
         ).start()
         res = Resources(api, ns)
-        rss_idle = peak_rss_mib(op.proc.pid)
+        rss_idle = status_mib(op.proc.pid)
         profiler = None
         if profile is not None and not memory:
             profiler = start_profiler(op.proc.pid, profile / f"operator-{n}.svg")
@@ -122,7 +116,7 @@ def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = F
                 marks.setdefault("all_succeeded_s", now)
             print(
                 f"{now:6.0f}s jobs {jobs} status {with_status} done {done} "
-                f"operator rss {rss_mib(op.proc.pid):.0f} MiB sockets {max_sockets}",
+                f"operator rss {status_mib(op.proc.pid, 'VmRSS'):.0f} MiB sockets {max_sockets}",
                 file=sys.stderr,
             )
         if profiler is not None:
@@ -134,7 +128,7 @@ def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = F
             "create_s": round(created_s, 1),
             **{k: round(v, 1) for k, v in marks.items()},
             "operator_rss_idle_mib": round(rss_idle, 1),
-            "operator_rss_peak_mib": round(peak_rss_mib(op.proc.pid), 1),
+            "operator_rss_peak_mib": round(status_mib(op.proc.pid), 1),
             "operator_sockets_max": max_sockets,
             "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         }

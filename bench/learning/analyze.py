@@ -322,7 +322,7 @@ def analyze_task(task: str, runs: dict[tuple[str, int], dict[str, Any]], figdir:
 def _outcomes(r: dict[str, Any], key: str) -> list[int] | None:
     """The per-problem outcomes of a run's LAST eval (key eval_passed / ood_passed)."""
     last = r[key][-1] if r[key] else None
-    return [int(c) for c in last] if last else None
+    return _bits(last) if last else None
 
 
 def _bits(passed: str | list[int]) -> list[int]:
