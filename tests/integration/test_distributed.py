@@ -37,6 +37,8 @@ def _temp_in_tmp_path(tmp_path, monkeypatch) -> None:
     """torchrun leaves a `torchelastic_*` folder in $TMPDIR per launch: keep them (and every
     other temporary file of the runs) in the test's own folder, not in /tmp."""
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    # A rank that aborts in C++ (SIGABRT) prints every thread's Python stack: where it was.
+    monkeypatch.setenv("PYTHONFAULTHANDLER", "1")
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:
