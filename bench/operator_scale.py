@@ -5,8 +5,9 @@
 For each N: a fresh test control plane (tests/k8s) with enough fake GPU nodes, the CRDs, one
 operator process; N FastSlowRuns created as fast as the client can; then the time until every
 run has its Job, until every run has a status, and until every run Succeeded (kwok completes
-each trainer pod after ~1 s), and the operator's peak resident memory (VmHWM). Prints one JSON
-line per N and writes bench/results/operator_scale.json.
+each trainer pod after ~1 s), and the operator's peak resident memory (VmHWM). The operator
+has a PostgreSQL database (started here), as in production. Prints one JSON line per N and
+writes bench/results/operator_scale.json.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from pathlib import Path
 from kubernetes import client as k8s
 from kubernetes.client.rest import ApiException
 
+from fst.store.db import RunDB
 from tests.k8s.cluster import GpuNodes, test_cluster
 from tests.k8s.operator_proc import OperatorProcess, Resources, install_crds
+from tests.servers import postgres_server
 
 SPEC = {
     "config": {"task": {"name": "arithmetic"}, "steps": 10},
@@ -66,11 +69,21 @@ def start_profiler(pid: int, out: Path) -> subprocess.Popen:
 
 def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = False) -> dict:
     nodes = GpuNodes(count=max(2, (n + 63) // 64), gpus=64, cpu="256")
-    with test_cluster(gpu_nodes=nodes) as cluster:
+    with test_cluster(gpu_nodes=nodes) as cluster, postgres_server() as pg:
         api = cluster.api()
         install_crds(api)
         ns = cluster.create_namespace(f"scale-{n}")
-        env = {"FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs", "FST_PROGRESS_INTERVAL": "30"}
+        database = pg.url()
+        with RunDB(database) as db:
+            db.upgrade()
+        # A database as in production, so the progress poller runs (no trainer writes to it:
+        # each run's Job reads no progress and the poller finds no run that moved).
+        env = {
+            "FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs",
+            "FST_PROGRESS_INTERVAL": "30",
+            "FST_DATABASE_URL": database,
+            **{k: v for k, v in os.environ.items() if k == "FST_EVENT_LEVEL"},
+        }
         module = "fst_operator"
         if memory and profile is not None:
             module = "bench.operator_memprobe"

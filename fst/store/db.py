@@ -18,10 +18,11 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import (
     JSON,
@@ -201,6 +202,14 @@ class RunProgress:
     population_version: int | None
     population: list[str]
     last_error: str | None
+
+
+class ProgressMarker(NamedTuple):
+    """What moves when a run's progress can have changed (RunDB.progress_markers)."""
+
+    step: int | None
+    event_id: int | None
+    population_version: int | None
 
 
 @dataclass(frozen=True)
@@ -564,6 +573,29 @@ class RunDB:
                 .order_by(Event.id)
             ).all()
         return [(at, kind, message) for at, kind, message in rows]
+
+    def progress_markers(self, runs: Iterable[str]) -> dict[str, ProgressMarker]:
+        """For each of `runs` that exists: its last metric step, last event id and last
+        population version. The marker moves whenever anything `progress` reports can have
+        changed, so a poller of many runs asks this one query and reads `progress` only for
+        the runs whose marker moved."""
+        names = list(runs)
+        markers: dict[str, ProgressMarker] = {}
+        # Chunks keep the IN list under SQLite's bound-parameter limit.
+        for start in range(0, len(names), 500):
+            chunk = names[start : start + 500]
+            query = select(
+                Run.name,
+                select(func.max(Metric.step)).where(Metric.run_id == Run.id).scalar_subquery(),
+                select(func.max(Event.id)).where(Event.run_id == Run.id).scalar_subquery(),
+                select(func.max(PromptPopulation.version))
+                .where(PromptPopulation.run_id == Run.id)
+                .scalar_subquery(),
+            ).where(Run.name.in_(chunk))
+            with self.session() as s:
+                for name, step, event, version in s.execute(query):
+                    markers[name] = ProgressMarker(step, event, version)
+        return markers
 
     def progress(self, run: str) -> RunProgress | None:
         """What a run's status shows: its last step's reward, the last KL measured, the last

@@ -533,6 +533,22 @@ def apply_progress(status: FastSlowRunStatus, progress: RunProgress | None) -> N
         status.best_prompt = progress.population[0][:2048]
 
 
+# The status fields apply_progress writes, as the apiserver stores them (camelCase).
+PROGRESS_FIELDS = tuple(
+    FastSlowRunStatus.model_fields[f].alias or f
+    for f in ("step", "reward", "kl", "checkpoint_uri", "population_version", "best_prompt")
+)
+
+
+def progress_patch(status: dict[str, Any], progress: RunProgress) -> dict[str, Any]:
+    """The merge patch that mirrors `progress` into a run whose status is `status`: only the
+    progress fields, only those that changed (an empty dict when nothing did)."""
+    new = FastSlowRunStatus.model_validate({k: status[k] for k in PROGRESS_FIELDS if k in status})
+    apply_progress(new, progress)
+    dumped = new.dump()
+    return {k: dumped[k] for k in PROGRESS_FIELDS if k in dumped and status.get(k) != dumped[k]}
+
+
 def read_status(obj: dict[str, Any]) -> FastSlowRunStatus:
     return FastSlowRunStatus.model_validate(obj.get("status") or {})
 

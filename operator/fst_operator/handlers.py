@@ -6,7 +6,8 @@ names are deterministic, so a handler that runs twice, or is killed halfway and 
 a restart, finds what the first run created (409 AlreadyExists, owned by the same resource) and
 never duplicates it.
 
-    FastSlowRun  create/update/resume, a timer  -> reconcile_run, status through kopf's `patch`
+    FastSlowRun  create/update/resume           -> reconcile_run, status through kopf's `patch`
+                 training progress (the database) -> one poller for all runs (progress.py)
                  its Jobs' events                -> reconcile_run, status through the API
                  its Jobs' Kueue Workloads' events -> reconcile_run (the Admitted condition)
                  spec.suspend changed            -> the Job's suspend (Kueue's while queued)
@@ -27,6 +28,7 @@ deleting it is a separate, explicit act (no handler here ever deletes data).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -34,6 +36,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, cast
 
+import aiohttp
 import kopf
 from minio.error import S3Error
 from pydantic import ValidationError
@@ -52,7 +55,7 @@ from fst.plan import (
     stage_config,
 )
 from fst.store.db import RunDB, RunProgress
-from fst_operator import admission, builders, kube, metrics, policy, tenancy
+from fst_operator import admission, builders, kube, metrics, policy, progress, tenancy
 from fst_operator.settings import Settings
 
 log = logging.getLogger("fst_operator")
@@ -86,11 +89,34 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("fastslow operator: %s", SETTINGS.describe(kube.watched_namespaces()))
 
 
+# Connections kept for kopf's watch streams per watched namespace (one per resource it
+# watches: runs, streams, Jobs, Kueue Workloads; room to spare), or for the whole cluster.
+WATCH_CONNECTIONS = 8
+
+
 @kopf.on.login()
-def login(**_: Any) -> kopf.ConnectionInfo:
+async def login(**_: Any) -> kopf.AiohttpSession:
     """kopf's connection from the same client configuration the handlers use (kube.py: the
     in-cluster loader, else the kubeconfig). kopf calls this again on a 401, which picks up
-    a rotated token."""
+    a rotated token.
+
+    The session is kopf's own but with a bounded pool: kopf's default has no connection limit,
+    and at 1000 runs its patches and Event posts held 908 TLS connections open at once, each
+    with a 128 KiB read buffer (595 MiB resident; docs/performance.md, round 2). A watch stream
+    holds its connection for as long as it runs, so the pool keeps room for every watch plus
+    FST_API_CONNECTIONS requests in flight."""
+    info = _connection_info()
+    watches = WATCH_CONNECTIONS * max(1, len(kube.watched_namespaces()))
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(
+            limit=watches + SETTINGS.api_connections, ssl=info.as_ssl_context()
+        ),
+        headers=info.as_http_headers(),
+    )
+    return kopf.AiohttpSession(server=info.server, aiohttp_session=session)
+
+
+def _connection_info() -> kopf.ConnectionInfo:
     cfg = kube.configuration()
     header: str | None = cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix(
         "authorization"
@@ -273,22 +299,39 @@ def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **kwa
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
-def job_event(type: str, body: kopf.Body, **kwargs: Any) -> None:
-    if type == "DELETED":
-        return
+def job_event(body: kopf.Body, **kwargs: Any) -> None:
+    """Any change of a trainer Job, its deletion included: a run whose current Job was deleted
+    (and that has not finished) gets it back, resuming from its last checkpoint."""
     namespace = body["metadata"]["namespace"]
     _reconcile_named_run(namespace, body["metadata"]["labels"][builders.LABEL_RUN], kwargs)
 
 
-@kopf.timer(
-    *RUNS,
-    interval=SETTINGS.progress_interval,
-    initial_delay=SETTINGS.progress_interval,
-    idle=0,
-    when=lambda status, **_: status.get("phase") not in builders.TERMINAL,
-)
-def run_progress(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
-    reconcile_run(body, _patch_writer(patch), _jobs(kwargs), _workloads(kwargs))
+@kopf.index(*RUNS, when=lambda status, **_: status.get("phase") not in builders.TERMINAL)
+def active_runs(
+    namespace: str | None, name: str, status: kopf.Status, **_: Any
+) -> dict[str | None, tuple[str, dict[str, Any]]]:
+    """The unfinished runs by namespace, with their status's progress fields: what the
+    progress poller (progress.py) reads. A run leaves it when it finishes or is deleted."""
+    return {namespace: (name, {k: status[k] for k in builders.PROGRESS_FIELDS if k in status})}
+
+
+@kopf.on.startup()
+async def start_progress_poller(memo: kopf.Memo, **kwargs: Any) -> None:
+    """One loop for the whole operator mirrors the database's training progress into the
+    unfinished runs' status every FST_PROGRESS_INTERVAL seconds (progress.py says why not a
+    timer per run). Without a database there is no progress to mirror."""
+    if not SETTINGS.database_url:
+        return
+    poller = progress.ProgressPoller(database, kube.patch_run_status)
+    loop = progress.poll_forever(kwargs["active_runs"], poller, SETTINGS.progress_interval)
+    memo["progress_poller"] = asyncio.get_running_loop().create_task(loop)
+
+
+@kopf.on.cleanup()
+async def stop_progress_poller(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("progress_poller")
+    if task is not None:
+        task.cancel()
 
 
 def reconcile_run(

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     workers: int = Field(
         20, gt=0, validation_alias=AliasChoices("FST_OPERATOR_WORKERS")
     )  # threads for the (blocking) handlers
+    api_connections: int = Field(
+        32, gt=0, validation_alias=AliasChoices("FST_API_CONNECTIONS")
+    )  # kopf's requests in flight at once (its patches, Events), besides its watch streams
 
     @field_validator("namespaces", mode="before")
     @classmethod

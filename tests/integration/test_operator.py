@@ -272,6 +272,18 @@ def test_suspend_creates_a_suspended_job_and_resumes_it(res, start_operator) -> 
     run = wait_phase(res, "later", "Suspended", 30, op)
     assert condition(run, "Suspended")["status"] == "True"
     assert res.jobs()[0].spec.suspend is True
+    # A run that has not finished gets a deleted Job back (the run still asks for it), as it was.
+    first = res.jobs()[0].metadata.uid
+    res.batch.delete_namespaced_job("later-a1", res.ns, propagation_policy="Background")
+    again = wait_until(
+        lambda: [
+            j for j in res.jobs() if j.metadata.uid != first and not j.metadata.deletion_timestamp
+        ],
+        30,
+        "the deleted Job re-created",
+        op.tail,
+    )
+    assert again[0].metadata.name == "later-a1" and again[0].spec.suspend is True
     res.patch("fastslowruns", "later", {"spec": {"suspend": False}})
     wait_phase(res, "later", "Succeeded", 60, op)
     assert job_names(res) == ["later-a1"]
