@@ -32,6 +32,9 @@ from tests.k8s.cluster import GpuNodes, test_cluster
 from tests.k8s.operator_proc import OperatorProcess, Resources, install_crds
 from tests.servers import postgres_server
 
+# Operator settings (docs/operator.md) passed through from this bench's environment, to try.
+TUNABLES = ("FST_OPERATOR_WORKERS", "FST_API_CONNECTIONS", "FST_EVENT_LEVEL")
+
 SPEC = {
     "config": {"task": {"name": "arithmetic"}, "steps": 10},
     "trainer": {"gpus": 1},
@@ -82,7 +85,7 @@ def measure(n: int, workdir: Path, profile: Path | None = None, memory: bool = F
             "FST_DEFAULT_CHECKPOINT_URI": "s3://bench/runs",
             "FST_PROGRESS_INTERVAL": "30",
             "FST_DATABASE_URL": database,
-            **{k: v for k, v in os.environ.items() if k == "FST_EVENT_LEVEL"},
+            **{k: v for k, v in os.environ.items() if k in TUNABLES},
         }
         module = "fst_operator"
         if memory and profile is not None:

@@ -6,6 +6,7 @@ event (kopf's `patch` only writes the object a handler is for)."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -62,10 +63,12 @@ def configuration() -> client.Configuration:
     return cfg
 
 
-def configure() -> client.ApiClient:
+def configure(connections: int = 32) -> client.ApiClient:
+    """The handlers' client; `connections`: its pool, one per thread that calls it (a thread
+    without one opens a connection per request and drops it after)."""
     global _api
     cfg = configuration()
-    cfg.connection_pool_maxsize = 32
+    cfg.connection_pool_maxsize = connections
     _api = client.ApiClient(cfg)
     return _api
 
@@ -147,18 +150,27 @@ def set_job_suspend(namespace: str, name: str, suspend: bool) -> dict[str, Any]:
     return _plain(job)
 
 
+def _json(response: Any) -> dict[str, Any]:
+    """The body of a call made with `_preload_content=False`: parsed JSON as the apiserver
+    wrote it. The client would otherwise build its model objects (a V1Job is hundreds of
+    them) only for `_plain` to turn them back into this dict."""
+    out: dict[str, Any] = json.loads(response.data)
+    return out
+
+
 def _create(obj: dict[str, Any]) -> dict[str, Any]:
     kind, ns = obj["kind"], obj["metadata"]["namespace"]
+    raw = {"_preload_content": False}
     # The client's create calls take plain dicts as well as its model objects.
     if kind == "Job":
-        return _plain(client.BatchV1Api(api()).create_namespaced_job(ns, obj))  # type: ignore[arg-type]
+        return _json(client.BatchV1Api(api()).create_namespaced_job(ns, obj, **raw))  # type: ignore[arg-type]
     if kind == "ConfigMap":
-        return _plain(client.CoreV1Api(api()).create_namespaced_config_map(ns, obj))  # type: ignore[arg-type]
+        return _json(client.CoreV1Api(api()).create_namespaced_config_map(ns, obj, **raw))  # type: ignore[arg-type]
     if kind == "Service":  # a multi-node attempt's headless Service
-        return _plain(client.CoreV1Api(api()).create_namespaced_service(ns, obj))  # type: ignore[arg-type]
+        return _json(client.CoreV1Api(api()).create_namespaced_service(ns, obj, **raw))  # type: ignore[arg-type]
     if kind == "NetworkPolicy":  # a multi-node attempt's pods may connect to each other
         net = client.NetworkingV1Api(api())
-        return _plain(net.create_namespaced_network_policy(ns, obj))  # type: ignore[arg-type]
+        return _json(net.create_namespaced_network_policy(ns, obj, **raw))  # type: ignore[arg-type]
     if kind == "FastSlowRun":
         return _as_dict(
             _custom().create_namespaced_custom_object(GROUP, VERSION, ns, "fastslowruns", obj)

@@ -56,11 +56,15 @@ class Settings(BaseSettings):
     watch_server_timeout: float = Field(
         300.0, gt=0, validation_alias=AliasChoices("FST_WATCH_TIMEOUT")
     )  # kopf's watch requests are re-opened this often
+    # The lowest level of kopf's own Kubernetes Events (the operator's Events, phases, retries,
+    # invalid specs, are always posted). Not INFO: kopf's "Handler 'run_changed' succeeded"
+    # says only that a run was queued, and at 1000 runs its 2000 Events took the operator from
+    # 57 s to 58-70 s to all Jobs (docs/performance.md, round 2).
     event_level: str = Field(
-        "INFO",
+        "WARNING",
         pattern=r"^(DEBUG|INFO|WARNING|ERROR)$",
         validation_alias=AliasChoices("FST_EVENT_LEVEL"),
-    )  # lowest level of kopf's own Kubernetes Events
+    )
     metrics_port: int = Field(
         9090, ge=0, le=65535, validation_alias=AliasChoices("FST_METRICS_PORT")
     )  # Prometheus /metrics; 0 = off
