@@ -58,8 +58,8 @@ class Settings(BaseSettings):
     )  # kopf's watch requests are re-opened this often
     # The lowest level of kopf's own Kubernetes Events (the operator's Events, phases, retries,
     # invalid specs, are always posted). Not INFO: kopf's "Handler 'run_changed' succeeded"
-    # says only that a run was queued, and at 1000 runs its 2000 Events took the operator from
-    # 57 s to 58-70 s to all Jobs (docs/performance.md, round 2).
+    # says only that a run was queued, two Events per new run that tell a user nothing (their
+    # cost was lost in the noise at 1000 runs: docs/performance.md, round 2).
     event_level: str = Field(
         "WARNING",
         pattern=r"^(DEBUG|INFO|WARNING|ERROR)$",
