@@ -30,7 +30,7 @@ from fst_operator import builders, metrics
 log = logging.getLogger("fst_operator")
 
 # {namespace: {run name: its status's progress fields}}
-ActiveRuns = Mapping[str, Mapping[str, Mapping[str, Any]]]
+ActiveRuns = Mapping[str, Mapping[str, dict[str, Any]]]
 StatusPatcher = Callable[[str, str, dict[str, Any]], None]  # (namespace, name, merge patch)
 
 
@@ -68,7 +68,7 @@ class ProgressPoller:
                     continue
                 try:
                     progress = db.progress(key)
-                    patch = builders.progress_patch(dict(runs[name]), progress) if progress else {}
+                    patch = builders.progress_patch(runs[name], progress) if progress else {}
                     if patch:
                         with metrics.reconciling("progress"):
                             self._patch_status(namespace, name, patch)

@@ -1,5 +1,6 @@
 """A queue of run keys to reconcile, deduplicated while they wait: controller-runtime's
-workqueue, for the events of a run's children (its Jobs, their Kueue Workloads).
+workqueue, for every event that concerns a run (its creation or change, its Jobs' and their
+Kueue Workloads' events).
 
 Why not a sync kopf handler per Job event: a Job changes ~6 times in its life (created,
 active, ready, succeeded, complete, ...) and each event's handler held the Job's whole body
