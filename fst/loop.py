@@ -59,6 +59,7 @@ from fst.fast.population import PromptRecord
 from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
 from fst.metrics import MetricsSink, kl_to_base
 from fst.model import (
+    AUTOCAST_DTYPES,
     chat_prompt_ids,
     load_policy,
     load_tokenizer,
@@ -349,7 +350,9 @@ def build_run(
         engine: RolloutEngine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
     else:
         sampler = rollout_copy.model if rollout_copy is not None else policy
-        engine = HFRolloutEngine(sampler, tokenizer, stop, cfg.rollout.batch_size)
+        engine = HFRolloutEngine(
+            sampler, tokenizer, stop, cfg.rollout.batch_size, AUTOCAST_DTYPES[cfg.model.autocast]
+        )
     trainer = SlowTrainer(
         policy,
         cfg.slow,
@@ -357,6 +360,7 @@ def build_run(
         engine.pad_id,
         world,
         shared_prompt=not cfg.parallel.activation_checkpointing,
+        autocast_dtype=AUTOCAST_DTYPES[cfg.model.autocast],
     )
     sink = MetricsSink(run_dir, cfg.metrics.tensorboard and world.main, db, cfg.run)
     run = Run(
@@ -434,6 +438,7 @@ def gepa_round(run: Run) -> dict[str, Any]:
         seed=cfg.seed * 1000 + round_idx,
         reflection_lm=None if is_proposer else run.reflector,
         proposer=run.reflector if is_proposer else None,
+        proposals_per_iteration=cfg.fast.proposals_per_iteration,
     )
     run.population = result.population
     run.fast_s += result.seconds

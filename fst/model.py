@@ -15,6 +15,7 @@ import copy
 import importlib.util
 import logging
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -56,6 +57,17 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16}
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device) -> AbstractContextManager[Any]:
+    """`model.autocast`'s context: inside it, matrix multiplies (linear, matmul, attention) run
+    in `dtype` on copies of the weights cast once per outermost context (torch caches them),
+    and gradients flow back to the float32 weights; elementwise work and the losses stay in
+    float32. None: no autocast (a no-op context)."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchSettings, Path]:
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per trainer")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=d.precision,
+        help="fp32: both in float32; bf16: both with bfloat16 matmuls and float32 master "
+        "weights (fastslow model.autocast: bfloat16, TRL bf16=True)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument(
         "--trl-keep-freed-memory",
@@ -114,13 +121,19 @@ def median(records: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in records)
 
 
-def derived(r: dict[str, Any]) -> dict[str, Any]:
+def derived(r: dict[str, Any], matmul_params: int, peak_gflops: float) -> dict[str, Any]:
+    """A step's rates. The training phase's GFLOP/s counts 6 FLOPs per matmul weight per
+    trained token (the same count for both trainers: TRL's extra prompt forwards are work it
+    chose, not work the step needs), against the matmul peak in the run's precision."""
     train_s = r["step_s"] - r["rollout_s"]
+    train_gflops = 6 * matmul_params * r["trained_tokens"] / train_s / 1e9
     return {
         **r,
         "train_phase_s": train_s,
         "gen_tok_per_s": r["gen_tokens"] / r["decode_s"],
         "train_tok_per_s": r["trained_tokens"] / train_s,
+        "train_gflops": train_gflops,
+        "train_peak_pct": 100 * train_gflops / peak_gflops,
     }
 
 
@@ -141,6 +154,8 @@ ROWS = (
     ("  training phase (s)", "train_phase_s", "{:.1f}"),
     ("generation tokens/s", "gen_tok_per_s", "{:.0f}"),
     ("training tokens/s", "train_tok_per_s", "{:.0f}"),
+    ("training GFLOP/s (6 x matmul weights x trained tokens)", "train_gflops", "{:.0f}"),
+    ("  % of the matmul peak in this precision", "train_peak_pct", "{:.0f}"),
     ("peak RSS during a step (MiB)", "peak_rss_mib", "{:.0f}"),
     ("CPU utilisation (cores busy)", "cpu_util", "{:.2f}"),
     ("load average (1 min) at step start", "load_start", "{:.1f}"),
@@ -169,6 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     load_before = os.getloadavg()
     workers = start_workers(settings, log_dir)
+    # Measured with both workers loaded and idle (blocked on their pipes), so the peak is what
+    # this machine gives a process right now, in both precisions (the other one for reference).
+    from bench.speed.peak import PRECISIONS, matmul_gflops
+
+    peaks = {name: matmul_gflops(dtype, settings.threads) for name, dtype in PRECISIONS.items()}
+    peak = peaks[settings.precision]
+    print(
+        "matmul peak (2048^3, "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+        + f"), {settings.threads} threads",
+        flush=True,
+    )
+    n_matmul = workers["fastslow"]["info"]["matmul_params"]
     steps: list[dict[str, Any]] = []
     discarded: list[dict[str, Any]] = []
     try:
@@ -183,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 # A dead worker's pipe is broken; receive() then reports its error.
                 with contextlib.suppress(BrokenPipeError):
                     workers[kind]["conn"].send("step")
-                pair[kind] = derived(receive(kind, workers[kind]))
+                pair[kind] = derived(receive(kind, workers[kind]), n_matmul, peak)
             contended = [k for k in TRAINERS if pair[k]["cpu_util"] < min_util]
             tag = "warm-up" if i < settings.warmup else "measured"
             print(
@@ -236,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             "load_before": load_before,
             "load_after": os.getloadavg(),
         },
+        "matmul_peak_gflops": peaks,
+        "matmul_params": n_matmul,
         "equal_work": not mismatches,
         "mismatches": mismatches,
         "step_time_ratio": ratio,
@@ -258,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         f"contention: {len(discarded)} measured pair(s) re-run because a trainer got less than "
         f"{settings.min_cpu_share:.0%} of {settings.threads} cores; {kept} contended pair(s) kept"
     )
-    print(f"fastslow step time / TRL step time (medians): {ratio:.2f}")
+    print(f"fastslow step time / TRL step time (medians, {settings.precision}): {ratio:.2f}")
     print(f"records: {out}")
     return 0 if not mismatches else 1
 

@@ -55,7 +55,9 @@ class FastslowSide:
         engine.generate = generate
 
     def describe(self) -> dict[str, Any]:
-        return {"trainer": "fastslow"}
+        from bench.speed.peak import matmul_params
+
+        return {"trainer": "fastslow", "matmul_params": matmul_params(self.fst_run.policy)}
 
     def run(self, conn: Connection, meter: Any) -> None:
         while conn.recv() == "step":

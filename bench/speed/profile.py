@@ -1,6 +1,6 @@
 """Profile one fastslow RL step (the benchmark's settings): where the time goes.
 
-    python -m bench.speed.profile [--max-new-tokens 128] [--top 12]
+    python -m bench.speed.profile [--max-new-tokens 128] [--precision bf16] [--top 12]
 
 Runs one warm-up step, then one step under torch's (legacy, CPU) autograd profiler, with the
 step's parts marked: decoding (`engine.generate`), the rest of the rollout phase (prompts,
@@ -117,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=d.group_size)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=d.precision)
     p.add_argument("--top", type=int, default=12, help="operators listed per part")
     a = p.parse_args(argv)
     settings = BenchSettings(
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         group_size=a.group_size,
         max_new_tokens=a.max_new_tokens,
         threads=a.threads,
+        precision=a.precision,
     )
     torch.set_num_threads(settings.threads)
     print(profile_step(settings, a.top))

@@ -44,6 +44,9 @@ class BenchSettings:
     micro_batch_size: int = 8
     lr: float = 1e-5
     eps_max: float = 5.0
+    # fp32: both trainers compute in float32. bf16: both run their matmuls in bfloat16 with
+    # float32 master weights (fastslow model.autocast: bfloat16, TRL bf16=True).
+    precision: str = "fp32"
     seed: int = 0
     warmup: int = 1  # steps per trainer not measured (first step: allocator, caches, setup)
     measured: int = 5  # measured steps per trainer
@@ -80,7 +83,10 @@ def train_config(s: BenchSettings, output_dir: Path) -> TrainConfig:
             "steps": s.max_steps + 1,
             "seed": s.seed,
             "outputDir": str(output_dir),
-            "model": {"name": s.model},
+            "model": {
+                "name": s.model,
+                "autocast": "bfloat16" if s.precision == "bf16" else "none",
+            },
             "task": {"name": s.task, "params": s.task_params},
             "rollout": {
                 "temperature": s.temperature,

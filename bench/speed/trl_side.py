@@ -10,8 +10,9 @@ TRL is configured for speed and for the same computation as fastslow:
     same ratio up to float error);
   - loss_type="cispo" with epsilon_high = ε_max, beta=0 (no reference model), token-level IS;
   - AdamW with the same lr, betas, no weight decay, constant schedule, grad-norm clip 1.0;
-  - no gradient checkpointing (TRL's default would recompute the forward pass) and float32
-    (TRL's default bf16 would change the computation);
+  - no gradient checkpointing (TRL's default would recompute the forward pass), and the
+    settings' precision: float32, or bf16=True (accelerate's autocast around the model's
+    forward, float32 master weights) against fastslow's model.autocast: bfloat16;
   - logging every step to a file (fastslow writes metrics.jsonl every step too).
 The trainer's loop runs as usual; a callback hands control back to the orchestrator at the end
 of every optimizer step.
@@ -101,7 +102,7 @@ class TrlSide:
             max_steps=s.max_steps + 1,
             shuffle_dataset=False,
             gradient_checkpointing=False,
-            bf16=False,
+            bf16=s.precision == "bf16",  # accelerate's autocast, float32 master weights
             fp16=False,
             use_cpu=True,
             seed=s.seed,

@@ -28,6 +28,7 @@ from gepa.core.adapter import EvaluationBatch, ProposalFn
 from gepa.core.state import GEPAState, ValsetEvaluation
 from gepa.proposer.reflective_mutation.base import LanguageModel
 from gepa.strategies.eval_policy import FullEvaluationPolicy
+from gepa.strategies.proposal_sampling import IndependentSampling
 
 from fst.fast.population import PromptRecord, top_k_by_coverage
 from fst.model import chat_prompt_ids
@@ -53,10 +54,17 @@ Evaluation = EvaluationBatch[Trajectory, str]
 
 
 class PolicyAdapter:
-    """GEPA adapter: evaluate a candidate system prompt with the policy on task problems.
+    """GEPA adapter: evaluate candidate system prompts with the policy on task problems.
 
-    Each `evaluate` call samples with a generator seeded from (round seed, problem ids), so a
-    parent and its child are compared on the same minibatch with the same sampling noise.
+    Every (candidate, problem) row samples from its own generator, seeded from (round seed,
+    problem id): a problem gets the same sampling noise under every candidate, so a parent and
+    its child (and the population's prompts when re-scored) are compared on common random
+    numbers, and a row's sample does not depend on what else shares its batch.
+
+    `batch_evaluate` (GEPA calls it for a whole iteration's parents, its children, and the
+    accepted children's Pareto-set evaluations) runs all its rows in ONE engine call: decoding
+    a handful of rows costs nearly as much per step as decoding a full batch on this hardware,
+    so several small evaluations cost about as much as one.
     """
 
     # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
@@ -77,29 +85,42 @@ class PolicyAdapter:
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
     ) -> Evaluation:
-        if not batch:
-            return EvaluationBatch(
-                outputs=[], scores=[], trajectories=[] if capture_traces else None
+        evaluation = self.batch_evaluate([(candidate, batch)])[0]
+        if not capture_traces:
+            evaluation.trajectories = None
+        return evaluation
+
+    def batch_evaluate(self, items: list[tuple[dict[str, str], list[Problem]]]) -> list[Evaluation]:
+        """Each (candidate, problems) pair's evaluation, with trajectories, from one engine call
+        over every pair's rows."""
+        prompts, generators = [], []
+        for candidate, batch in items:
+            system = candidate[COMPONENT]
+            for p in batch:
+                prompts.append(chat_prompt_ids(self.tokenizer, system, p.prompt))
+                generators.append(torch.Generator().manual_seed(self._row_seed(p)))
+        rollouts = self.engine.generate(prompts, self.params, generators) if prompts else []
+        self.metric_calls += len(prompts)
+        out, i = [], 0
+        for _, batch in items:
+            mine, i = rollouts[i : i + len(batch)], i + len(batch)
+            scores = [self.task.score(p, r.text) for p, r in zip(batch, mine, strict=True)]
+            out.append(
+                EvaluationBatch(
+                    outputs=[r.text for r in mine],
+                    scores=[s.reward for s in scores],
+                    trajectories=[
+                        Trajectory(
+                            problem=p, completion=r.text, feedback=s.feedback, reward=s.reward
+                        )
+                        for p, r, s in zip(batch, mine, scores, strict=True)
+                    ],
+                )
             )
-        system = candidate[COMPONENT]
-        prompts = [chat_prompt_ids(self.tokenizer, system, p.prompt) for p in batch]
-        key = sum(int(p.id.encode().hex()[-8:], 16) for p in batch) % 2**31
-        generator = torch.Generator().manual_seed(self.seed * 7919 + key)
-        rollouts = self.engine.generate(prompts, self.params, generator)
-        scores: list[float] = []
-        trajectories: list[Trajectory] = []
-        for problem, r in zip(batch, rollouts, strict=True):
-            s = self.task.score(problem, r.text)
-            scores.append(s.reward)
-            trajectories.append(
-                Trajectory(problem=problem, completion=r.text, feedback=s.feedback, reward=s.reward)
-            )
-        self.metric_calls += len(batch)
-        return EvaluationBatch(
-            outputs=[r.text for r in rollouts],
-            scores=scores,
-            trajectories=trajectories if capture_traces else None,
-        )
+        return out
+
+    def _row_seed(self, problem: Problem) -> int:
+        return (self.seed * 7919 + int(problem.id.encode().hex()[-8:], 16)) % 2**63
 
     def make_reflective_dataset(
         self,
@@ -182,14 +203,20 @@ def run_gepa_round(
     seed: int,
     reflection_lm: LanguageModel | None = None,
     proposer: ProposalFn | None = None,
+    proposals_per_iteration: int = 1,
 ) -> RoundResult:
-    """One GEPA round from `population`; returns the new top-K population (best first)."""
+    """One GEPA round from `population`; returns the new top-K population (best first).
+
+    `proposals_per_iteration` > 1: each GEPA iteration picks that many (parent, minibatch)
+    pairs (GEPA's IndependentSampling), reflects on each, and evaluates the parents, then the
+    children, then the accepted children on the Pareto set, each stage as one batch."""
     t0 = time.perf_counter()
     calls_before = adapter.metric_calls
-    # 1. Re-score the population under the current policy (GEPA's data ids are list indices).
+    # 1. Re-score the population under the current policy (GEPA's data ids are list indices),
+    #    every prompt in one batch.
     val_ids = list(range(len(val_problems)))
-    for rec in population:
-        batch = adapter.evaluate(val_problems, {COMPONENT: rec.text})
+    scored = adapter.batch_evaluate([({COMPONENT: rec.text}, val_problems) for rec in population])
+    for rec, batch in zip(population, scored, strict=True):
         rec.val_scores = {str(i): s for i, s in zip(val_ids, batch.scores, strict=True)}
         rec.scored_round = round_idx
 
@@ -216,6 +243,9 @@ def run_gepa_round(
         seed=seed,
         raise_on_exception=True,
         display_progress_bar=False,
+        sampling_strategy=(
+            IndependentSampling(proposals_per_iteration) if proposals_per_iteration > 1 else None
+        ),
     )
 
     # 3. Map GEPA's candidates back to records with lineage, and keep the top K.

@@ -7,10 +7,17 @@ trainer never has to re-run a forward pass just to recover π_old.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
+
+# The random stream a generate call draws from: one generator for the whole call (the run's:
+# checkpoints save it), or one per prompt, so that each row's sample depends only on its own
+# generator and not on what else is in the batch (GEPA's evaluations batch several candidates
+# into one call and compare them on the same noise per problem).
+Generators: TypeAlias = torch.Generator | Sequence[torch.Generator]
 
 
 @dataclass(frozen=True)
@@ -45,9 +52,10 @@ class RolloutEngine(Protocol):
     pad_id: int
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, generator: Generators
     ) -> list[Rollout]:
-        """Sample one completion per prompt (repeat a prompt to get several)."""
+        """Sample one completion per prompt (repeat a prompt to get several). `generator`:
+        one for the call, or a sequence with one per prompt (see Generators)."""
         ...
 
     def sync_weights(self) -> None:

@@ -99,7 +99,7 @@ import torch
 
 from fst.config import ConfigError
 from fst.distributed import SINGLE, World, full_tensor, world_from_env
-from fst.rollout import Rollout, SamplingParams
+from fst.rollout import Generators, Rollout, SamplingParams
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -706,13 +706,19 @@ class VLLMRolloutEngine:
     # -- sampling
 
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
+        self, prompts: list[list[int]], params: SamplingParams, generator: Generators
     ) -> list[Rollout]:
         """One completion per prompt, with the sampler's per-token logprobs."""
         # Greedy decoding draws nothing from the generator, as in the HF engine.
-        seeds: list[int | None] = (
-            [None] * len(prompts) if params.greedy else list(request_seeds(generator, len(prompts)))
-        )
+        seeds: list[int | None]
+        if params.greedy:
+            seeds = [None] * len(prompts)
+        elif isinstance(generator, torch.Generator):
+            seeds = list(request_seeds(generator, len(prompts)))
+        else:  # one generator per prompt: each request's seed from its own
+            if len(generator) != len(prompts):
+                raise ValueError(f"{len(generator)} generators for {len(prompts)} prompts")
+            seeds = [request_seeds(g, 1)[0] for g in generator]
         batch = [(list(p), s) for p, s in zip(prompts, seeds, strict=True)]
         mine = slice(0, len(batch))
         if self.tp_exchange is not None:

@@ -31,6 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from fst.config import SlowConfig
 from fst.distributed import SINGLE, World, full_tensor, max_all, min_max_all, sum_all
+from fst.model import autocast
 from fst.rollout import Rollout
 from fst.slow.losses import LossOutput, cispo_loss, dapo_loss, grpo_loss, reverse_kl_loss
 
@@ -138,9 +139,12 @@ def logp_entropy(
     """log softmax(logits / T) at `targets` (B, W), differentiable, and the entropy of
     softmax(logits / T) (B, W), not differentiable (a metric)."""
     B, W, V = logits.shape
-    logp, entropy = _TokenLogprob.apply(
-        logits.float().reshape(B * W, V), targets.reshape(B * W), 1.0 / temperature
-    )
+    # In float32 even under model.autocast (whose bf16 batched matmul would otherwise take the
+    # entropy's dot product): the logits are upcast, the softmax and its gradient are not.
+    with torch.autocast(logits.device.type, enabled=False):
+        logp, entropy = _TokenLogprob.apply(
+            logits.float().reshape(B * W, V), targets.reshape(B * W), 1.0 / temperature
+        )
     return logp.view(B, W), entropy.view(B, W)
 
 
@@ -400,9 +404,13 @@ class SlowTrainer:
         pad_id: int,
         world: World = SINGLE,
         shared_prompt: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         self.model, self.cfg, self.temperature, self.pad_id = model, cfg, temperature, pad_id
         self.world = world
+        # model.autocast: each micro-batch's forward under torch.autocast (the backward runs
+        # outside it, in the dtypes the forward chose, as torch recommends); losses in float32.
+        self.autocast_dtype = autocast_dtype
         # Activation checkpointing recomputes each layer's forward, which would write the
         # shared prompt's KV cache twice: the plain (one forward per row) path is used then.
         self.shared_prompt = shared_prompt
@@ -556,9 +564,10 @@ class SlowTrainer:
                     for j, r in zip(local[m], rows, strict=True)
                 ]
             )
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.autocast_dtype, device):
                 teacher, _ = completion_logits(self.model, teachers, self.pad_id, device)
-            student, mask = completion_logits(self.model, rows, self.pad_id, device)
+            with autocast(self.autocast_dtype, device):
+                student, mask = completion_logits(self.model, rows, self.pad_id, device)
             loss, kl = reverse_kl_loss(
                 student, teacher, mask, max(int(num_tokens), 1), self.temperature
             )
@@ -616,7 +625,8 @@ class SlowTrainer:
             else:
                 rows, advs = [rollouts[j] for j in local[m]], [advantages[j] for j in local[m]]
             assert rows[0] is not None, "an idle micro-batch needs a filler sequence"
-            logp, entropy, batch = self._logprobs(rows, advs)  # type: ignore[arg-type]
+            with autocast(self.autocast_dtype, self.model.device):
+                logp, entropy, batch = self._logprobs(rows, advs)  # type: ignore[arg-type]
             out = self._loss(logp, batch, max(int(num_tokens), 1), int(num_seqs))
             (out.loss * 0.0 if idle else out.loss).backward()
             if idle:

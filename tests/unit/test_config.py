@@ -145,3 +145,13 @@ def test_defaults_are_the_paper_settings():
     cfg = TrainConfig(task={"name": "arithmetic"})
     assert cfg.slow.loss == "cispo" and cfg.slow.eps_max == 5.0
     assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_autocast_needs_float32_master_weights():
+    from pydantic import ValidationError
+
+    from fst.config import ModelConfig
+
+    assert ModelConfig(autocast="bfloat16").autocast == "bfloat16"
+    with pytest.raises(ValidationError, match="autocast: bfloat16 keeps float32 master weights"):
+        ModelConfig(autocast="bfloat16", dtype="bfloat16")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fst.config import TaskConfig, TrainConfig
-from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
+from fst.fast.gepa_adapter import COMPONENT, PolicyAdapter, run_gepa_round
 from fst.fast.population import PromptRecord, pareto_front, prompt_id, top_k_by_coverage
 from fst.fast.reflectors import DigestProposer, digest_rewrite, lessons_from_feedback
 from fst.loop import Run, prompt_assignment
@@ -207,6 +207,76 @@ def test_round_continues_from_the_population_not_the_seed(task, tmp_path):
     assert [c.text for c in result.candidates[:2]] == [b.text, a.text]
     assert all(c.scored_round == 2 for c in result.candidates)
     assert result.population[0].text == b.text
+
+
+class NoisyEngine(ScriptedEngine):
+    """The scripted policy, except that a row whose own generator draws below 0.3 fails: the
+    result depends on each row's random stream, as sampling does."""
+
+    def generate(self, prompts, params, generator):
+        assert not isinstance(generator, torch.Generator), "the adapter seeds every row"
+        out = super().generate(prompts, params, generator)
+        for r, g in zip(out, generator, strict=True):
+            if float(torch.rand(1, generator=g)) < 0.3:
+                r.text = "I am not sure."
+        return out
+
+
+def test_batch_evaluate_is_one_engine_call_equal_to_separate_evaluations(task):
+    """Several (candidate, problems) pairs in one engine call give each pair exactly what it
+    gets evaluated alone: every row has its own (round seed, problem) generator."""
+    engine = NoisyEngine()
+    adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=3)
+    val, train = task.problems("val"), task.problems("train")
+    good, plain = {COMPONENT: "Answer BOXED."}, {COMPONENT: "Chat."}
+    items = [(good, val), (plain, val[:4]), (good, train[:4])]
+    together = adapter.batch_evaluate(items)
+    assert engine.calls == 1 and adapter.metric_calls == 12 + 4 + 4
+    alone = [adapter.evaluate(batch, cand, capture_traces=True) for cand, batch in items]
+    assert engine.calls == 4
+    for a, b in zip(together, alone, strict=True):
+        assert a.outputs == b.outputs and a.scores == b.scores
+    # Common random numbers: a problem's noise is the same under every candidate, so a
+    # problem the good prompt fails by noise is failed under it in any batch.
+    assert 0 < sum(together[0].scores) < 12
+    assert adapter.evaluate(val, good).trajectories is None  # traces only when asked
+
+
+@pytest.mark.parametrize("proposals", [1, 3])
+def test_a_round_with_several_proposals_per_iteration(task, tmp_path, proposals):
+    """GEPA's IndependentSampling: each iteration reflects on `proposals` parents, whose
+    evaluations go to the engine as one batch per stage; the better prompt still wins."""
+    better = "Solve it. Write the result BOXED: inside \\boxed{}."
+    engine = ScriptedEngine()
+    adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0)
+    seed = PromptRecord("You are a helpful assistant.")
+    asked = []
+
+    def reflection_lm(prompt: str) -> str:
+        asked.append(prompt)
+        return f"```\n{better if len(asked) == 1 else 'Just chat.'}\n```"
+
+    result = run_gepa_round(
+        population=[seed],
+        adapter=adapter,
+        val_problems=task.problems("val"),
+        train_problems=task.problems("train"),
+        round_idx=1,
+        top_k=4,
+        metric_calls=48,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=reflection_lm,
+        proposals_per_iteration=proposals,
+    )
+    assert result.population[0].text == better
+    # Re-scoring is one call; per iteration: parents, children, accepted children's Pareto
+    # set. With 3 proposals per iteration, 3 reflections per round of engine calls.
+    iterations = -(-len(asked) // proposals)
+    assert engine.calls <= 1 + 3 * iterations
+    if proposals > 1:
+        assert len(asked) >= proposals and len(asked) % proposals == 0
 
 
 # ----------------------------------------------------------------------------- one advantage group

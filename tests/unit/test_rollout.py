@@ -44,6 +44,30 @@ def test_same_seed_same_samples_and_logprobs_match_a_full_forward(model):
         assert r.logprobs == pytest.approx(want, abs=1e-4)
 
 
+def test_a_row_with_its_own_generator_samples_the_same_in_any_batch(model):
+    """One generator per prompt: a row's completion depends on its own generator only, not on
+    the other rows of the call, their order, or the engine's batch size (GEPA compares
+    candidates on common random numbers this way)."""
+    eng = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
+    p = SamplingParams(temperature=1.0, max_new_tokens=8)
+
+    def gens(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    alone = eng.generate([PROMPTS[1]], p, gens([7]))[0].completion_ids
+    mixed = eng.generate([*PROMPTS, PROMPTS[1]], p, gens([3, 7, 5, 9]))
+    assert mixed[1].completion_ids == alone
+    reordered = eng.generate([PROMPTS[2], PROMPTS[1], PROMPTS[0]], p, gens([5, 7, 3]))
+    assert reordered[1].completion_ids == alone
+    assert reordered[2].completion_ids == mixed[0].completion_ids
+    small = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=1)
+    assert small.generate(PROMPTS, p, gens([3, 7, 5]))[1].completion_ids == alone
+    # Another seed, another sample (8 tokens over a 100-token vocabulary).
+    assert eng.generate([PROMPTS[1]], p, gens([8]))[0].completion_ids != alone
+    with pytest.raises(ValueError, match="2 generators for 3 prompts"):
+        eng.generate(PROMPTS, p, gens([1, 2]))
+
+
 def test_left_padded_batch_equals_one_by_one_greedy(model):
     eng_batch = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
     eng_single = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=1)
@@ -124,3 +148,28 @@ def test_sampler_draws_from_the_tempered_distribution():
     assert torch.allclose(logprobs, torch.log(nucleus)[tokens], atol=1e-6)
     freq = torch.bincount(tokens, minlength=2).float() / len(tokens)
     assert torch.allclose(freq, nucleus, atol=0.015)
+
+
+def test_block_search_picks_the_token_one_running_sum_picks():
+    """invert_cdf's two-level search (a block of the vocabulary, then a token in it) returns
+    the token a single float64 running sum over the row returns, for vocabularies that are and
+    are not a multiple of the block, with empty blocks, empty rows ends, and u near 0 and 1."""
+    from fst.rollout.hf import CDF_BLOCK, invert_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    for V in (5, CDF_BLOCK, 3 * CDF_BLOCK + 17):
+        w = torch.rand((64, V), generator=gen) ** 4
+        w[w < 0.2] = 0.0
+        w[:8, : V // 2] = 0.0  # a run of empty blocks before the mass
+        w[8:16, V // 2 :] = 0.0  # and after it
+        w[16, :] = 0.0
+        w[16, V - 1] = 1.0  # all the mass on the last token
+        w[w.sum(-1) == 0, 0] = 1.0  # (a row the sampler sees always has some mass)
+        u = torch.rand((64, 1), generator=gen, dtype=torch.float64)
+        u[:4] = 0.0
+        u[4:8] = 1.0 - 1e-12
+        cdf = w.double().cumsum(-1)
+        want = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+        got = invert_cdf(w, u)
+        assert torch.equal(got, want), V
+        assert bool((w[torch.arange(64), got] > 0).all())

@@ -162,6 +162,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         "metricCalls": 16,
         "minibatchSize": 4,
         "paretoSize": 8,
+        "proposalsPerIteration": 1,
         "reflector": {
             "kind": "openai",
             "model": "m",

@@ -183,3 +183,52 @@ def test_more_updates_than_rollouts_is_a_config_error():
 
     with pytest.raises(ValidationError, match=r"updatesPerBatch \(9\) exceeds .* 8 rollouts"):
         SlowConfig(problems_per_step=4, group_size=2, updates_per_batch=9)
+
+
+def test_bfloat16_autocast_samples_and_trains_in_bf16_with_float32_weights(model):
+    """model.autocast: the decoder's matmuls run in bfloat16 while sampling and in the training
+    forward; the weights and their gradients stay float32, the log-probs, ratio and loss are
+    float32, and the gradient points where the float32 one does."""
+    import copy
+
+    from fst.rollout import SamplingParams
+    from fst.rollout.hf import HFRolloutEngine
+
+    class Tok:
+        pad_token_id = 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return ""
+
+    seen: list[torch.dtype] = []
+    probe = model.model.layers[0].mlp.down_proj
+    handle = probe.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    engine = HFRolloutEngine(model, Tok(), [1], 8, autocast_dtype=torch.bfloat16)
+    rs = engine.generate(
+        [[5, 6, 7], [5, 6, 7], [8, 9, 10, 11]], SamplingParams(1.0, 1.0, 6), torch.Generator()
+    )
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(isinstance(lp, float) for r in rs for lp in r.logprobs)
+    adv = [1.0, -1.0, 0.5]
+
+    seen.clear()
+    handle.remove()
+    mixed, full = copy.deepcopy(model), copy.deepcopy(model)
+    mixed.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tm = SlowTrainer(mixed, SlowConfig(micro_batch_size=2), 1.0, 0, autocast_dtype=torch.bfloat16)
+    tf = SlowTrainer(full, SlowConfig(micro_batch_size=2), 1.0, 0)
+    m_mixed, m_full = tm.backward(rs, adv), tf.backward(rs, adv)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in tm.params)
+    # The sampler and the trainer are both bf16, by different paths (KV cache vs one forward):
+    # the ratio is 1 only up to bf16 rounding, and the loss is within it of the float32 loss.
+    assert m_mixed["ratio_mean"] == pytest.approx(1.0, abs=0.05)
+    assert m_mixed["loss"] == pytest.approx(m_full["loss"], rel=0.05, abs=1e-3)
+    g_mixed = torch.cat([p.grad.flatten() for p in tm.params])
+    g_full = torch.cat([p.grad.flatten() for p in tf.params])
+    assert float(torch.nn.functional.cosine_similarity(g_mixed, g_full, dim=0)) > 0.99
+    # Outside the trainer and the engine nothing runs in bf16.
+    seen.clear()
+    with torch.no_grad():
+        assert mixed(torch.tensor([[5, 6, 7]])).logits.dtype == torch.float32
+    assert seen == [torch.float32]
