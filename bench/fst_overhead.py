@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -37,6 +38,8 @@ from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+from bench.learning.spec import TASKS as LEARNING_TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,7 +82,9 @@ def train_config(s: Settings, proposals: int, output_dir: Path) -> Any:
                 "name": s.model,
                 "autocast": "bfloat16" if s.precision == "bf16" else "none",
             },
-            "task": {"name": "arithmetic", "params": {"steps": 1, "maxOperand": 20}},
+            # The learning bench's `mul` task: SmolLM2 solves about half of it, so groups
+            # vary, RL trains every step and GEPA's candidates can differ in score.
+            "task": copy.deepcopy(LEARNING_TASKS["mul"]),
             "rollout": {
                 "maxNewTokens": s.max_new_tokens,
                 "batchSize": s.problems_per_step * s.group_size,
@@ -189,6 +194,7 @@ def serve(proposals: int, settings_dict: dict[str, Any], conn: Connection, log_p
                     {
                         **meter.stop(),
                         "gen_tokens": int(record["gen_tokens"]),
+                        "trained_tokens": int(record.get("trained_tokens", 0)),
                         "gen_s": record["gen_s"],
                         "reward_mean": record["reward_mean"],
                         "calls": calls.take(),
@@ -262,6 +268,10 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "ratio_amortised": amortised / rl,
         "rl_gen_tokens": statistics.median(x["gen_tokens"] for x in rl_steps),
         "fst_gen_tokens": statistics.median(x["gen_tokens"] for x in fst_steps),
+        "rl_trained_tokens": statistics.median(x["trained_tokens"] for x in rl_steps),
+        "fst_trained_tokens": statistics.median(x["trained_tokens"] for x in fst_steps),
+        "rl_reward": statistics.mean(x["reward_mean"] for x in rl_steps),
+        "fst_reward": statistics.mean(x["reward_mean"] for x in fst_steps),
         "rl_prompt_tokens": prompt_tokens(rl_steps),
         "fst_prompt_tokens": prompt_tokens(fst_steps),
         "round_metric_calls": statistics.median(r["gepa_metric_calls"] for r in rounds),
@@ -332,6 +342,13 @@ def table(s: Settings, results: dict[str, dict[str, Any]]) -> str:
     )
     row("generated tokens per step", f"{first['rl_gen_tokens']:.0f}", "fst_gen_tokens", "{:.0f}")
     row("prompt tokens per step", f"{first['rl_prompt_tokens']:.0f}", "fst_prompt_tokens", "{:.0f}")
+    row(
+        "trained tokens per step",
+        f"{first['rl_trained_tokens']:.0f}",
+        "fst_trained_tokens",
+        "{:.0f}",
+    )
+    row("mean reward of the steps", f"{first['rl_reward']:.3f}", "fst_reward", "{:.3f}")
     row("round: rollouts scored", "-", "round_metric_calls", "{:.0f}")
     row("round: new candidates", "-", "round_new_candidates", "{:.0f}")
     for k in first["round_breakdown"]:

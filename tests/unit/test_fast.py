@@ -62,9 +62,13 @@ def task():
     return build_task(TaskConfig(name="arithmetic", train_size=64, val_size=12, test_size=4))
 
 
-def scripted_round(task, tmp_path, population, round_idx, top_k, metric_calls, **reflector):
-    """One GEPA round of the ScriptedEngine policy; `reflector` is reflection_lm= or proposer=."""
-    adapter = PolicyAdapter(ScriptedEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+def scripted_round(
+    task, tmp_path, population, round_idx, top_k, metric_calls, engine=None, **options
+):
+    """One GEPA round of the ScriptedEngine policy (or `engine`); `options` are
+    run_gepa_round's: reflection_lm= or proposer=, proposals_per_iteration=..."""
+    engine = engine if engine is not None else ScriptedEngine()
+    adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0)
     return run_gepa_round(
         population=population,
         adapter=adapter,
@@ -76,7 +80,7 @@ def scripted_round(task, tmp_path, population, round_idx, top_k, metric_calls, *
         minibatch_size=4,
         round_dir=tmp_path / "round",
         seed=0,
-        **reflector,
+        **options,
     )
 
 
@@ -179,20 +183,9 @@ def test_a_blank_proposal_is_a_candidate_but_never_a_population_member(task, tmp
     """A small reflector's empty reply (GEPA takes an unfenced reply whole: here "") is
     accepted by GEPA when it scores better, recorded as a candidate, and kept out of the
     population: every rollout needs a system prompt."""
-    adapter = PolicyAdapter(BlankLovingEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
     seed = PromptRecord("You are a helpful assistant.")
-    result = run_gepa_round(
-        population=[seed],
-        adapter=adapter,
-        val_problems=task.problems("val"),
-        train_problems=task.problems("train"),
-        round_idx=1,
-        top_k=4,
-        metric_calls=24,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        reflection_lm=lambda prompt: "   ",
+    result = scripted_round(
+        task, tmp_path, [seed], 1, 4, 24, BlankLovingEngine(), reflection_lm=lambda prompt: "   "
     )
     blank = [c for c in result.candidates if not c.text.strip()]
     assert blank and blank[0].mean_score > seed.mean_score  # accepted by GEPA, the better one
@@ -248,7 +241,6 @@ def test_a_round_with_several_proposals_per_iteration(task, tmp_path, proposals)
     evaluations go to the engine as one batch per stage; the better prompt still wins."""
     better = "Solve it. Write the result BOXED: inside \\boxed{}."
     engine = ScriptedEngine()
-    adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0)
     seed = PromptRecord("You are a helpful assistant.")
     asked = []
 
@@ -256,17 +248,14 @@ def test_a_round_with_several_proposals_per_iteration(task, tmp_path, proposals)
         asked.append(prompt)
         return f"```\n{better if len(asked) == 1 else 'Just chat.'}\n```"
 
-    result = run_gepa_round(
-        population=[seed],
-        adapter=adapter,
-        val_problems=task.problems("val"),
-        train_problems=task.problems("train"),
-        round_idx=1,
-        top_k=4,
-        metric_calls=48,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
+    result = scripted_round(
+        task,
+        tmp_path,
+        [seed],
+        1,
+        4,
+        48,
+        engine,
         reflection_lm=reflection_lm,
         proposals_per_iteration=proposals,
     )
