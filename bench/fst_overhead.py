@@ -30,6 +30,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -154,9 +155,9 @@ def serve(proposals: int, settings_dict: dict[str, Any], conn: Connection, log_p
 
     s = Settings(**{**settings_dict, "proposals_per_iteration": (proposals,)})
     torch.set_num_threads(s.threads)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"fst-bench-overhead-{proposals}-"))
     try:
         t0 = time.perf_counter()
-        out_dir = Path(tempfile.mkdtemp(prefix=f"fst-bench-overhead-{proposals}-"))
         cfg = train_config(s, proposals, out_dir)
         run = loop.build_run(cfg, cfg.run_dir)
         calls = EngineCalls(run.engine)
@@ -208,6 +209,8 @@ def serve(proposals: int, settings_dict: dict[str, Any], conn: Connection, log_p
         traceback.print_exc()
         conn.send({"error": f"{type(e).__name__}: {e}"})
         raise
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the run's metrics and GEPA rounds
 
 
 def receive(mode: str, w: dict[str, Any]) -> dict[str, Any]:
