@@ -326,9 +326,10 @@ class FastConfig(Schema):
         gt=0,
         le=16,
         description="(parent, minibatch) pairs each GEPA iteration reflects on (GEPA's "
-        "IndependentSampling). Their evaluations run as one batch per stage, so on hardware "
-        "where a few rows decode nearly as fast as many, >1 makes a round cheaper per "
-        "proposal; the proposals of one iteration do not see each other's results.",
+        "IndependentSampling). Their evaluations run as one batch per stage; where a decoding "
+        "step of a few rows costs a large share of a full batch's (CPUs, small models), >1 "
+        "makes a round cheaper (4: about half the time in docs/performance.md). The proposals "
+        "of one iteration do not see each other's results.",
     )
     reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
     initial_population: list[str] = Field(

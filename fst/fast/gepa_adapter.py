@@ -62,9 +62,10 @@ class PolicyAdapter:
     numbers, and a row's sample does not depend on what else shares its batch.
 
     `batch_evaluate` (GEPA calls it for a whole iteration's parents, its children, and the
-    accepted children's Pareto-set evaluations) runs all its rows in ONE engine call: decoding
-    a handful of rows costs nearly as much per step as decoding a full batch on this hardware,
-    so several small evaluations cost about as much as one.
+    accepted children's Pareto-set evaluations) runs all its rows in ONE engine call: a
+    decoding step of a few rows costs a large share of a full batch's (measured on a 2-core
+    CPU in bf16: ~40-60 ms for 1-4 rows, ~100 ms for 32), so one call of 16 rows costs much
+    less than four of 4 (docs/performance.md, round 2 item 4).
     """
 
     # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
