@@ -349,6 +349,10 @@ def test_status_mirrors_a_real_trainer_and_a_killed_attempt_resumes(
     res.core.patch_namespaced_secret("s3", res.ns, {"stringData": hang})
     trainer = {**PROCESS_TRAINER, "checkpointUri": s3_uri}
     cfg = tiny_model_config(tiny_model_dir)
+    # Synchronous uploads: with the upload in the background, the hang above stops only the
+    # training thread, so the step-4 upload could still commit before the kill (the second
+    # attempt then resumes from step 4 and runs nothing), and the kill point would not be known.
+    cfg["checkpoint"] = {**cfg["checkpoint"], "backgroundUpload": False}
     res.create("fastslowruns", "FastSlowRun", "real", {"config": cfg, "trainer": trainer})
 
     def after_checkpoint():
