@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.learning.spec import TASKS as LEARNING_TASKS
+from bench.speed.__main__ import receive  # a worker's next message, or its death reported
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,16 +212,6 @@ def serve(proposals: int, settings_dict: dict[str, Any], conn: Connection, log_p
         raise
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)  # the run's metrics and GEPA rounds
-
-
-def receive(mode: str, w: dict[str, Any]) -> dict[str, Any]:
-    while not w["conn"].poll(5.0):
-        if not w["proc"].is_alive():
-            raise SystemExit(f"{mode} worker died; see {w['log']}")
-    msg = w["conn"].recv()
-    if "error" in msg:
-        raise SystemExit(f"{mode} worker failed: {msg['error']}; see {w['log']}")
-    return msg
 
 
 def round_breakdown(rounds: list[dict[str, Any]]) -> dict[str, float]:

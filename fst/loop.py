@@ -334,6 +334,7 @@ def build_run(
     # The reference and the rollout copy are taken from the whole model, before sharding.
     reference = make_reference(policy, cfg.model) if cfg.metrics.kl_prompts > 0 else None
     stop = stop_token_ids(tokenizer, policy)
+    compute_dtype = AUTOCAST_DTYPES[cfg.model.autocast]  # the engine's and the trainer's
     rollout_copy = None
     if sharded(cfg, world):
         if cfg.rollout.engine == "hf":
@@ -350,9 +351,7 @@ def build_run(
         engine: RolloutEngine = VLLMRolloutEngine.from_config(cfg, policy, tokenizer, stop)
     else:
         sampler = rollout_copy.model if rollout_copy is not None else policy
-        engine = HFRolloutEngine(
-            sampler, tokenizer, stop, cfg.rollout.batch_size, AUTOCAST_DTYPES[cfg.model.autocast]
-        )
+        engine = HFRolloutEngine(sampler, tokenizer, stop, cfg.rollout.batch_size, compute_dtype)
     trainer = SlowTrainer(
         policy,
         cfg.slow,
@@ -360,7 +359,7 @@ def build_run(
         engine.pad_id,
         world,
         shared_prompt=not cfg.parallel.activation_checkpointing,
-        autocast_dtype=AUTOCAST_DTYPES[cfg.model.autocast],
+        autocast_dtype=compute_dtype,
     )
     sink = MetricsSink(run_dir, cfg.metrics.tensorboard and world.main, db, cfg.run)
     run = Run(
