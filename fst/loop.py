@@ -754,6 +754,17 @@ def restore_latest(run: Run) -> dict[str, Any] | None:
     return state
 
 
+def announce_restored_checkpoint(run: Run, db: RunDB) -> None:
+    """The checkpoint an attempt resumed from is the run's latest: say so unless the run's
+    last "checkpoint" event already does. A background upload can commit after its attempt
+    last reported one (killed while the upload finished): without this, the operator's
+    status.checkpointUri kept the checkpoint before it for good."""
+    uri = run.store.step_uri(run.step)
+    progress = db.progress(run.cfg.run)
+    if progress is None or progress.checkpoint_uri != uri:
+        db.log_event(run.cfg.run, "checkpoint", uri)
+
+
 def continue_trajectory(run: Run, uri: str) -> None:
     """Start `run` where the checkpoint `uri` (another run's, e.g. the stream's previous stage)
     left its trajectory: weights, AdamW and schedule state, RNG, step counter and population.
@@ -866,6 +877,7 @@ def _train_main(
         if resume and restore_latest(run) is not None:
             log.info("resumed %s at step %d", cfg.run, run.step)
             db.log_event(cfg.run, "resumed", f"from step {run.step}")
+            announce_restored_checkpoint(run, db)
             run.sink.truncate_after(run.step)
         elif cfg.continue_from is not None:
             continue_trajectory(run, cfg.continue_from)

@@ -46,6 +46,10 @@ class CheckpointStore(Protocol):
         """Steps with a complete checkpoint (manifest present), ascending."""
         ...
 
+    def step_uri(self, step: int) -> str:
+        """The URI of `step`'s checkpoint, as `commit` returns it."""
+        ...
+
     def materialize(self, step: int) -> Path:
         """A local folder holding the verified checkpoint of `step`."""
         ...
@@ -94,7 +98,10 @@ class LocalCheckpointStore:
         else:
             staging.replace(final)
         _fsync_dir(self.root)
-        return str(final)
+        return self.step_uri(step)
+
+    def step_uri(self, step: int) -> str:
+        return str(self.root / step_name(step))
 
     def steps(self) -> list[int]:
         out = []

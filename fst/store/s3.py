@@ -312,6 +312,9 @@ class S3CheckpointStore:
         self._put_manifest(step, manifest)
         shutil.rmtree(staging, ignore_errors=True)
         self._remove_abandoned(existing, step)
+        return self.step_uri(step)
+
+    def step_uri(self, step: int) -> str:
         return f"s3://{self.bucket}/{self.key(step)}"
 
     def _remove_abandoned(self, listing: dict[int, dict[str, float]], current: int) -> None:

@@ -167,3 +167,39 @@ def test_sigterm_releases_the_run_so_the_next_attempt_starts_at_once(tmp_path, t
         assert any("Terminated" in msg for _, kind, msg in db.events("t") if kind == "error")
     out = run("train", "-c", str(cfg_path), "--resume", "--no-progress")
     assert "resumed t at step 2" in out.stderr and "waiting for its lease" not in out.stderr
+
+
+def test_an_attempt_that_resumes_at_the_final_step_announces_its_checkpoint(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+):
+    """A background upload can commit the final checkpoint after its attempt last reported
+    one (the pod killed in between): the next attempt resumes there, trains nothing, and must
+    still say which checkpoint is the run's latest, or the operator's status.checkpointUri
+    keeps the one before it (it mirrors the last "checkpoint" event)."""
+    import sqlite3
+
+    from fst.store.db import RunDB, database_url
+
+    cfg = tiny_run_config(tmp_path, tiny_model_dir, steps=2)
+    cfg_path = write_config(tmp_path, cfg, "t.yaml")
+    out_dir = Path(cfg["outputDir"])
+    final = str(out_dir / "t" / "checkpoints" / "step-00000002")
+    run("train", "-c", str(cfg_path), "--no-progress")
+    db_path = out_dir / "fst.db"
+    with RunDB(database_url(cfg.get("database"), db_path)) as db:
+        assert db.progress("t").checkpoint_uri == final
+    # The window between the commit and its event: the event never made it.
+    with sqlite3.connect(db_path) as con:
+        con.execute("DELETE FROM events WHERE kind = 'checkpoint' AND message = ?", (final,))
+    with RunDB(database_url(cfg.get("database"), db_path)) as db:
+        assert db.progress("t").checkpoint_uri != final
+    out = run("train", "-c", str(cfg_path), "--resume", "--no-progress")
+    assert "resumed t at step 2" in out.stderr
+    with RunDB(database_url(cfg.get("database"), db_path)) as db:
+        assert db.progress("t").checkpoint_uri == final
+        announced = [msg for _, kind, msg in db.events("t") if kind == "checkpoint"]
+    # Announced once: a second resume with nothing new adds no duplicate.
+    run("train", "-c", str(cfg_path), "--resume", "--no-progress")
+    with RunDB(database_url(cfg.get("database"), db_path)) as db:
+        assert [msg for _, kind, msg in db.events("t") if kind == "checkpoint"] == announced
