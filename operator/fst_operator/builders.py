@@ -429,9 +429,9 @@ def network_policy(
 
 
 def job_suspend_change(spec: FastSlowRunSpec, job: dict[str, Any]) -> bool | None:
-    """The `suspend` to set on the Job after `spec.suspend` CHANGED, or None to leave it.
+    """The `suspend` to set on the Job after the spec changed, or None to leave it.
 
-    Called only on a change of the user's intent (kopf's update handler on spec.suspend),
+    Called only when the spec changed (metadata.generation ahead of status.observedGeneration),
     never on every reconcile: between changes, a queued Job's `suspend` belongs to Kueue,
     which suspends it while its Workload waits for quota and unsuspends it on admission.
     Suspending always applies (the user stops the pod); resuming a queued Job is Kueue's to

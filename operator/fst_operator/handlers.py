@@ -6,11 +6,12 @@ names are deterministic, so a handler that runs twice, or is killed halfway and 
 a restart, finds what the first run created (409 AlreadyExists, owned by the same resource) and
 never duplicates it.
 
-    FastSlowRun  create/update/resume            -> a queue of runs (workqueue.py), whose workers
+    FastSlowRun  new, spec changed, first met     -> a queue of runs (workqueue.py), whose workers
                  its Jobs' events                    reconcile_run one run at a time, status
-                 its Jobs' Kueue Workloads' events   through the API (the Admitted condition)
+                 its Jobs' Kueue Workloads' events   through the API (the Admitted condition;
+                                                     a changed spec.suspend: the Job's suspend,
+                                                     Kueue's while queued)
                  training progress (the database) -> one poller for all runs (progress.py)
-                 spec.suspend changed            -> the Job's suspend (Kueue's while queued)
     TaskStream   create/update/resume, a timer  -> reconcile_stream, status through `patch`
                  its runs' events                -> reconcile_stream, status through the API
                  its gate Jobs' events           -> reconcile_stream (a stage run's gate)
@@ -270,22 +271,20 @@ async def workload_event(type: str, body: kopf.Body, memo: kopf.Memo, **kwargs: 
         memo["run_queue"].add((namespace, run))
 
 
-# Runs without a status yet, as kopf delivered them, until their first reconcile. Nothing has
-# written to such a run but its user, so this body is as fresh as a GET, which a new run is then
-# spared: one API round trip less per new run (its effect alone was within the bench's noise,
-# docs/performance.md round 2). Only the first reconcile of a run in this process may use it:
-# after that, only a GET sees this process's own status writes.
+# Runs without a status yet, as kopf delivered them the first time this process met them, until
+# their first reconcile. Nothing has written to such a run but its user, so this body is as fresh
+# as a GET, which a new run is then spared: one API round trip less per new run. Only the first
+# reconcile may use it (after that, only a GET sees this process's own status writes), and a
+# body is stored only when the run is first met, so it is never stored twice.
 _unseen_runs: dict[tuple[str, str], dict[str, Any]] = {}
-_reconciled_runs: set[tuple[str, str]] = set()  # one small key per run this process met
+# The runs this process has met (one small key per live run; a DELETED event removes it): a
+# run kopf lists again after a "410 Gone" watch restart is not reconciled again for it.
+_met_runs: set[tuple[str, str]] = set()
 
 
 def _reconcile_named_run(namespace: str, name: str, handler_kwargs: dict[str, Any]) -> None:
     """reconcile_run of the run as it is now: status through the API."""
-    key = (namespace, name)
-    unseen = _unseen_runs.pop(key, None)
-    run = unseen if unseen is not None and key not in _reconciled_runs else None
-    _reconciled_runs.add(key)
-    run = run or kube.get_run(namespace, name)
+    run = _unseen_runs.pop((namespace, name), None) or kube.get_run(namespace, name)
     if run is not None:
         write = lambda changes: kube.patch_run_status(namespace, name, changes)  # noqa: E731
         body = kopf.Body(cast(kopf.RawBody, run))
@@ -313,48 +312,35 @@ async def start_run_workers(
     ]
 
 
-@kopf.on.resume(*RUNS)
-@kopf.on.create(*RUNS)
-@kopf.on.update(*RUNS, field="spec")
-async def run_changed(
-    namespace: str | None,
-    name: str,
-    body: kopf.Body,
-    status: kopf.Status,
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    """The run is new, changed, or met again after a restart: queue it. All of a run's
-    reconciles go through one queue, one at a time, each reading the run afresh: a reconcile
-    that wrote its status through kopf's deferred `patch` once landed after a Job event's
-    reconcile had written Succeeded, and put the run back to Pending for good. A new run goes
-    ahead of the runs whose Jobs changed: its Job first, their status after."""
-    assert namespace is not None  # FastSlowRuns are namespaced
-    key, new = (namespace, name), not status.get("phase")
-    if new:
+@kopf.on.event(*RUNS)
+async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Queue the run when a reconcile has something to do: it is new (no status yet; it goes
+    ahead of the runs whose Jobs changed: its Job first, their status after), its spec changed
+    (metadata.generation is ahead of status.observedGeneration), or this process meets it for
+    the first time (at start: every run is reconciled once, as kopf's resume would).
+
+    An event handler, not kopf's create/update/resume handlers: those store a diff-base
+    annotation on every run, one more PATCH (and one more watch event) per run, and the
+    generation already says what they would. The run's own status writes queue nothing. All
+    of a run's reconciles go through one queue, one at a time, each reading the run afresh: a
+    reconcile that wrote its status through kopf's deferred `patch` once landed after a Job
+    event's reconcile had written Succeeded, and put the run back to Pending for good."""
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if type == "DELETED":
+        _met_runs.discard(key)
+        _unseen_runs.pop(key, None)
+        return
+    status = body.get("status") or {}
+    new = not status.get("phase")
+    spec_changed = (meta.get("generation") or 0) > (status.get("observedGeneration") or 0)
+    first = key not in _met_runs
+    if not (new or spec_changed or first):
+        return
+    _met_runs.add(key)
+    if new and first:
         _unseen_runs[key] = dict(body)
     memo["run_queue"].add(key, urgent=new)
-
-
-@kopf.on.update(*RUNS, field="spec.suspend")
-def run_suspend_changed(body: kopf.Body, name: str, namespace: str | None, **kwargs: Any) -> None:
-    """The user's intent changed: apply it to the current attempt's Job (builders.
-    job_suspend_change says when; a queued Job's suspend is otherwise Kueue's)."""
-    assert namespace is not None  # FastSlowRuns are namespaced
-    status = builders.read_status(dict(body))
-    job = _indexed_job(_jobs(kwargs), namespace, name, status.attempt or 1)
-    if job is None:
-        return
-    spec = FastSlowRunSpec.model_validate(body["spec"])
-    change = builders.job_suspend_change(spec, job)
-    if change is not None:
-        kube.set_job_suspend(namespace, job["metadata"]["name"], change)
-        kopf.event(
-            body,
-            type="Normal",
-            reason="Suspended" if change else "Resumed",
-            message=f"Job {job['metadata']['name']} {'suspended' if change else 'resumed'}",
-        )
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
@@ -423,6 +409,10 @@ def reconcile_run(
         job = _indexed_job(jobs, namespace, name, attempt)
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
+        elif job is not None and (meta.get("generation") or 0) > (
+            old.get("observedGeneration") or 0
+        ):
+            job = apply_suspend(body, spec, job)
         workload = _indexed_workload(workloads, namespace, job)
         oom = None
         if job is not None and builders.job_outcome(job)[0] == Phase.FAILED:
@@ -455,6 +445,24 @@ def reconcile_run(
                     message=f"{s.phase}: attempt {s.attempt}, step {s.step or 0}/{s.steps}",
                 )
         metrics.observe_phase(namespace, name, str(decision.status.phase))
+
+
+def apply_suspend(run: kopf.Body, spec: FastSlowRunSpec, job: dict[str, Any]) -> dict[str, Any]:
+    """The spec changed: apply the user's `suspend` to the current attempt's Job
+    (builders.job_suspend_change says when; a queued Job's suspend is otherwise Kueue's).
+    Returns the Job as it is now."""
+    change = builders.job_suspend_change(spec, job)
+    if change is None:
+        return job
+    name = job["metadata"]["name"]
+    kube.set_job_suspend(run["metadata"]["namespace"], name, change)
+    kopf.event(
+        run,
+        type="Normal",
+        reason="Suspended" if change else "Resumed",
+        message=f"Job {name} {'suspended' if change else 'resumed'}",
+    )
+    return {**job, "spec": {**job.get("spec", {}), "suspend": change}}
 
 
 def ensure_attempt(

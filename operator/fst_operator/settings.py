@@ -57,9 +57,10 @@ class Settings(BaseSettings):
         300.0, gt=0, validation_alias=AliasChoices("FST_WATCH_TIMEOUT")
     )  # kopf's watch requests are re-opened this often
     # The lowest level of kopf's own Kubernetes Events (the operator's Events, phases, retries,
-    # invalid specs, are always posted). Not INFO: kopf's "Handler 'run_changed' succeeded"
-    # says only that a run was queued, two Events per new run that tell a user nothing (their
-    # cost was lost in the noise at 1000 runs: docs/performance.md, round 2).
+    # invalid specs, are always posted). Not INFO: kopf's "Handler '...' succeeded" Events
+    # say only that a handler ran, which tells a user nothing (when the runs' handler was one
+    # of kopf's create handlers, two Events per new run; their cost was lost in the noise at
+    # 1000 runs: docs/performance.md, round 2).
     event_level: str = Field(
         "WARNING",
         pattern=r"^(DEBUG|INFO|WARNING|ERROR)$",
