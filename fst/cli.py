@@ -235,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.override)
     from fst.evaluate import channel_decomposition
     from fst.loop import load_task
-    from fst.model import load_policy, load_tokenizer, stop_token_ids
+    from fst.model import AUTOCAST_DTYPES, load_policy, load_tokenizer, stop_token_ids
     from fst.rollout.hf import HFRolloutEngine
     from fst.run_state import load_weights_into
 
@@ -250,7 +250,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     stop = stop_token_ids(tok, base)
 
     def engine(model: PreTrainedModel) -> HFRolloutEngine:
-        return HFRolloutEngine(model, tok, stop, cfg.rollout.batch_size)
+        # model.autocast as in training: the eval scores what the run's own evals score.
+        dtype = AUTOCAST_DTYPES[cfg.model.autocast]
+        return HFRolloutEngine(model, tok, stop, cfg.rollout.batch_size, dtype)
 
     problems = task.problems(args.split)[: args.limit]
     print(

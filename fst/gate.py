@@ -144,7 +144,7 @@ class StageGate:
     def _engine(self, weights: str | None) -> tuple[Any, Any]:
         """A greedy rollout engine on the base model (kept) or on a checkpoint's weights (the
         last one kept: a gate scores one candidate and one promoted model at a time)."""
-        from fst.model import load_policy, load_tokenizer, stop_token_ids
+        from fst.model import AUTOCAST_DTYPES, load_policy, load_tokenizer, stop_token_ids
         from fst.rollout.hf import HFRolloutEngine
 
         spec = self.stream.spec
@@ -162,7 +162,9 @@ class StageGate:
                 cfg = spec.model.model_copy(update={"name": weights, "lora": None})
                 self._loaded[weights] = load_policy(cfg)
             model = self._loaded[weights]
-        return HFRolloutEngine(model, tok, stop_token_ids(tok, model)), tok
+        dtype = AUTOCAST_DTYPES[spec.model.autocast]  # as the stage's own evals decode
+        engine = HFRolloutEngine(model, tok, stop_token_ids(tok, model), autocast_dtype=dtype)
+        return engine, tok
 
     # ------------------------------------------------------------------ the bundle
 

@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_config
-from tests.tiny_model import tiny_model_dir, tiny_run_config  # noqa: F401  (fixture)
+from tests.tiny_model import (  # noqa: F401  (fixtures)
+    tiny_model_dir,
+    tiny_run_config,
+    varied_reward,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +71,58 @@ def test_eval_every_records_a_learning_curve(tmp_path: Path, tiny_model_dir: Pat
     assert records() == first
     report = run("report", str(run_dir))
     assert "report:" in report.stdout
+
+
+def test_fst_eval_decodes_as_the_run_did_under_autocast(
+    tmp_path: Path,
+    tiny_model_dir: Path,  # noqa: F811
+    varied_reward,  # noqa: F811
+    monkeypatch,
+) -> None:
+    """`fst eval` decodes as the run did, model.autocast included (it used to decode in
+    float32 whatever the run's setting): every engine it builds casts to bfloat16, and its
+    (trained weights, FST prompt) row passes exactly the problems the run's last held-out
+    eval passed, on the same problems."""
+    import torch
+
+    from fst.cli import build_parser
+    from fst.rollout.hf import HFRolloutEngine
+
+    n = 8
+    cfg = tiny_run_config(
+        tmp_path,
+        tiny_model_dir,
+        mode="fst",
+        steps=2,
+        **{
+            "model.autocast": "bfloat16",
+            "metrics.evalEvery": 2,
+            "metrics.evalProblems": n,
+            "checkpoint.every": 2,
+            "task.testSize": n,
+        },
+    )
+    path = write_config(tmp_path, cfg)
+    run("train", "-c", str(path), "--no-progress")
+    run_dir = Path(cfg["outputDir"]) / "t"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    last = [json.loads(x) for x in lines if x.strip() and "eval_passed" in x][-1]
+    assert last["step"] == 2
+
+    dtypes = []
+    generate = HFRolloutEngine.generate
+
+    def recording(self, *args, **kwargs):
+        dtypes.append(self.autocast_dtype)
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", recording)
+    out = tmp_path / "decomposition.json"
+    args = build_parser().parse_args(
+        ["eval", "-c", str(path), "--limit", str(n), "--json", str(out)]
+    )
+    assert args.func(args) == 0
+    assert dtypes and set(dtypes) == {torch.bfloat16}, dtypes
+    trained_fst = json.loads(out.read_text())["trained weights + FST prompt"]
+    assert "".join("1" if p else "0" for p in trained_fst["passed"]) == last["eval_passed"]
+    assert trained_fst["n"] == n
