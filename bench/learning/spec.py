@@ -58,6 +58,10 @@ TASKS: dict[str, dict[str, Any]] = {
 
 # Shared by every run (and by the stream's stages).
 COMMON: dict[str, Any] = {
+    # Matmuls in bf16 (this CPU has AVX-512 BF16), weights, gradients and AdamW state in fp32:
+    # a step took 0.55x its fp32 time in bench/speed (docs/performance.md, round 2 item 3),
+    # which is what makes this spec's ~37 jobs fit in a few sessions. Every mode alike.
+    "model": {"autocast": "bfloat16"},
     "rollout": {"temperature": 0.7, "maxNewTokens": 48, "batchSize": 32},
     "slow": {
         "problemsPerStep": 4,
