@@ -138,6 +138,7 @@ def plasticity_manifest(arm: str, output_dir: str, seed: int = 0) -> dict[str, A
     if arm not in PLASTICITY_ARMS:
         raise ValueError(f"plasticity arm {arm!r}: one of {PLASTICITY_ARMS}")
     defaults = copy.deepcopy(COMMON)
+    model = defaults.pop("model")  # a stream's model is spec.model, one for every stage
     defaults.update(mode="rl", seed=seed)
     defaults["checkpoint"] = {"every": STEPS, "keepLast": 1}
     stage_b: dict[str, Any] = {
@@ -159,6 +160,7 @@ def plasticity_manifest(arm: str, output_dir: str, seed: int = 0) -> dict[str, A
         "metadata": {"name": f"plasticity-{arm}-s{seed}"},
         "spec": {
             "outputDir": output_dir,
+            "model": model,
             "evalProblems": 16,
             "promotion": {"nextStageFrom": "candidate"},
             "defaults": defaults,
@@ -201,6 +203,7 @@ def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]
     not line up with the stage boundaries (steps 7 and 13): the fast channel is not told when
     the data changed."""
     defaults = copy.deepcopy(COMMON)
+    model = defaults.pop("model")  # a stream's model is spec.model, one for every stage
     defaults.update(mode=mode, seed=seed)
     defaults["fast"]["everySteps"] = 4
     defaults["checkpoint"] = {"every": STREAM_STEPS, "keepLast": 1}
@@ -210,6 +213,7 @@ def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]
         "metadata": {"name": f"stream-{mode}-s{seed}"},
         "spec": {
             "outputDir": output_dir,
+            "model": model,
             # Retention + decomposition after each stage: 16 test problems (cost).
             "evalProblems": 16,
             "continueTrajectory": True,

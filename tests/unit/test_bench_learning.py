@@ -33,6 +33,7 @@ def test_the_probe_trains_a_then_a_fresh_rl_run_on_b_without_the_population(tmp_
     )
     assert (b.mode, b.steps, b.metrics.eval_every) == ("rl", PLASTICITY_STEPS_B, 2)
     assert b.model.name == "/x/checkpoints/step-00000020" and not b.fast.initial_population
+    assert a.model.autocast == b.model.autocast == "bfloat16"  # every run of the bench alike
     base = TaskStream.model_validate(plasticity_manifest("base", str(tmp_path)))
     assert [s.name for s in base.spec.stages] == ["b"]
     with pytest.raises(ValueError, match="plasticity arm"):
@@ -105,6 +106,7 @@ def test_the_bench_stream_is_one_trajectory_through_three_tasks(tmp_path):
     # Stage 2 continues stage 1's state; its GEPA cadence does not restart at the boundary.
     assert second.continue_from == "/x/step-00000006" and second.mode == "fst-distill"
     assert second.fast.every_steps == 4 and 6 % 4 != 0
+    assert second.model.autocast == "bfloat16"
     assert TASKS["house"]["params"]["hiddenOp"] == "-"
     names = [j.name for j in plan(tmp_path, (0,), 4, streams=True, plasticity=False)]
     assert {f"stream-{m}-s0" for m in ("rl", "fst", "fst-distill", "gepa")} <= set(names)
