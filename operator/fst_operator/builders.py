@@ -553,6 +553,13 @@ def read_status(obj: dict[str, Any]) -> FastSlowRunStatus:
     return FastSlowRunStatus.model_validate(obj.get("status") or {})
 
 
+def spec_changed(obj: dict[str, Any]) -> bool:
+    """The spec changed since the operator last wrote status for it: metadata.generation
+    (bumped by spec changes only) is ahead of status.observedGeneration."""
+    seen = (obj.get("status") or {}).get("observedGeneration") or 0
+    return bool((obj["metadata"].get("generation") or 0) > seen)
+
+
 def decide_run(
     run: dict[str, Any],
     spec: FastSlowRunSpec,

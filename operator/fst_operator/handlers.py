@@ -331,11 +331,9 @@ async def run_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any
         _met_runs.discard(key)
         _unseen_runs.pop(key, None)
         return
-    status = body.get("status") or {}
-    new = not status.get("phase")
-    spec_changed = (meta.get("generation") or 0) > (status.get("observedGeneration") or 0)
+    new = not (body.get("status") or {}).get("phase")
     first = key not in _met_runs
-    if not (new or spec_changed or first):
+    if not (new or builders.spec_changed(dict(body)) or first):
         return
     _met_runs.add(key)
     if new and first:
@@ -409,9 +407,7 @@ def reconcile_run(
         job = _indexed_job(jobs, namespace, name, attempt)
         if job is None and old.get("phase") not in builders.TERMINAL:
             job = ensure_attempt(body, spec, cfg, attempt)
-        elif job is not None and (meta.get("generation") or 0) > (
-            old.get("observedGeneration") or 0
-        ):
+        elif job is not None and builders.spec_changed(run):
             job = apply_suspend(body, spec, job)
         workload = _indexed_workload(workloads, namespace, job)
         oom = None
