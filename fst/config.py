@@ -71,8 +71,9 @@ class ModelConfig(Schema):
         "in bfloat16 under torch.autocast, while the weights, gradients and optimizer state "
         "stay in float32 (mixed precision, as TRL's bf16=True). ~2x faster matmuls on a CPU "
         "with AVX-512 BF16 or AMX and on GPUs; log-probabilities move by ~1e-2, which CISPO's "
-        "ratio absorbs. Evaluations by the promotion gate stay in float32. Needs dtype "
-        "float32; the vLLM engine samples in its own dtype.",
+        "ratio absorbs. On the CPU the attention runs in float32 (torch's CPU attention "
+        "kernels are slower in bfloat16). Needs dtype float32; the vLLM engine samples in its "
+        "own dtype.",
     )
     device: str = Field(
         "auto",

@@ -15,7 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
-from fst.model import autocast
+from fst.model import attends_in_float32, autocast
 from fst.rollout import Generators, Rollout, SamplingParams
 
 
@@ -190,7 +190,12 @@ class HFRolloutEngine:
         )
         rows_idx = torch.tensor(row_of, device=device)
         logits = out.logits[:, -1, :].index_select(0, rows_idx)  # (B, V)
-        cache = _preallocate(out.cache, rows_idx, L + N)
+        # A float32 attention (fst.model.FLOAT32_ATTENTION) reads float32 keys and values: keep
+        # the cache in float32, so a decoding step casts its one new position, not the whole
+        # cache. (Under bf16 autocast the keys come out of the rotary embedding in float32
+        # already; the values come out of their projection in bf16.)
+        cache_dtype = torch.float32 if attends_in_float32(model) else None
+        cache = _preallocate(out.cache, rows_idx, L + N, cache_dtype)
         next_pos = positions[:, -1:].index_select(0, rows_idx) + 1  # (B, 1)
         # The attention mask of the whole completion, allocated once; step t uses [:, :L+t+1].
         full_attention = torch.ones((B, L + N), dtype=torch.long, device=device)
@@ -250,15 +255,23 @@ class _PreallocatedLayer(DynamicLayer):
     position, and `keys`/`values` are views of the filled part, so the attention reads exactly
     what it read before.
 
-    keys, values: (B, H, n, D) the prefill's cache; the buffers are (B, H, capacity, D).
+    keys, values: (B, H, n, D) the prefill's cache; the buffers are (B, H, capacity, D), in
+    `dtype` (default: each tensor's own), which new positions are cast to as they are written.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        capacity: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         b, h, n, d = keys.shape
-        self.dtype, self.device = keys.dtype, keys.device
-        self._k = keys.new_empty((b, h, capacity, d))
-        self._v = values.new_empty((b, values.shape[1], capacity, values.shape[-1]))
+        self.dtype, self.device = dtype or keys.dtype, keys.device
+        self._k = keys.new_empty((b, h, capacity, d), dtype=dtype or keys.dtype)
+        v_shape = (b, values.shape[1], capacity, values.shape[-1])
+        self._v = values.new_empty(v_shape, dtype=dtype or values.dtype)
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
         self._n = n
@@ -286,12 +299,15 @@ class _PreallocatedLayer(DynamicLayer):
         self._expose()
 
 
-def _preallocate(cache: Cache, rows: torch.Tensor, capacity: int) -> Cache:
+def _preallocate(
+    cache: Cache, rows: torch.Tensor, capacity: int, dtype: torch.dtype | None = None
+) -> Cache:
     """The prefill's cache expanded to one row per rollout (`rows` (B,) maps each rollout to its
-    distinct prompt), with plain layers moved into preallocated buffers (other layer kinds,
-    e.g. sliding-window ones, keep their own logic and just get their rows selected)."""
+    distinct prompt), with plain layers moved into preallocated buffers in `dtype` (default:
+    the cache's own; other layer kinds, e.g. sliding-window ones, keep their own logic and
+    just get their rows selected)."""
     cache.batch_select_indices(rows)  # every layer kind: (U, ...) -> (B, ...)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None:
-            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity)
+            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity, dtype)
     return cache
