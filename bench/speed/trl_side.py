@@ -113,7 +113,11 @@ class TrlSide:
             dataloader_num_workers=0,
             log_completions=False,
         )
-        mcfg = ModelConfig(name=s.model)
+        # The same model object fastslow's side trains: with bf16, model.autocast makes
+        # load_policy pick the float32 attention (fst.model.FLOAT32_ATTENTION) for TRL's model
+        # too, so both run the same attention kernels (the autocast itself is accelerate's).
+        autocast = "bfloat16" if s.precision == "bf16" else "none"
+        mcfg = ModelConfig(name=s.model, autocast=autocast)
         model = load_policy(mcfg)
         self.trainer = trl.GRPOTrainer(
             model=model,
