@@ -11,6 +11,8 @@ field (transformers >= 5.24; the older name `past_key_values` is deprecated ther
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
@@ -116,6 +118,55 @@ def _first_exceeding(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(idx < cdf.shape[-1], idx, fallback).squeeze(-1)
 
 
+# Prompts share one prefill of their common prefix only from this many common tokens: below
+# it a second forward's fixed cost (~a decoding step) outweighs the tokens it saves. Measured
+# by `python -m bench.prefix` (SmolLM2, bf16, four population prompts of 17-140 tokens; a
+# prefill is compute-bound, ~1 ms per prompt token on 2 cores): the prefill alone took 0.85
+# (a step's 16 distinct prompts), 0.66 (a re-scoring's 32) and 0.71 (a minibatch's 16) of
+# the time; with 32 new tokens, 0.91, 0.84 and 0.83.
+MIN_SHARED_PREFIX = 16
+
+
+def shared_prefixes(
+    prompts: Sequence[Sequence[int]], min_shared: int
+) -> tuple[list[int], list[int]]:
+    """Group prompts by a common prefix: returns (group id, prefix length) per prompt.
+
+    Prompts are sorted; a prompt joins its predecessor's group when they share >= `min_shared`
+    tokens and joining saves more prefill than it adds; a group's prefix is what all its
+    prompts share, cut so that every prompt keeps >= 1 token after it (the last token's
+    logits start the sampling). A prompt in no group is a group of its own
+    with all but its last token as prefix. Pure; O(total tokens)."""
+    order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
+    group_of, length = [0] * len(prompts), [0] * len(prompts)
+
+    def common(a: Sequence[int], b: Sequence[int]) -> int:
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return n
+
+    groups: list[list[int]] = []
+    shared: list[int] = []  # per group: tokens all its prompts share
+    for i in order:
+        if groups:
+            n = min(shared[-1], common(prompts[groups[-1][-1]], prompts[i]))
+            # Join unless it costs more than it saves: the group's prompts would each carry
+            # (shared - n) more tokens in their rest, against the n-token prefix row saved.
+            # (Candidate system prompts that begin with the same seed text stay apart.)
+            if n >= min_shared and (shared[-1] - n) * len(groups[-1]) <= n:
+                groups[-1].append(i)
+                shared[-1] = n
+                continue
+        groups.append([i])
+        shared.append(len(prompts[i]))
+    for g, members in enumerate(groups):
+        cut = min([shared[g]] + [len(prompts[i]) - 1 for i in members])
+        for i in members:
+            group_of[i], length[i] = g, cut
+    return group_of, length
+
+
 class HFRolloutEngine:
     """Samples from `model` itself (shared weights: sync_weights is a no-op).
 
@@ -154,6 +205,70 @@ class HFRolloutEngine:
                 out.extend(self._generate_batch(prompts[batch], params, gens))
         return out
 
+    def _prefill(
+        self, prompts: list[tuple[int, ...]]
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
+        """Run U distinct prompts through the model. Returns (last logits (U, V), the KV cache
+        of (U, L) columns, the attention mask (U, L) over those columns, the position of each
+        prompt's last token (U, 1)).
+
+        Prompts that share a long prefix (the system prompt of a GEPA candidate, over its
+        problems; a population prompt over a step's problems) run that prefix ONCE: first
+        the distinct prefixes, then each prompt's rest on top of its prefix's cache (its
+        rows copied), as vLLM's prefix caching does. Columns: [left-padded prefix | left-
+        padded rest], so the padding between the two is masked out and positions count real
+        tokens only."""
+        device = self.model.device
+        prefix_of, prefix_len = shared_prefixes(prompts, MIN_SHARED_PREFIX)
+        if len(set(prefix_of)) == len(prompts):  # nothing shared: one plain prefill
+            return self._forward(list(prompts), None, None, None)
+        prefixes: dict[int, tuple[int, ...]] = {}
+        for u, p in enumerate(prompts):
+            prefixes.setdefault(prefix_of[u], p[: prefix_len[u]])
+        _, cache, pre_mask, pre_pos = self._forward(list(prefixes.values()), None, None, None)
+        group = torch.tensor([list(prefixes).index(g) for g in prefix_of], device=device)
+        cache.batch_select_indices(group)  # (G, ...) -> (U, ...)
+        rests = [list(p[n:]) for p, n in zip(prompts, prefix_len, strict=True)]
+        return self._forward(
+            rests, cache, pre_mask.index_select(0, group), pre_pos.index_select(0, group)
+        )
+
+    def _forward(
+        self,
+        prompts: list[list[int]] | list[tuple[int, ...]],
+        cache: Cache | None,
+        past_mask: torch.Tensor | None,
+        past_last_pos: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
+        """One left-padded forward of `prompts` (each >= 1 token), after `cache` when given
+        (whose columns `past_mask` (U, P) masks, and whose last real token per row sits at
+        position `past_last_pos` (U, 1)). Returns (last logits (U, V), the cache, the mask of
+        all its columns (U, P + L), the last token's position (U, 1))."""
+        model, device = self.model, self.model.device
+        U, L = len(prompts), max(len(p) for p in prompts)
+        # Left padding keeps every row's last prompt token in the last column.
+        input_ids = torch.full((U, L), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((U, L), dtype=torch.long)
+        for u, p in enumerate(prompts):
+            input_ids[u, L - len(p) :] = torch.tensor(p)
+            attention[u, L - len(p) :] = 1
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (U, L): 0 at each row's first token
+        if past_last_pos is not None:
+            positions = positions + past_last_pos + 1
+        full_mask = attention if past_mask is None else torch.cat([past_mask, attention], dim=1)
+        # logits_to_keep=1: only the last position's logits are needed; the LM head (49k x 576
+        # for SmolLM2) never runs over the rest of the prompt.
+        out = model(
+            input_ids=input_ids,
+            attention_mask=full_mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1, :], out.cache, full_mask, positions[:, -1:]
+
     @torch.no_grad()
     def _generate_batch(
         self, prompts: list[list[int]], params: SamplingParams, generator: Generators
@@ -161,42 +276,24 @@ class HFRolloutEngine:
         model, device = self.model, self.model.device
         was_training = model.training
         model.eval()
-        B, L = len(prompts), max(len(p) for p in prompts)
-        N = params.max_new_tokens
+        B, N = len(prompts), params.max_new_tokens
 
         # The G rollouts of a problem share their prompt: run the prompt (prefill) once per
         # DISTINCT prompt, then copy its KV cache and last logits to every row that uses it.
         # The prefill was ~a quarter of the decoding FLOPs at G=8 and 128 new tokens.
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        U = len(distinct)
-        # Left padding keeps every row's last prompt token in the last column.
-        input_ids = torch.full((U, L), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((U, L), dtype=torch.long)
-        for u, p in enumerate(distinct):
-            input_ids[u, L - len(p) :] = torch.tensor(p)
-            attention[u, L - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (U, L): 0 at each row's first token
-
-        # logits_to_keep=1: only the last position's logits are needed; the LM head (49k x 576
-        # for SmolLM2) never runs over the rest of the prompt.
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        logits_u, cache, attention, last_pos = self._prefill(list(distinct))
+        L = attention.shape[1]  # prompt columns (with a shared prefix: its and the rests')
         rows_idx = torch.tensor(row_of, device=device)
-        logits = out.logits[:, -1, :].index_select(0, rows_idx)  # (B, V)
+        logits = logits_u.index_select(0, rows_idx)  # (B, V)
         # A float32 attention (fst.model.FLOAT32_ATTENTION) reads float32 keys and values: keep
         # the cache in float32, so a decoding step casts its one new position, not the whole
         # cache. (Under bf16 autocast the keys come out of the rotary embedding in float32
         # already; the values come out of their projection in bf16.)
         cache_dtype = torch.float32 if attends_in_float32(model) else None
-        cache = _preallocate(out.cache, rows_idx, L + N, cache_dtype)
-        next_pos = positions[:, -1:].index_select(0, rows_idx) + 1  # (B, 1)
+        cache = _preallocate(cache, rows_idx, L + N, cache_dtype)
+        next_pos = last_pos.index_select(0, rows_idx) + 1  # (B, 1)
         # The attention mask of the whole completion, allocated once; step t uses [:, :L+t+1].
         full_attention = torch.ones((B, L + N), dtype=torch.long, device=device)
         full_attention[:, :L] = attention.index_select(0, rows_idx)

@@ -10,7 +10,7 @@ import torch
 
 from fst.metrics import kl_to_base
 from fst.rollout import SamplingParams
-from fst.rollout.hf import HFRolloutEngine, sample_next
+from fst.rollout.hf import HFRolloutEngine, sample_next, shared_prefixes
 
 
 class Tok:
@@ -173,3 +173,62 @@ def test_block_search_picks_the_token_one_running_sum_picks():
         got = invert_cdf(w, u)
         assert torch.equal(got, want), V
         assert bool((w[torch.arange(64), got] > 0).all())
+
+
+def test_shared_prefixes_groups_prompts_by_their_common_start():
+    system = list(range(20, 40))  # 20 tokens, like a system prompt
+    prompts = [[*system, 5, 6], [7, 8, 9], [*system, 5, 9, 9], [*system[:18], 1], system]
+    group, length = shared_prefixes(prompts, min_shared=16)
+    # The four that start with (most of) the system prompt are one group; what they all share
+    # is its first 18 tokens; the plain prompt is a group of its own.
+    assert len({group[i] for i in (0, 2, 3, 4)}) == 1 and group[1] != group[0]
+    assert [length[i] for i in (0, 2, 3, 4)] == [18] * 4
+    assert length[1] == 2  # alone: all but its last token
+    # A prompt that IS the shared prefix keeps its last token for the second forward.
+    group, length = shared_prefixes([system, [*system, 5]], min_shared=16)
+    assert group[0] == group[1] and length == [19, 19]
+    # Below min_shared nothing is grouped.
+    group, _ = shared_prefixes([[*system[:10], 1], [*system[:10], 2]], min_shared=16)
+    assert group[0] != group[1]
+
+
+def test_a_shared_prefix_runs_once_and_changes_no_sample(model):
+    """Prompts that share a long prefix (a system prompt over several problems) prefill it
+    once; the samples and logprobs are those of a full forward of each row, and greedy
+    decoding gives what one-prompt-at-a-time decoding gives."""
+    system = [(7 * i) % 45 + 3 for i in range(20)]
+    prompts = [[*system, 5, 6, 7], [*system, 8], [*system, 9, 10], [11, 12, 13]]
+    shapes: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_hook(
+        lambda m, i, o: shapes.append(tuple(i[0].shape))
+    )
+    eng = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
+    p = SamplingParams(temperature=0.9, max_new_tokens=6)
+    out = eng.generate(prompts, p, torch.Generator().manual_seed(2))
+    hook.remove()
+    # First forward: the shared prefix once, and the lone prompt's all-but-last; second: the
+    # rests (3 tokens at most), not 23-token prompts.
+    assert shapes[0] == (2, 20) and shapes[1] == (4, 3)
+    for r in out:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float() / 0.9, -1)
+        want = [
+            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
+        ]
+        assert r.logprobs == pytest.approx(want, abs=1e-4)
+    greedy = SamplingParams(max_new_tokens=8, greedy=True)
+    single = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=1)
+    g = torch.Generator()
+    assert [r.completion_ids for r in eng.generate(prompts, greedy, g)] == [
+        r.completion_ids for r in single.generate(prompts, greedy, g)
+    ]
+
+
+def test_system_prompts_that_begin_alike_are_not_merged_into_one_short_prefix():
+    seed = list(range(20, 40))
+    a, b = seed + list(range(1, 31)), seed + list(range(2, 32))  # two longer system prompts
+    prompts = [[*s, q] for s in (a, b) for q in (41, 42, 43, 44)]
+    group, length = shared_prefixes(prompts, min_shared=16)
+    assert group[:4] == [group[0]] * 4 and group[4:] == [group[4]] * 4 and group[0] != group[4]
+    assert length == [50] * 8  # each its whole system prompt, not the 20 seed tokens

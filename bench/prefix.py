@@ -1,0 +1,143 @@
+"""Shared-prefix prefill in the rollout engine, on and off, side by side in one process.
+
+    python -m bench.prefix [--new-tokens 1 32]
+
+SmolLM2 under bf16 autocast; four system prompts of the kind an FST population holds (the
+seed, then the digest reflector's lessons appended to it: 17 to 140 tokens; texts taken from a
+`mul` learning-bench run) over `mul` problems, in the three shapes the fast channel makes:
+a training step (4 prompts x 4 problems x 2 rollouts), a round's re-scoring (4 prompts x 8
+problems) and a minibatch evaluation (4 prompts x 4 problems). Each shape is generated with
+`fst.rollout.hf.MIN_SHARED_PREFIX` at its value (prefixes shared) and at infinity (one plain
+prefill), alternating, the better of two each; every completion forced to the same length
+(1 new token: the prefill alone). Reported: seconds and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEED = "You are a helpful assistant. Think step by step, then give the final answer."
+LESSON = (
+    "* Compute {a} * {b}. End your reply with the final answer as an integer. -> Wrong value: "
+    "the reply ends with {w}, expected {r}. Worked steps: {a} * {b} = {r}."
+)
+
+
+def population() -> list[str]:
+    def lessons(*cases: tuple[int, int, int]) -> str:
+        lines = [LESSON.format(a=a, b=b, w=w, r=a * b) for a, b, w in cases]
+        return SEED + "\n\nWorked examples from earlier mistakes:\n" + "\n".join(lines)
+
+    return [
+        SEED,
+        lessons((15, 13, 185)),
+        lessons((15, 13, 185), (23, 9, 218)),
+        lessons((19, 15, 245), (5, 5, 22)),
+    ]
+
+
+PROBLEMS = [(12, 17), (23, 9), (14, 21), (7, 25), (19, 18), (11, 13), (22, 24), (16, 8)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.prefix",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "runs" / "bench-prefix" / f"{time.strftime('%Y%m%d-%H%M%S')}.json",
+    )
+    a = p.parse_args(argv)
+
+    import torch
+
+    from fst.config import ModelConfig
+    from fst.model import chat_prompt_ids, load_policy, load_tokenizer
+    from fst.rollout import SamplingParams, hf
+
+    torch.set_num_threads(a.threads)
+    started, load_before = time.time(), os.getloadavg()
+    cfg = ModelConfig(name="smollm2-135m-instruct", autocast="bfloat16")
+    model, tok = load_policy(cfg), load_tokenizer(cfg)
+    systems = population()
+    problems = [
+        f"Compute {x} * {y}. End your reply with the final answer as an integer."
+        for x, y in PROBLEMS
+    ]
+    shapes = {
+        "step (4 prompts x 4 problems x 2)": [
+            chat_prompt_ids(tok, s, q) for s in systems for q in problems[:4] for _ in range(2)
+        ],
+        "re-scoring (4 prompts x 8 problems)": [
+            chat_prompt_ids(tok, s, q) for s in systems for q in problems
+        ],
+        "minibatch (4 prompts x 4 problems)": [
+            chat_prompt_ids(tok, s, q) for s in systems for q in problems[:4]
+        ],
+    }
+    engine = hf.HFRolloutEngine(model, tok, [-1], batch_size=64, autocast_dtype=torch.bfloat16)
+    shared_from = hf.MIN_SHARED_PREFIX
+    rows = []
+    for name, prompts in shapes.items():
+        for new in a.new_tokens:
+            seconds: dict[str, list[float]] = {"plain": [], "shared": []}
+            for mode in ("plain", "shared") * 2:
+                hf.MIN_SHARED_PREFIX = shared_from if mode == "shared" else 10**9
+                t0 = time.perf_counter()
+                engine.generate(prompts, SamplingParams(max_new_tokens=new), torch.Generator())
+                seconds[mode].append(time.perf_counter() - t0)
+            row = {
+                "shape": name,
+                "rows": len(prompts),
+                "prompt_tokens": sum(len(x) for x in prompts),
+                "new_tokens": new,
+                "plain_s": min(seconds["plain"]),
+                "shared_s": min(seconds["shared"]),
+                "all_s": seconds,
+            }
+            row["ratio"] = row["shared_s"] / row["plain_s"]
+            rows.append(row)
+            print(
+                f"{name}, {row['rows']} rows, {row['prompt_tokens']} prompt tokens, {new} new: "
+                f"plain {row['plain_s']:.2f} s, shared {row['shared_s']:.2f} s, "
+                f"ratio {row['ratio']:.2f}",
+                flush=True,
+            )
+    hf.MIN_SHARED_PREFIX = shared_from
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(
+        json.dumps(
+            {
+                "settings": {"new_tokens": a.new_tokens, "threads": a.threads},
+                "system_prompt_tokens": [len(tok(s)["input_ids"]) for s in systems],
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
+                    "load_before": load_before,
+                    "load_after": os.getloadavg(),
+                },
+                "rows": rows,
+            },
+            indent=1,
+        )
+    )
+    print(f"records: {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
