@@ -13,15 +13,13 @@ Reported: seconds per `generate` (prefill + decoding) and their ratio, per batch
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.record import engine_bench_parser, machine, smollm2_bf16, started_at
 
 
 def kernel_us(rows: int, keys: int, dtype: Any, repeats: int = 200) -> float:
@@ -42,33 +40,21 @@ def kernel_us(rows: int, keys: int, dtype: Any, repeats: int = 200) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.attention",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = engine_bench_parser("attention", __doc__)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32])
     p.add_argument("--prompt-tokens", type=int, default=100)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "runs" / "bench-attention" / f"{time.strftime('%Y%m%d-%H%M%S')}.json",
-    )
     a = p.parse_args(argv)
 
     import torch
 
-    from fst.config import ModelConfig
-    from fst.model import FLOAT32_ATTENTION, load_policy, load_tokenizer
+    from fst.model import FLOAT32_ATTENTION
     from fst.rollout import SamplingParams
     from fst.rollout.hf import HFRolloutEngine
 
     torch.set_num_threads(a.threads)
     started, load_before = time.time(), os.getloadavg()
-    cfg = ModelConfig(name="smollm2-135m-instruct", autocast="bfloat16")
-    model, tok = load_policy(cfg), load_tokenizer(cfg)
+    model, tok = smollm2_bf16()
     # No stop token: every row decodes exactly --new-tokens under both implementations.
     engine = HFRolloutEngine(
         model, tok, [-1], batch_size=max(a.rows), autocast_dtype=torch.bfloat16
@@ -108,14 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "load_before": load_before,
-                    "load_after": os.getloadavg(),
-                },
+                "started": started_at(started),
+                "machine": machine(load_before),
                 "rows": rows_out,
             },
             indent=1,

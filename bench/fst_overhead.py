@@ -29,7 +29,6 @@ import copy
 import json
 import multiprocessing as mp
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.learning.spec import TASKS as LEARNING_TASKS
+from bench.record import machine, started_at
 from bench.speed.__main__ import receive  # a worker's next message, or its death reported
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -400,21 +400,13 @@ def main(argv: list[str] | None = None) -> int:
 
     measured = {n: c[1:] for n, c in cycles.items()}
     results = {n: summary(measured["rl"], measured[n], s.every) for n in names if n != "rl"}
-    import torch
-
     out.write_text(
         json.dumps(
             {
                 "settings": asdict(s),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                "started": started_at(started),
                 "wall_s": time.time() - started,
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "load_before": load_before,
-                    "load_after": os.getloadavg(),
-                },
+                "machine": machine(load_before),
                 "summary": results,
                 "cycles": cycles,
             },

@@ -14,14 +14,11 @@ prefill), alternating, the better of two each; every completion forced to the sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench.record import engine_bench_parser, machine, smollm2_bf16, started_at
 
 SEED = "You are a helpful assistant. Think step by step, then give the final answer."
 LESSON = (
@@ -47,30 +44,18 @@ PROBLEMS = [(12, 17), (23, 9), (14, 21), (7, 25), (19, 18), (11, 13), (22, 24), 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.prefix",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = engine_bench_parser("prefix", __doc__)
     p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 32])
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=ROOT / "runs" / "bench-prefix" / f"{time.strftime('%Y%m%d-%H%M%S')}.json",
-    )
     a = p.parse_args(argv)
 
     import torch
 
-    from fst.config import ModelConfig
-    from fst.model import chat_prompt_ids, load_policy, load_tokenizer
+    from fst.model import chat_prompt_ids
     from fst.rollout import SamplingParams, hf
 
     torch.set_num_threads(a.threads)
     started, load_before = time.time(), os.getloadavg()
-    cfg = ModelConfig(name="smollm2-135m-instruct", autocast="bfloat16")
-    model, tok = load_policy(cfg), load_tokenizer(cfg)
+    model, tok = smollm2_bf16()
     systems = population()
     problems = [
         f"Compute {x} * {y}. End your reply with the final answer as an integer."
@@ -122,14 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             {
                 "settings": {"new_tokens": a.new_tokens, "threads": a.threads},
                 "system_prompt_tokens": [len(tok(s)["input_ids"]) for s in systems],
-                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "platform": platform.platform(),
-                    "torch": torch.__version__,
-                    "load_before": load_before,
-                    "load_after": os.getloadavg(),
-                },
+                "started": started_at(started),
+                "machine": machine(load_before),
                 "rows": rows,
             },
             indent=1,

@@ -28,20 +28,25 @@ def model(tiny_llama):
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
 
 
+def assert_logprobs_of_a_full_forward(model, rollouts, temperature):
+    """Each rollout's sampler logprobs are those of one forward over prompt + completion."""
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float() / temperature, -1)
+        want = [
+            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
+        ]
+        assert r.logprobs == pytest.approx(want, abs=1e-4)
+
+
 def test_same_seed_same_samples_and_logprobs_match_a_full_forward(model):
     eng = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=8)
     p = SamplingParams(temperature=0.9, max_new_tokens=6)
     a = eng.generate(PROMPTS, p, torch.Generator().manual_seed(1))
     b = eng.generate(PROMPTS, p, torch.Generator().manual_seed(1))
     assert [r.completion_ids for r in a] == [r.completion_ids for r in b]
-    for r in a:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].float() / 0.9, -1)
-        want = [
-            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
-        ]
-        assert r.logprobs == pytest.approx(want, abs=1e-4)
+    assert_logprobs_of_a_full_forward(model, a, temperature=0.9)
 
 
 def test_a_row_with_its_own_generator_samples_the_same_in_any_batch(model):
@@ -209,14 +214,7 @@ def test_a_shared_prefix_runs_once_and_changes_no_sample(model):
     # First forward: the shared prefix once, and the lone prompt's all-but-last; second: the
     # rests (3 tokens at most), not 23-token prompts.
     assert shapes[0] == (2, 20) and shapes[1] == (4, 3)
-    for r in out:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].float() / 0.9, -1)
-        want = [
-            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
-        ]
-        assert r.logprobs == pytest.approx(want, abs=1e-4)
+    assert_logprobs_of_a_full_forward(model, out, temperature=0.9)
     greedy = SamplingParams(max_new_tokens=8, greedy=True)
     single = HFRolloutEngine(model, Tok(), stop_ids=[1], batch_size=1)
     g = torch.Generator()
