@@ -112,3 +112,14 @@ def test_load_policy_picks_it_for_bf16_autocast_on_the_cpu_only(tiny_model_dir):
     plain = load_policy(ModelConfig(name=str(tiny_model_dir), device="cpu"))
     assert mixed.config._attn_implementation == FLOAT32_ATTENTION and attends_in_float32(mixed)
     assert plain.config._attn_implementation == "sdpa" and not attends_in_float32(plain)
+
+
+def test_a_saved_model_does_not_record_it(models, tmp_path):
+    """Checkpoints must load where fst.model was never imported (vLLM, a user's transformers):
+    the attention choice is the loader's, not part of the saved config."""
+    import json
+
+    _, fp32 = models
+    fp32.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert FLOAT32_ATTENTION not in json.dumps(config)
