@@ -118,12 +118,12 @@ def _first_exceeding(cdf: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(idx < cdf.shape[-1], idx, fallback).squeeze(-1)
 
 
-# Prompts share one prefill of their common prefix only from this many common tokens: below
-# it a second forward's fixed cost (~a decoding step) outweighs the tokens it saves. Measured
-# by `python -m bench.prefix` (SmolLM2, bf16, four population prompts of 17-140 tokens; a
-# prefill is compute-bound, ~1 ms per prompt token on 2 cores): the prefill alone took 0.85
-# (a step's 16 distinct prompts), 0.66 (a re-scoring's 32) and 0.71 (a minibatch's 16) of
-# the time; with 32 new tokens, 0.91, 0.84 and 0.83.
+# Prompts share one prefill of their common prefix only from this many common tokens. A
+# heuristic, not tuned: sharing adds a second forward, whose fixed cost is about a decoding
+# step (tens of ms), while a prompt token's prefill costs ~1 ms on 2 cores (compute-bound).
+# Measured by `python -m bench.prefix` (SmolLM2, bf16, four population prompts of 17-140
+# tokens): the prefill alone took 0.85 (a step's 16 distinct prompts), 0.66 (a re-scoring's
+# 32) and 0.71 (a minibatch's 16) of the time; with 32 new tokens, 0.91, 0.84 and 0.83.
 MIN_SHARED_PREFIX = 16
 
 
@@ -135,8 +135,8 @@ def shared_prefixes(
     Prompts are sorted; a prompt joins its predecessor's group when they share >= `min_shared`
     tokens and joining saves more prefill than it adds; a group's prefix is what all its
     prompts share, cut so that every prompt keeps >= 1 token after it (the last token's
-    logits start the sampling). A prompt in no group is a group of its own
-    with all but its last token as prefix. Pure; O(total tokens)."""
+    logits start the sampling). A prompt in no group is a group of its own, with all but its
+    last token as prefix. Pure."""
     order = sorted(range(len(prompts)), key=lambda i: tuple(prompts[i]))
     group_of, length = [0] * len(prompts), [0] * len(prompts)
 
@@ -226,7 +226,8 @@ class HFRolloutEngine:
         for u, p in enumerate(prompts):
             prefixes.setdefault(prefix_of[u], p[: prefix_len[u]])
         _, cache, pre_mask, pre_pos = self._forward(list(prefixes.values()), None, None, None)
-        group = torch.tensor([list(prefixes).index(g) for g in prefix_of], device=device)
+        slot = {g: k for k, g in enumerate(prefixes)}  # group id -> its row in the first forward
+        group = torch.tensor([slot[g] for g in prefix_of], device=device)
         cache.batch_select_indices(group)  # (G, ...) -> (U, ...)
         rests = [list(p[n:]) for p, n in zip(prompts, prefix_len, strict=True)]
         return self._forward(
