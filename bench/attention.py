@@ -13,13 +13,12 @@ Reported: seconds per `generate` (prefill + decoding) and their ratio, per batch
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.record import engine_bench_parser, machine, smollm2_bf16, started_at
+from bench.record import engine_bench_parser, smollm2_bf16, write_record
 
 
 def kernel_us(rows: int, keys: int, dtype: Any, repeats: int = 200) -> float:
@@ -89,19 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['kernel_bf16_us']:.0f} us bf16, {row['kernel_fp32_us']:.0f} us fp32",
             flush=True,
         )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
-                "started": started_at(started),
-                "machine": machine(load_before),
-                "rows": rows_out,
-            },
-            indent=1,
-        )
-    )
-    print(f"records: {a.out}")
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+    write_record(a.out, started, load_before, settings=settings, rows=rows_out)
     return 0
 
 

@@ -14,11 +14,10 @@ prefill), alternating, the better of two each; every completion forced to the sa
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
-from bench.record import engine_bench_parser, machine, smollm2_bf16, started_at
+from bench.record import engine_bench_parser, smollm2_bf16, write_record
 
 SEED = "You are a helpful assistant. Think step by step, then give the final answer."
 LESSON = (
@@ -101,20 +100,14 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     hf.MIN_SHARED_PREFIX = shared_from
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(
-        json.dumps(
-            {
-                "settings": {"new_tokens": a.new_tokens, "threads": a.threads},
-                "system_prompt_tokens": [len(tok(s)["input_ids"]) for s in systems],
-                "started": started_at(started),
-                "machine": machine(load_before),
-                "rows": rows,
-            },
-            indent=1,
-        )
+    write_record(
+        a.out,
+        started,
+        load_before,
+        settings={"new_tokens": a.new_tokens, "threads": a.threads},
+        system_prompt_tokens=[len(tok(s)["input_ids"]) for s in systems],
+        rows=rows,
     )
-    print(f"records: {a.out}")
     return 0
 
 

@@ -4,6 +4,7 @@ load, and what their JSON record says about the machine and its load."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -39,7 +40,7 @@ def smollm2_bf16() -> tuple[Any, Any]:
     return load_policy(cfg), load_tokenizer(cfg)
 
 
-def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
+def machine(load_before: tuple[float, ...]) -> dict[str, Any]:
     """The machine, torch, and the load averages before the run and now."""
     import torch
 
@@ -54,3 +55,11 @@ def machine(load_before: tuple[float, float, float]) -> dict[str, Any]:
 
 def started_at(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def write_record(out: Path, started: float, load_before: tuple[float, ...], **fields: Any) -> None:
+    """The bench's JSON record at `out`: its `fields`, when it started, the machine."""
+    record = {**fields, "started": started_at(started), "machine": machine(load_before)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"records: {out}")

@@ -38,6 +38,31 @@ def build_tiny_llama(tied: bool = False):
     return LlamaForCausalLM(cfg)
 
 
+class IdsTok:
+    """The one tokenizer method the rollout engine calls, for the tiny Llama: ids as text."""
+
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def assert_logprobs_of_a_full_forward(model, rollouts, temperature=1.0, autocast=None, abs=1e-4):
+    """Each rollout's sampler logprobs are those of one forward over prompt + completion (under
+    bf16 autocast when `autocast` is torch.bfloat16)."""
+    import torch
+
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])
+        with torch.no_grad(), torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            logits = model(ids).logits[0].float()
+        logp = torch.log_softmax(logits / temperature, -1)
+        want = [
+            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
+        ]
+        assert r.logprobs == pytest.approx(want, abs=abs)
+
+
 @pytest.fixture
 def tiny_llama():
     """A small randomly initialised Llama: the same code path as SmolLM2, in milliseconds."""

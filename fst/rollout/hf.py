@@ -221,11 +221,11 @@ class HFRolloutEngine:
         device = self.model.device
         prefix_of, prefix_len = shared_prefixes(prompts, MIN_SHARED_PREFIX)
         if len(set(prefix_of)) == len(prompts):  # nothing shared: one plain prefill
-            return self._forward(list(prompts), None, None, None)
+            return self._forward(list(prompts))
         prefixes: dict[int, tuple[int, ...]] = {}
         for u, p in enumerate(prompts):
             prefixes.setdefault(prefix_of[u], p[: prefix_len[u]])
-        _, cache, pre_mask, pre_pos = self._forward(list(prefixes.values()), None, None, None)
+        _, cache, pre_mask, pre_pos = self._forward(list(prefixes.values()))
         slot = {g: k for k, g in enumerate(prefixes)}  # group id -> its row in the first forward
         group = torch.tensor([slot[g] for g in prefix_of], device=device)
         cache.batch_select_indices(group)  # (G, ...) -> (U, ...)
@@ -237,9 +237,9 @@ class HFRolloutEngine:
     def _forward(
         self,
         prompts: list[list[int]] | list[tuple[int, ...]],
-        cache: Cache | None,
-        past_mask: torch.Tensor | None,
-        past_last_pos: torch.Tensor | None,
+        cache: Cache | None = None,
+        past_mask: torch.Tensor | None = None,
+        past_last_pos: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
         """One left-padded forward of `prompts` (each >= 1 token), after `cache` when given
         (whose columns `past_mask` (U, P) masks, and whose last real token per row sits at

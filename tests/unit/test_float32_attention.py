@@ -15,14 +15,9 @@ from fst.model import FLOAT32_ATTENTION, attends_in_float32, load_policy
 from fst.rollout import SamplingParams
 from fst.rollout import hf as hf_engine
 from fst.rollout.hf import HFRolloutEngine
+from tests.conftest import IdsTok as Tok
+from tests.conftest import assert_logprobs_of_a_full_forward
 from tests.tiny_model import tiny_model_dir  # noqa: F401  (fixture)
-
-
-class Tok:
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
 
 
 @pytest.fixture
@@ -98,13 +93,7 @@ def test_engine_keeps_a_float32_cache_and_samples_what_a_full_forward_scores(mod
     rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=6), torch.Generator())
     assert cache_dtypes and set(cache_dtypes) == {torch.float32}
     # The trainer's view of the same tokens: one forward under the same autocast.
-    for r in rollouts:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = fp32(input_ids=ids).logits[0, len(r.prompt_ids) - 1 : -1]
-        full = torch.log_softmax(logits.float(), -1)
-        scored = full.gather(-1, torch.tensor(r.completion_ids)[:, None]).squeeze(-1)
-        assert scored.tolist() == pytest.approx(r.logprobs, abs=0.03)
+    assert_logprobs_of_a_full_forward(fp32, rollouts, autocast=torch.bfloat16, abs=0.03)
 
 
 def test_load_policy_picks_it_for_bf16_autocast_on_the_cpu_only(tiny_model_dir):  # noqa: F811

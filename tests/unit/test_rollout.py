@@ -11,13 +11,8 @@ import torch
 from fst.metrics import kl_to_base
 from fst.rollout import SamplingParams
 from fst.rollout.hf import HFRolloutEngine, sample_next, shared_prefixes
-
-
-class Tok:
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
+from tests.conftest import IdsTok as Tok
+from tests.conftest import assert_logprobs_of_a_full_forward
 
 
 @pytest.fixture
@@ -26,18 +21,6 @@ def model(tiny_llama):
 
 
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
-
-
-def assert_logprobs_of_a_full_forward(model, rollouts, temperature):
-    """Each rollout's sampler logprobs are those of one forward over prompt + completion."""
-    for r in rollouts:
-        ids = torch.tensor([r.prompt_ids + r.completion_ids])
-        with torch.no_grad():
-            logp = torch.log_softmax(model(ids).logits[0].float() / temperature, -1)
-        want = [
-            float(logp[len(r.prompt_ids) - 1 + t, tok]) for t, tok in enumerate(r.completion_ids)
-        ]
-        assert r.logprobs == pytest.approx(want, abs=1e-4)
 
 
 def test_same_seed_same_samples_and_logprobs_match_a_full_forward(model):

@@ -18,14 +18,8 @@ import torch
 from fst.config import ModelConfig, SlowConfig
 from fst.rollout import SamplingParams
 from fst.rollout.hf import HFRolloutEngine
+from tests.conftest import IdsTok as Tok
 from tests.tiny_model import tiny_model_dir  # noqa: F401 (fixture)
-
-
-class Tok:
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(str(i) for i in ids)
 
 
 @pytest.fixture
