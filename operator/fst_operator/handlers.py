@@ -12,14 +12,16 @@ never duplicates it.
                                                      a changed spec.suspend: the Job's suspend,
                                                      Kueue's while queued)
                  training progress (the database) -> one poller for all runs (progress.py)
-    TaskStream   create/update/resume, a timer  -> reconcile_stream, status through `patch`
-                 its runs' events                -> reconcile_stream, status through the API
-                 its gate Jobs' events           -> reconcile_stream (a stage run's gate)
+    TaskStream   create/update/resume, a timer   -> a queue of streams, whose workers run
+                 its runs' events                   reconcile_stream one stream at a time,
+                 its gate Jobs' events              status through the API
 
 kopf's idioms throughout: children adopted with `kopf.adopt` (owner reference, namespace), Events
 with `kopf.event`, `kopf.TemporaryError(delay=...)` when the outside world (the database, a
-data source) is not there yet. kopf's `patch` writes only the object a handler is for, so a
-child's event writes its parent's status with one API call (kube.patch_run_status).
+data source) is not there yet. Status is written through the API (kube.patch_run_status,
+kube.patch_stream_status) by the queues' workers, on the object read afresh, never through
+kopf's deferred `patch`, which lands after its handler returns and so can overwrite a newer
+status written meanwhile by another reconcile of the same object (run_event says when it did).
 
 No finalizers: deleting a FastSlowRun or TaskStream deletes its children through owner
 references (the garbage collector). The external state of a run, its checkpoints in S3 and its
@@ -206,10 +208,6 @@ def read_progress(namespace: str, key: str) -> RunProgress | None:
 RUNS = (GROUP, VERSION, "fastslowruns")
 
 
-def _patch_writer(patch: kopf.Patch) -> StatusWriter:
-    return lambda changes: patch.status.update(changes)
-
-
 @kopf.index("batch", "v1", "jobs", labels={builders.LABEL_RUN: kopf.PRESENT})
 def jobs_by_run(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
@@ -372,7 +370,8 @@ async def start_progress_poller(memo: kopf.Memo, **kwargs: Any) -> None:
 
 @kopf.on.cleanup()
 async def stop_background_tasks(memo: kopf.Memo, **_: Any) -> None:
-    for task in [memo.get("progress_poller"), *memo.get("run_workers", [])]:
+    workers = [*memo.get("run_workers", []), *memo.get("stream_workers", [])]
+    for task in [memo.get("progress_poller"), *workers]:
         if task is not None:
             task.cancel()
 
@@ -497,37 +496,55 @@ def create_child(obj: dict[str, Any], owner: kopf.Body) -> dict[str, Any]:
 STREAMS = (GROUP, VERSION, "taskstreams")
 
 
+@kopf.on.startup()
+async def start_stream_workers(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """The queue of streams to reconcile and its workers: a stream is woken by its own changes,
+    its data poll and its children's events, and all of them go through one queue, so that one
+    stream is reconciled once at a time, on the stream read afresh, status through the API (the
+    runs' queue says what a deferred kopf `patch` racing an API write did to a run)."""
+    queue = workqueue.KeyQueue()
+    executor = settings.execution.executor
+    loop = asyncio.get_running_loop()
+    memo["stream_queue"] = queue
+    memo["stream_workers"] = [
+        loop.create_task(workqueue.work(queue, _reconcile_named_stream, executor))
+        for _ in range(SETTINGS.workers)
+    ]
+
+
 @kopf.on.resume(*STREAMS)
 @kopf.on.create(*STREAMS)
 @kopf.on.update(*STREAMS, field="spec")
-def stream_changed(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    reconcile_stream(body, _patch_writer(patch))
+async def stream_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo["stream_queue"].add((body["metadata"]["namespace"], body["metadata"]["name"]))
 
 
 @kopf.timer(*STREAMS, interval=SETTINGS.stream_poll_interval, idle=0)
-def stream_data_poll(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+async def stream_data_poll(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """New versions of the stages' data sources (s3:// jsonl) start new stage versions."""
-    reconcile_stream(body, _patch_writer(patch))
+    memo["stream_queue"].add((body["metadata"]["namespace"], body["metadata"]["name"]))
 
 
 @kopf.on.event(*RUNS, labels={builders.LABEL_STREAM: kopf.PRESENT})
-def stage_run_event(type: str, body: kopf.Body, **_: Any) -> None:
+async def stage_run_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if type != "DELETED":
-        _reconcile_named_stream(body["metadata"]["namespace"], body["metadata"]["labels"])
+        meta = body["metadata"]
+        memo["stream_queue"].add((meta["namespace"], meta["labels"][builders.LABEL_STREAM]))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_GATE: kopf.PRESENT})
-def gate_job_event(type: str, body: kopf.Body, **_: Any) -> None:
+async def gate_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """A stage run's gate Job progressed: its stream reads the decision at once."""
     if type != "DELETED":
-        _reconcile_named_stream(body["metadata"]["namespace"], body["metadata"]["labels"])
+        meta = body["metadata"]
+        memo["stream_queue"].add((meta["namespace"], meta["labels"][builders.LABEL_STREAM]))
 
 
-def _reconcile_named_stream(namespace: str, labels: dict[str, str]) -> None:
-    """reconcile_stream for an event of one of the stream's children: status through the API."""
-    name = labels.get(builders.LABEL_STREAM)
-    stream = kube.get_stream(namespace, name) if name else None
-    if name and stream is not None:
+def _reconcile_named_stream(key: tuple[str, str]) -> None:
+    """reconcile_stream of the stream as it is now: status through the API."""
+    namespace, name = key
+    stream = kube.get_stream(namespace, name)
+    if stream is not None:
         write = lambda c: kube.patch_stream_status(namespace, name, c)  # noqa: E731
         reconcile_stream(kopf.Body(cast(kopf.RawBody, stream)), write)
 
