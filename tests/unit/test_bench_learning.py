@@ -11,8 +11,10 @@ import pytest
 from bench.learning.analyze import analyze_plasticity, tables
 from bench.learning.run import plan
 from bench.learning.spec import PLASTICITY_STEPS_B, STEPS, plasticity_manifest
+from fst.config import TaskConfig
 from fst.k8s.api import TaskStream
 from fst.plan import check_stages, stage_config, stage_spec
+from fst.tasks import build_task
 
 
 def test_the_probe_trains_a_then_a_fresh_rl_run_on_b_without_the_population(tmp_path):
@@ -181,3 +183,27 @@ def test_differences_against_rl_carry_bootstrap_intervals(tmp_path):
     # Matched reward 0.5: rl at step 4 (KL 0.08); fst, interpolated, at step 1 (KL 0.01).
     assert d["kl_ratio"]["estimate"] == pytest.approx(0.125)
     assert d["entropy"]["estimate"] == pytest.approx(0.5)
+
+
+def test_every_task_of_the_bench_has_room_for_its_splits(tmp_path):
+    """Each task a bench job trains or evaluates on generates all its splits at their sizes,
+    the out-of-domain task included (a house stage with operands up to 20 asked for 240
+    distinct problems of 231 and failed its stream two stages in, after ~40 CPU-minutes)."""
+    from bench.learning.spec import COMMON, TASKS, stream_manifest
+
+    stream = stream_manifest("rl", str(tmp_path))
+    tasks = {
+        **{f"task {k}": v for k, v in TASKS.items()},
+        **{f"stage {s['name']}": s["task"] for s in stream["spec"]["stages"]},
+        "plasticity B": plasticity_manifest("base", str(tmp_path))["spec"]["stages"][0]["task"],
+        "ood": COMMON["metrics"]["oodTask"],
+    }
+    for what, spec in tasks.items():
+        cfg = TaskConfig.model_validate(spec)
+        task = build_task(cfg)
+        for split, size in (
+            ("train", cfg.train_size),
+            ("val", cfg.val_size),
+            ("test", cfg.test_size),
+        ):
+            assert len(task.problems(split)) == size, (what, split)
