@@ -296,18 +296,12 @@ async def start_run_workers(
     """The queue of runs to reconcile and its workers (workqueue.py says why a queue): as many
     as kopf has handler threads, whose threads they use."""
     indices = {k: kwargs.get(k) for k in ("jobs_by_run", "workloads_by_job")}
-    queue = workqueue.KeyQueue()
 
     def reconcile(key: tuple[str, str]) -> None:
         _reconcile_named_run(*key, indices)
 
     executor = settings.execution.executor
-    loop = asyncio.get_running_loop()
-    memo["run_queue"] = queue
-    memo["run_workers"] = [
-        loop.create_task(workqueue.work(queue, reconcile, executor))
-        for _ in range(SETTINGS.workers)
-    ]
+    memo["run_queue"], memo["run_workers"] = workqueue.start(reconcile, executor, SETTINGS.workers)
 
 
 @kopf.on.event(*RUNS)
@@ -502,14 +496,10 @@ async def start_stream_workers(settings: kopf.OperatorSettings, memo: kopf.Memo,
     its data poll and its children's events, and all of them go through one queue, so that one
     stream is reconciled once at a time, on the stream read afresh, status through the API (the
     runs' queue says what a deferred kopf `patch` racing an API write did to a run)."""
-    queue = workqueue.KeyQueue()
     executor = settings.execution.executor
-    loop = asyncio.get_running_loop()
-    memo["stream_queue"] = queue
-    memo["stream_workers"] = [
-        loop.create_task(workqueue.work(queue, _reconcile_named_stream, executor))
-        for _ in range(SETTINGS.workers)
-    ]
+    memo["stream_queue"], memo["stream_workers"] = workqueue.start(
+        _reconcile_named_stream, executor, SETTINGS.workers
+    )
 
 
 @kopf.on.resume(*STREAMS)

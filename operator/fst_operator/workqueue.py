@@ -101,3 +101,12 @@ async def work(
             loop.call_later(delay, queue.add, key, context)
         finally:
             queue.done(key)
+
+
+def start(
+    reconcile: Callable[[Any], None], executor: concurrent.futures.Executor, workers: int
+) -> tuple[KeyQueue, list[asyncio.Task[None]]]:
+    """A new queue and `workers` workers on it (`work`), on the running event loop."""
+    queue = KeyQueue()
+    loop = asyncio.get_running_loop()
+    return queue, [loop.create_task(work(queue, reconcile, executor)) for _ in range(workers)]
