@@ -1,7 +1,7 @@
 """The Kubernetes API calls the handlers make beyond kopf's own (official client; blocking, so
-the handlers are sync and kopf runs them in its thread pool): reading a run's Job, a stream's
-child runs and a failed attempt's pods, creating children, and writing a status from a CHILD's
-event (kopf's `patch` only writes the object a handler is for)."""
+the reconciles run in kopf's handler threads): reading a run or a stream afresh, a stream's
+child runs and a failed attempt's pods, creating children, and writing status (always through
+the API, never kopf's deferred `patch`: handlers.py says why)."""
 
 from __future__ import annotations
 
