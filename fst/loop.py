@@ -883,10 +883,12 @@ def _train_main(
             continue_trajectory(run, cfg.continue_from)
             log.info("%s continues %s at step %d", cfg.run, cfg.continue_from, run.step)
             db.log_event(cfg.run, "continued", f"{cfg.continue_from}, {cfg.steps} steps")
-            run.sink.truncate_after(run.step)
+            # An earlier attempt's records, its base eval at the first step included, go: the
+            # loop writes that base point again (keeping it made two of it per restart).
+            run.sink.truncate_after(run.step - 1)
         else:
             db.log_event(cfg.run, "started", f"{cfg.mode}, {cfg.steps} steps")
-            run.sink.truncate_after(0)
+            run.sink.truncate_after(-1)  # likewise: nothing of an attempt killed before step 1
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         started = True
         broadcast(True, world)  # the other ranks start training

@@ -61,10 +61,21 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl, one record per step (the records of a step merged, later keys
+    winning). Runs trained before fst.loop dropped a killed attempt's base eval on a fresh
+    start hold one step-0 (a continued stage: first-step) record per attempt; all alike, since
+    a base eval is greedy."""
+    by_step: dict[Any, dict[str, Any]] = {}
+    for m in _read_jsonl(run_dir / "metrics.jsonl"):
+        by_step.setdefault(m.get("step"), {}).update(m)
+    return list(by_step.values())
+
+
 def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
     """A finished run's records; with `partial`, also a running one's (marked running)."""
     finished = (run_dir / "done.json").is_file()
-    metrics = _read_jsonl(run_dir / "metrics.jsonl")
+    metrics = _read_metrics(run_dir)
     evals = [(m["step"], m["eval_pass_rate"]) for m in metrics if "eval_pass_rate" in m]
     if not finished and not (partial and len(evals) >= 2):
         return None
@@ -420,7 +431,7 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
         entries = [e for e in json.loads(state_file.read_text())["stages"]]
         starts, ends, names, retention, intervals = [], [], [], [], []
         for e in entries:
-            metrics = _read_jsonl(folder / e["run"] / "metrics.jsonl")
+            metrics = _read_metrics(folder / e["run"])
             evals = [m for m in metrics if "eval_pass_rate" in m]
             if e["status"] != "succeeded" or len(evals) < 2:
                 continue
@@ -499,7 +510,7 @@ def plasticity_curves(out_dir: Path, seeds: tuple[int, ...] = SEEDS) -> dict[str
             b = next((e for e in entries if e["stage"] == "b"), None)
             if b is None or b["status"] != "succeeded":
                 continue
-            metrics = _read_jsonl(folder / b["run"] / "metrics.jsonl")
+            metrics = _read_metrics(folder / b["run"])
             evals = [m for m in metrics if "eval_pass_rate" in m]
             train = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
             curves.setdefault(arm, {})[seed] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,3 +204,28 @@ def test_an_attempt_that_resumes_at_the_final_step_announces_its_checkpoint(
     run("train", "-c", str(cfg_path), "--resume", "--no-progress")
     with RunDB(database_url(cfg.get("database"), db_path)) as db:
         assert [msg for _, kind, msg in db.events("t") if kind == "checkpoint"] == announced
+
+
+def test_a_fresh_start_after_an_attempt_that_saved_nothing_keeps_one_base_eval(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+):
+    """An attempt killed before its first checkpoint leaves records (its base eval at step 0,
+    maybe some steps) but nothing to resume: the next attempt starts afresh and its records
+    replace them all. Before, the base eval was kept and written again, one more step-0 row per
+    such restart (found in the learning bench: three in one run's metrics.jsonl)."""
+    cfg = tiny_run_config(
+        tmp_path, tiny_model_dir, **{"metrics.evalEvery": 2, "metrics.evalProblems": 3}
+    )
+    cfg_path = write_config(tmp_path, cfg, "t.yaml")
+    run_dir = Path(cfg["outputDir"]) / "t"
+    run("train", "-c", str(cfg_path), "--no-progress")
+    first = read_jsonl(run_dir / "metrics.jsonl")
+    # As if the attempt had been killed before saving anything: no checkpoint to resume.
+    shutil.rmtree(run_dir / "checkpoints")
+    out = run("train", "-c", str(cfg_path), "--resume", "--no-progress")
+    assert "resumed" not in out.stderr
+    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "eval_pass_rate" in m] == [0, 2, 4]
+    assert [m["step"] for m in metrics if "reward_mean" in m] == [1, 2, 3, 4]
+    assert len(metrics) == len(first)

@@ -207,3 +207,18 @@ def test_every_task_of_the_bench_has_room_for_its_splits(tmp_path):
             ("test", cfg.test_size),
         ):
             assert len(task.problems(split)) == size, (what, split)
+
+
+def test_a_run_restarted_before_its_first_checkpoint_counts_its_base_eval_once(tmp_path):
+    from bench.learning.analyze import load_run
+
+    base = {"step": 0, "eval_pass_rate": 0.5, "eval_passed": "10"}
+    steps = [{"step": s, "reward_mean": 0.25, "loss": 0.1} for s in (1, 2)]
+    steps[1].update(eval_pass_rate=1.0, eval_passed="11")
+    rows = [base, base, base, *steps]  # three attempts' base points, as older runs wrote them
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "done.json").write_text("{}")
+    run = load_run(tmp_path)
+    assert run is not None
+    assert run["eval_steps"] == [0, 2] and run["eval"] == [0.5, 1.0]
+    assert run["train_steps"] == [1, 2]
