@@ -93,6 +93,9 @@ def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
         "gen_tokens": sum(m.get("gen_tokens", 0) for m in steps),
         "rollouts": len(steps) * COMMON["slow"]["problemsPerStep"] * COMMON["slow"]["groupSize"],
         "optimizer_steps": sum(1 for m in steps if m.get("updated", 1.0) and "loss" in m),
+        # fst-distill distills only while the population's best prompt is not the seed prompt
+        # (the student's own context): with the seed best all run, it trains exactly as fst.
+        "distill_steps": sum(1 for m in steps if m.get("distill_tokens")),
         "steps": len(steps),
         # Wall seconds inside the loop (steps, GEPA rounds, evals): under CPU contention this
         # overstates the compute; done.json's cpu_s covers only the runner's last invocation.
@@ -612,15 +615,16 @@ def tables(summary: dict[str, Any]) -> str:
     lines += [
         "### Runs",
         "",
-        "| run | steps | optimizer steps | training rollouts | GEPA "
+        "| run | steps | optimizer steps | distilled steps | training rollouts | GEPA "
         "metric calls | generated tokens | loop wall s | CPU s (last invocation) | "
         "final held-out | best held-out |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, r in sorted(summary["runs"].items()):
         label = f"{name} (running)" if r["running"] else name
+        distilled = r.get("distill_steps", 0) if "-fst-distill-" in name else "–"
         lines.append(
-            f"| {label} | {r['steps']} | {r['optimizer_steps']} | {r['rollouts']} | "
+            f"| {label} | {r['steps']} | {r['optimizer_steps']} | {distilled} | {r['rollouts']} | "
             f"{r['gepa_metric_calls']} | {r['gen_tokens']} | {r['loop_s']:.0f} | "
             f"{r['done'].get('cpu_s', float('nan')):.0f} | {_fmt(r['eval'][-1])} | "
             f"{_fmt(max(r['eval']))} |"
