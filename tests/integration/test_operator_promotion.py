@@ -81,7 +81,7 @@ def gate(res: Resources, stage: str) -> dict[str, Any] | None:
 
 
 def test_the_gate_promotes_rejects_pins_and_recovers_through_the_operator(
-    res: Resources, operator: OperatorProcess, s3_uri: str, pg_url: str
+    res: Resources, operator: OperatorProcess, s3_uri: str, pg_url: str, k8s_cluster
 ) -> None:
     def wait(what: str, fn, timeout: float = 120):
         return wait_until(fn, timeout, what, operator.tail, 1.0)
@@ -162,6 +162,10 @@ def test_the_gate_promotes_rejects_pins_and_recovers_through_the_operator(
     # node) and the serving ConfigMap; its checkpoints and bundles in S3 are kept.
     res.custom.delete_namespaced_custom_object(GROUP, VERSION, res.ns, "taskstreams", "gated")
     wait("cascade", lambda: not res.runs() and not res.core.list_namespaced_pod(res.ns).items, 180)
+    # The node drops their scratch (a finished pod is deleted at once, with no grace period).
+    pods = k8s_cluster.root / "process-kubelet" / "pods"
+    scratch = lambda: [p.name for p in pods.glob(f"{res.ns}_*") if (p / "volumes").exists()]  # noqa: E731
+    wait("scratch removed", lambda: not scratch(), 60)
     assert read_bundle(recover["bundle"])[1]
 
 

@@ -273,8 +273,13 @@ class ProcessKubelet:
                     self.start_pod(pod)
             else:
                 self.check_pod(self.pods[uid])
-        for uid in set(self.pods) - seen:  # deleted behind our back (force deletion)
-            self.pods.pop(uid).stop(grace=1)
+        # Gone without a graceful deletion: force-deleted, or finished (the API server deletes
+        # a Succeeded or Failed pod at once). Its volumes go too: a finished trainer's scratch
+        # holds GBs, and CI's disk ran out on the ones left behind.
+        for uid in set(self.pods) - seen:
+            running = self.pods.pop(uid)
+            running.stop(grace=1)
+            shutil.rmtree(running.folder / "volumes", ignore_errors=True)
 
     def start_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
