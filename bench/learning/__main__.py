@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bench.learning.run import DEFAULT_OUT, run_all
+from bench.learning.run import DEFAULT_OUT, RECORD, run_all
 from bench.learning.spec import SEEDS, STEPS
 
 
@@ -20,8 +20,21 @@ def main() -> None:
     r.add_argument("--no-streams", action="store_true")
     r.add_argument("--no-plasticity", action="store_true", help="skip the plasticity probe")
     r.add_argument("--only", nargs="+", help="job names, e.g. mul-fst-s0 stream-rl-s0")
+    r.add_argument(
+        "--record",
+        type=Path,
+        default=RECORD,
+        help="where finished jobs are recorded without weights (default: the repo's "
+        "bench/learning/results); jobs recorded there are restored and skipped",
+    )
+    r.add_argument("--no-record", action="store_true", help="neither restore nor record")
     a = sub.add_parser("analyze", help="tables and plots into docs/")
-    a.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    a.add_argument(
+        "--out",
+        type=Path,
+        default=RECORD,
+        help="the runs to analyse: the record (default) or a runner's --out (with --partial)",
+    )
     a.add_argument("--docs", type=Path, default=Path(__file__).resolve().parents[2] / "docs")
     a.add_argument(
         "--partial", action="store_true", help="also analyse running runs, up to their last step"
@@ -36,6 +49,7 @@ def main() -> None:
             not args.no_streams,
             args.only,
             not args.no_plasticity,
+            None if args.no_record else args.record,
         )
     else:
         from bench.learning.analyze import analyze

@@ -5,6 +5,11 @@ torch thread each, `--resume` always: a killed bench continues where it stopped,
 with a `done.json` is skipped. After a run finishes, an FST run gets its four-way channel
 decomposition (`fst eval`), then its checkpoints are deleted (~1.6 GB each; the metrics,
 populations and decomposition are what the analysis reads).
+
+A finished job's small files are then copied into the repo's record (`bench/learning/results`,
+the same layout as the workspace, without weights): the analysis reads the record, so the
+published tables can be rebuilt from a clone, and a runner on a machine whose workspace was
+lost restores the recorded jobs first and runs only the others.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ from bench.learning.spec import (
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslow")) / (
     "bench-runs/learning"
+)
+RECORD = ROOT / "bench" / "learning" / "results"
+# Weights and locks stay out of the record: a finished job's checkpoints are deleted anyway,
+# and a stream's bundles only point at them.
+_NOT_RECORDED = shutil.ignore_patterns(
+    "checkpoints", ".lock", "*.safetensors", "*.pt", "*.bin", "*.distcp", "*.gguf"
 )
 
 
@@ -155,7 +166,43 @@ def wait_for_lock(run_dir: Path, poll_s: float = 30.0) -> None:
         time.sleep(poll_s)
 
 
-def run_job(job: Job, out: Path, lock: threading.Lock) -> bool:
+def record_job(job: Job, out: Path, record: Path) -> None:
+    """Copy a finished job's folder (and its config) into the record, weights left out."""
+    shutil.copytree(
+        job.folder, record / job.folder.relative_to(out), ignore=_NOT_RECORDED, dirs_exist_ok=True
+    )
+    config = out / "configs" / f"{job.name}.yaml"
+    if config.is_file():
+        (record / "configs").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(config, record / "configs" / config.name)
+
+
+def restore_recorded(jobs: list[Job], out: Path, record: Path) -> list[str]:
+    """Jobs the record holds as finished but the workspace does not: copied back, so the
+    runner skips them. Returns their names."""
+    restored = []
+    for job in jobs:
+        recorded = record / job.folder.relative_to(out)
+        if not job.done and (recorded / "done.json").is_file():
+            shutil.copytree(recorded, job.folder, dirs_exist_ok=True)
+            restored.append(job.name)
+    return restored
+
+
+def _source_commit() -> str | None:
+    """The commit of the code that ran a job (the bench runs from a frozen checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_job(job: Job, out: Path, lock: threading.Lock, record: Path | None = None) -> bool:
     log_path = out / "logs" / f"{job.name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {
@@ -187,9 +234,10 @@ def run_job(job: Job, out: Path, lock: threading.Lock) -> bool:
     job.cleanup()
     job.folder.mkdir(parents=True, exist_ok=True)
     # Wall and CPU of this invocation only: a resumed job reports the part it ran.
-    (job.folder / "done.json").write_text(
-        json.dumps({"wall_s": time.time() - t0, "cpu_s": cpu, "finished": time.time()})
-    )
+    done = {"wall_s": time.time() - t0, "cpu_s": cpu, "finished": time.time()}
+    (job.folder / "done.json").write_text(json.dumps({**done, "commit": _source_commit()}))
+    if record is not None:
+        record_job(job, out, record)
     with lock:
         print(f"done {job.name}: {time.time() - t0:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     return True
@@ -203,9 +251,14 @@ def run_all(
     streams: bool = True,
     only: list[str] | None = None,
     plasticity: bool = True,
+    record: Path | None = RECORD,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     jobs = [j for j in plan(out, seeds, steps, streams, plasticity) if not only or j.name in only]
+    if record is not None:
+        restored = restore_recorded(jobs, out, record)
+        if restored:
+            print(f"restored {len(restored)} finished jobs from {record}", flush=True)
     todo = [j for j in jobs if not j.done]
     print(f"{len(jobs)} jobs, {len(jobs) - len(todo)} already done; output {out}", flush=True)
     lock = threading.Lock()
@@ -218,7 +271,7 @@ def run_all(
                     return
                 job = queue.pop(0)
                 print(f"start {job.name}", flush=True)
-            run_job(job, out, lock)
+            run_job(job, out, lock, record)
 
     threads = [threading.Thread(target=worker) for _ in range(max(1, workers))]
     for t in threads:

@@ -502,24 +502,29 @@ async def start_stream_workers(settings: kopf.OperatorSettings, memo: kopf.Memo,
     )
 
 
+def _queue_stream(memo: kopf.Memo, namespace: str, name: str) -> None:
+    """Every wake-up of a stream only queues its key; the queue's workers reconcile it."""
+    memo["stream_queue"].add((namespace, name))
+
+
 @kopf.on.resume(*STREAMS)
 @kopf.on.create(*STREAMS)
 @kopf.on.update(*STREAMS, field="spec")
 async def stream_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    memo["stream_queue"].add((body["metadata"]["namespace"], body["metadata"]["name"]))
+    _queue_stream(memo, body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 @kopf.timer(*STREAMS, interval=SETTINGS.stream_poll_interval, idle=0)
 async def stream_data_poll(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """New versions of the stages' data sources (s3:// jsonl) start new stage versions."""
-    memo["stream_queue"].add((body["metadata"]["namespace"], body["metadata"]["name"]))
+    _queue_stream(memo, body["metadata"]["namespace"], body["metadata"]["name"])
 
 
 @kopf.on.event(*RUNS, labels={builders.LABEL_STREAM: kopf.PRESENT})
 async def stage_run_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     if type != "DELETED":
         meta = body["metadata"]
-        memo["stream_queue"].add((meta["namespace"], meta["labels"][builders.LABEL_STREAM]))
+        _queue_stream(memo, meta["namespace"], meta["labels"][builders.LABEL_STREAM])
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={builders.LABEL_GATE: kopf.PRESENT})
@@ -527,7 +532,7 @@ async def gate_job_event(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) 
     """A stage run's gate Job progressed: its stream reads the decision at once."""
     if type != "DELETED":
         meta = body["metadata"]
-        memo["stream_queue"].add((meta["namespace"], meta["labels"][builders.LABEL_STREAM]))
+        _queue_stream(memo, meta["namespace"], meta["labels"][builders.LABEL_STREAM])
 
 
 def _reconcile_named_stream(key: tuple[str, str]) -> None:

@@ -279,7 +279,7 @@ class ProcessKubelet:
         for uid in set(self.pods) - seen:
             running = self.pods.pop(uid)
             running.stop(grace=1)
-            shutil.rmtree(running.folder / "volumes", ignore_errors=True)
+            _remove_volumes(running.folder)
 
     def start_pod(self, pod: dict) -> None:
         meta = pod["metadata"]
@@ -331,10 +331,8 @@ class ProcessKubelet:
         if running is not None:
             grace = pod["spec"].get("terminationGracePeriodSeconds", 30)
             running.stop(grace=min(float(grace), 10.0))
-        # A deleted pod's volumes go with it, as a kubelet's emptyDirs do (a SmolLM2 trainer's
-        # scratch holds GBs); its log files stay for the test's report.
         folder = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
-        shutil.rmtree(folder / "volumes", ignore_errors=True)
+        _remove_volumes(folder)
         try:  # grace 0 finishes the deletion, as a kubelet does once containers are gone
             options = {"gracePeriodSeconds": 0, "preconditions": {"uid": meta["uid"]}}
             self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options)
@@ -651,6 +649,12 @@ def field_value(pod: dict, path: str) -> str:
         "status.hostIP": "127.0.0.1",
     }
     return simple.get(path, "")
+
+
+def _remove_volumes(pod_folder: Path) -> None:
+    """A deleted pod's volumes go with it, as a kubelet's emptyDirs do (a SmolLM2 trainer's
+    scratch holds GBs); its log files stay for the test's report."""
+    shutil.rmtree(pod_folder / "volumes", ignore_errors=True)
 
 
 def _waiting_status(pod: dict, reason: str, message: str) -> dict:

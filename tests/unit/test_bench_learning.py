@@ -222,3 +222,36 @@ def test_a_run_restarted_before_its_first_checkpoint_counts_its_base_eval_once(t
     assert run is not None
     assert run["eval_steps"] == [0, 2] and run["eval"] == [0.5, 1.0]
     assert run["train_steps"] == [1, 2]
+
+
+def test_a_finished_job_is_recorded_without_weights_and_restored_into_an_empty_workspace(
+    tmp_path,
+):
+    from bench.learning.run import record_job, restore_recorded
+
+    out, record = tmp_path / "out", tmp_path / "record"
+    jobs = {j.name: j for j in plan(out, (0,), STEPS, streams=True, plasticity=False)}
+    run, stream = jobs["mul-rl-s0"], jobs["stream-fst-s0"]
+    for job in (run, stream):
+        (job.folder / "stage-a" / "checkpoints" / "step-00000006").mkdir(parents=True)
+        (
+            job.folder / "stage-a" / "checkpoints" / "step-00000006" / "model.safetensors"
+        ).write_bytes(b"w" * 1000)
+        (job.folder / "metrics.jsonl").write_text('{"step": 0, "eval_pass_rate": 0.5}\n')
+        (job.folder / "done.json").write_text('{"wall_s": 1, "cpu_s": 1}')
+        record_job(job, out, record)
+    assert (record / "runs" / "mul-rl-s0" / "metrics.jsonl").is_file()
+    assert (record / "configs" / "mul-rl-s0.yaml").is_file()
+    recorded = [p.name for p in record.rglob("*")]
+    assert "checkpoints" not in recorded and "model.safetensors" not in recorded
+
+    # The workspace is lost (a new machine): the recorded jobs come back as done, the rest not.
+    empty = tmp_path / "new-out"
+    jobs = plan(empty, (0,), STEPS, streams=True, plasticity=False)
+    assert sorted(restore_recorded(jobs, empty, record)) == ["mul-rl-s0", "stream-fst-s0"]
+    done = sorted(j.name for j in jobs if j.done)
+    assert done == ["mul-rl-s0", "stream-fst-s0"]
+    restored = empty / "runs" / "mul-rl-s0" / "metrics.jsonl"
+    assert restored.read_text() == '{"step": 0, "eval_pass_rate": 0.5}\n'
+    # A job that is done in the workspace is left as it is.
+    assert restore_recorded(jobs, empty, record) == []
