@@ -11,6 +11,8 @@ holder's heartbeat expired), which the database serializes, so two trainers on o
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -18,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -267,12 +269,38 @@ def database_url(url: str | None = None, default_path: Path | str | None = None)
     return value
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    if not url.startswith("sqlite"):
+        return None
+    path = url.split("///", 1)[-1]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _sqlite_migration_lock(url: str) -> Iterator[None]:
+    """SQLite's counterpart of PostgreSQL's advisory lock: runs on one machine starting
+    together on a new database file (the learning bench starts two) would otherwise both find
+    no tables and both create them ("table runs already exists"). A lock on a file beside the
+    database makes one migrate while the others wait, then find nothing to do."""
+    path = _sqlite_file(url)
+    if path is None:
+        yield
+        return
+    with open(path.with_name(path.name + ".migrate-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def make_engine(url: str) -> Engine:
     url = database_url(url)
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        path = _sqlite_file(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
@@ -329,7 +357,7 @@ class RunDB:
         from alembic import command
 
         cfg = self.alembic_config()
-        with self.engine.begin() as conn:
+        with _sqlite_migration_lock(self.url), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # Trainer pods starting together all call upgrade(): one migrates, the others
                 # wait here (the lock ends with the transaction), then find nothing to do.

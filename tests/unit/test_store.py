@@ -204,3 +204,37 @@ def test_a_dead_local_writers_lease_is_taken_over_at_once(tmp_path):
         with pytest.raises(RunLockedError, match="being written by"):
             db.acquire_run("r", "rl", {})  # but a live holder (us) is respected
         lease.release("finished")
+
+
+def test_processes_starting_together_on_a_new_sqlite_database_migrate_once(tmp_path):
+    """The learning bench starts two runs at once on one new database file: both used to find
+    no tables and one failed on "table runs already exists"."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'fst.db'}"
+    go = tmp_path / "go"
+    # Every process imports first, then waits for the same moment to migrate.
+    code = (
+        "import os, sys, time, alembic.command; from fst.store.db import RunDB; "
+        "db = RunDB(sys.argv[1]); go = sys.argv[2]\n"
+        "while not os.path.exists(go): time.sleep(0.001)\n"
+        "db.upgrade(); print(db.schema_revision())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, url, str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    time.sleep(3)  # all four imported and waiting
+    go.touch()
+    results = [p.communicate(timeout=120) for p in procs]
+    errors = [err for p, (_, err) in zip(procs, results, strict=True) if p.returncode != 0]
+    assert not errors, errors[0]
+    with RunDB(url) as db:
+        assert {out.strip() for out, _ in results} == {db.schema_revision()}
+        db.acquire_run("r", "rl", {}).release()
