@@ -89,7 +89,7 @@ format: install
 	$(VENV)/bin/ruff format fst tests
 
 bench: install
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --constraint $(CONSTRAINTS) -e '.[bench]'
 	@echo "benchmarks: see bench/README.md"
 
 # fastslow's RL step against TRL's GRPOTrainer(loss_type="cispo"), alternating steps, equal
