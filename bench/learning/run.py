@@ -47,10 +47,21 @@ DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslo
     "bench-runs/learning"
 )
 RECORD = ROOT / "bench" / "learning" / "results"
-# Weights and locks stay out of the record: a finished job's checkpoints are deleted anyway,
-# and a stream's bundles only point at them.
+# Weights, locks and databases stay out of the record: a finished job's checkpoints are deleted
+# anyway, a stream's bundles only point at them, and its database holds what its files hold
+# (metrics.jsonl, population.jsonl, stream.json: what the analysis reads).
 _NOT_RECORDED = shutil.ignore_patterns(
-    "checkpoints", ".lock", "*.safetensors", "*.pt", "*.bin", "*.distcp", "*.gguf"
+    "checkpoints",
+    ".lock",
+    "*.migrate-lock",
+    "*.safetensors",
+    "*.pt",
+    "*.bin",
+    "*.distcp",
+    "*.gguf",
+    "*.db",
+    "*.db-wal",
+    "*.db-shm",
 )
 
 

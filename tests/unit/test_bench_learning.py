@@ -237,13 +237,14 @@ def test_a_finished_job_is_recorded_without_weights_and_restored_into_an_empty_w
         (
             job.folder / "stage-a" / "checkpoints" / "step-00000006" / "model.safetensors"
         ).write_bytes(b"w" * 1000)
+        (job.folder / "fst.db").write_bytes(b"a stream's database")
         (job.folder / "metrics.jsonl").write_text('{"step": 0, "eval_pass_rate": 0.5}\n')
         (job.folder / "done.json").write_text('{"wall_s": 1, "cpu_s": 1}')
         record_job(job, out, record)
     assert (record / "runs" / "mul-rl-s0" / "metrics.jsonl").is_file()
     assert (record / "configs" / "mul-rl-s0.yaml").is_file()
     recorded = [p.name for p in record.rglob("*")]
-    assert "checkpoints" not in recorded and "model.safetensors" not in recorded
+    assert not {"checkpoints", "model.safetensors", "fst.db"} & set(recorded)
 
     # The workspace is lost (a new machine): the recorded jobs come back as done, the rest not.
     empty = tmp_path / "new-out"
