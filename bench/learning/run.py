@@ -49,9 +49,11 @@ DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslo
 RECORD = ROOT / "bench" / "learning" / "results"
 # Weights, locks and databases stay out of the record: a finished job's checkpoints are deleted
 # anyway, a stream's bundles only point at them, and its database holds what its files hold
-# (metrics.jsonl, population.jsonl, stream.json: what the analysis reads).
+# (metrics.jsonl, population.jsonl, stream.json: what the analysis reads). So do GEPA's
+# rendered candidate trees (the same page around each round's candidates.json).
 _NOT_RECORDED = shutil.ignore_patterns(
     "checkpoints",
+    "candidate_tree.html",
     ".lock",
     "*.migrate-lock",
     "*.safetensors",
