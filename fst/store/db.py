@@ -288,11 +288,8 @@ def _sqlite_migration_lock(url: str) -> Iterator[None]:
         yield
         return
     with open(path.with_name(path.name + ".migrate-lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
 
 
 def make_engine(url: str) -> Engine:
