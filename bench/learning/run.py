@@ -49,11 +49,13 @@ DEFAULT_OUT = Path(os.environ.get("FST_CACHE", Path.home() / ".cache" / "fastslo
 RECORD = ROOT / "bench" / "learning" / "results"
 # Weights, locks and databases stay out of the record: a finished job's checkpoints are deleted
 # anyway, a stream's bundles only point at them, and its database holds what its files hold
-# (metrics.jsonl, population.jsonl, stream.json: what the analysis reads). So do GEPA's
-# rendered candidate trees (the same page around each round's candidates.json).
+# (metrics.jsonl, population.jsonl, stream.json: what the analysis reads). So do rendered
+# pages: GEPA's candidate trees (the same page around each round's candidates.json) and a
+# stream's report.html (`fst report` writes it again; its plots stay, they show as images).
 _NOT_RECORDED = shutil.ignore_patterns(
     "checkpoints",
     "candidate_tree.html",
+    "report.html",
     ".lock",
     "*.migrate-lock",
     "*.safetensors",
