@@ -483,8 +483,11 @@ def rl_step(run: Run) -> dict[str, Any]:
     adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P_rank, G): whole groups per rank
 
     t1 = time.perf_counter()
-    if cfg.mode == "gepa":  # weights frozen: measure only
-        train_metrics: dict[str, float] = {"updated": 0.0}
+    if cfg.mode == "gepa":  # weights frozen: measure only, on the tokens a step would train
+        train_metrics: dict[str, float] = {
+            "updated": 0.0,
+            **run.trainer.measure_entropy(out.rollouts, adv.flatten().tolist()),
+        }
     else:
         try:
             train_metrics = run.trainer.step(out.rollouts, adv.flatten().tolist(), distill)

@@ -500,8 +500,8 @@ def analyze_streams(out_dir: Path, figdir: Path) -> dict[str, Any]:
 
 
 def plasticity_curves(out_dir: Path, seeds: tuple[int, ...] = SEEDS) -> dict[str, Any]:
-    """Per arm (A trained in rl / fst, or the base) and seed: task B's fresh rl run, its
-    held-out eval curve (every 2 steps) and training reward. Only finished B runs."""
+    """Per arm (A trained in rl, fst or fst-distill, or the base) and seed: task B's fresh rl
+    run, its held-out eval curve (every 2 steps) and training reward. Only finished B runs."""
     curves: dict[str, Any] = {}
     for arm in PLASTICITY_ARMS:
         for seed in seeds:

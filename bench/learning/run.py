@@ -140,7 +140,7 @@ def plan(
 ) -> list[Job]:
     """In order of what a bench stopped early most needs: the first task's three modes on the
     first seed, RL and FST on its other seeds, the two streams, then the rest, then the
-    plasticity probe (its three arms per seed)."""
+    plasticity probe (its four arms per seed)."""
     first_task = next(iter(TASKS))
 
     def rank(r: RunSpec) -> tuple[int, int, int]:

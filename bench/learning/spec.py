@@ -124,11 +124,13 @@ STREAM_STAGES: list[dict[str, Any]] = [
 
 
 # The plasticity probe (the paper: "starting from a checkpoint trained with either method, a
-# fresh RL pass on a new task"): task A trained in mode rl or fst, then a FRESH rl run on task
-# B from A's final checkpoint, under the seed prompt alone (an rl stage never inherits a
-# population: fst.loop.initial_population), with a new AdamW (no continueTrajectory). Arm
-# `base` runs B from the base model: the reference a trained checkpoint is compared with.
-PLASTICITY_ARMS = ("base", "rl", "fst")
+# fresh RL pass on a new task"): task A trained in mode rl, fst or fst-distill, then a FRESH
+# rl run on task B from A's final checkpoint, under the seed prompt alone (an rl stage never
+# inherits a population: fst.loop.initial_population), with a new AdamW (no
+# continueTrajectory). Arm `base` runs B from the base model: the reference a trained
+# checkpoint is compared with. There is no gepa arm: gepa never changes the weights, so its
+# checkpoint IS the base model and its arm would be arm base run again.
+PLASTICITY_ARMS = ("base", "rl", "fst", "fst-distill")
 PLASTICITY_A = "mul"
 PLASTICITY_B: dict[str, Any] = copy.deepcopy(STREAM_STAGES[0]["task"])  # add/sub, lenient
 PLASTICITY_STEPS_B = 12

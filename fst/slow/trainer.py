@@ -598,6 +598,38 @@ class SlowTrainer:
         logp, entropy = token_logprobs(self.model, packed, self.temperature)
         return logp, entropy, packed
 
+    def _micro_batches(self, advantages: list[float]) -> tuple[list[list[int]], int]:
+        """This rank's micro-batches of the rollouts that carry a gradient (advantage != 0),
+        as indices, and how many micro-batches every rank runs. Every rank runs as many as the
+        busiest one (FSDP's forward and backward are collectives): the extra ones are a real
+        sequence whose result is multiplied by 0."""
+        active = [i for i, a in enumerate(advantages) if a != 0.0]
+        mbs = self.cfg.micro_batch_size
+        local = [active[i : i + mbs] for i in range(0, len(active), mbs)]
+        n_micro = max_all(len(local), self.world) if self.world.distributed else len(local)
+        return local, n_micro
+
+    @torch.no_grad()
+    def measure_entropy(self, rollouts: list[Rollout], advantages: list[float]) -> dict[str, float]:
+        """The policy's entropy of softmax(logits / T) on the tokens a step WOULD train (the
+        completions of groups with advantage != 0), by one forward without a gradient, over
+        every rank's rollouts. Mode gepa never trains, so this is how its entropy is measured
+        on the same tokens as the other modes' training entropy. Returns {"entropy": nats per
+        token} (NaN when no group had signal) and the token count."""
+        local, n_micro = self._micro_batches(advantages)
+        entropy_sum, tokens = 0.0, 0.0
+        for m in range(n_micro):
+            idle = m >= len(local)
+            rows = [rollouts[0]] if idle else [rollouts[j] for j in local[m]]
+            advs = [0.0] if idle else [advantages[j] for j in local[m]]
+            with autocast(self.autocast_dtype, self.model.device):
+                _, entropy, batch = self._logprobs(rows, advs)
+            if not idle:
+                entropy_sum += float((entropy * batch.mask).sum())
+                tokens += float(batch.mask.sum())
+        entropy_sum, tokens = sum_all([entropy_sum, tokens], self.world)
+        return {"entropy": entropy_sum / tokens if tokens else math.nan, "entropy_tokens": tokens}
+
     def backward(
         self, rollouts: list[Rollout], advantages: list[float], filler: Rollout | None = None
     ) -> dict[str, float]:
@@ -609,13 +641,8 @@ class SlowTrainer:
         num_tokens, num_seqs = sum_all(
             [float(sum(len(r.completion_ids) for r in rollouts)), float(len(rollouts))], world
         )
-        active = [i for i, a in enumerate(advantages) if a != 0.0]
         self.model.train()
-        mbs = self.cfg.micro_batch_size
-        local = [active[i : i + mbs] for i in range(0, len(active), mbs)]
-        # Every rank runs as many micro-batches as the busiest one (FSDP's forward and backward
-        # are collectives): the extra ones are a real sequence with its loss multiplied by 0.
-        n_micro = max_all(len(local), world) if world.distributed else len(local)
+        local, n_micro = self._micro_batches(advantages)
         stats = torch.zeros(6, dtype=torch.float64)  # loss clipped ratio entropy tokens seqs
         ratio_lo, ratio_hi = math.inf, -math.inf
         for m in range(n_micro):

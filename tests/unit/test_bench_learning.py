@@ -44,7 +44,12 @@ def test_the_probe_trains_a_then_a_fresh_rl_run_on_b_without_the_population(tmp_
 
 def test_the_probe_is_planned_after_the_rest_unless_switched_off(tmp_path):
     names = [j.name for j in plan(tmp_path, (0,), 4, streams=False)]
-    assert names[-3:] == ["plasticity-base-s0", "plasticity-rl-s0", "plasticity-fst-s0"]
+    assert names[-4:] == [
+        "plasticity-base-s0",
+        "plasticity-rl-s0",
+        "plasticity-fst-s0",
+        "plasticity-fst-distill-s0",
+    ]
     assert not any("plasticity" in j.name for j in plan(tmp_path, (0,), 4, False, plasticity=False))
 
 

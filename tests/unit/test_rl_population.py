@@ -14,6 +14,7 @@ from tests.tiny_model import (  # noqa: F401 (fixtures)
     one_torch_thread,
     tiny_model_dir,
     tiny_run_config,
+    varied_reward,
 )
 
 EVOLVED = ["An evolved prompt from an fst stage.", "Another evolved prompt."]
@@ -51,3 +52,18 @@ def test_fst_run_starts_from_the_initial_population(tmp_path, tiny_model_dir, ca
         run = fst.loop.build_run(cfg, cfg.run_dir)
     assert [p.text for p in run.population] == EVOLVED
     assert "is ignored" not in caplog.text
+
+
+@pytest.mark.usefixtures("one_torch_thread", "varied_reward")
+def test_gepa_run_keeps_the_weights_and_measures_their_entropy(tmp_path, tiny_model_dir):  # noqa: F811
+    """Mode gepa never updates the weights, yet each step reports the policy's entropy on the
+    tokens a training step would use, so it is compared with the other modes' on one scale."""
+    cfg = validate_config(tiny_run_config(tmp_path, tiny_model_dir, mode="gepa", steps=2))
+    fst.loop.train(cfg, progress=False)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in rows if "reward_mean" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["updated"] == 0.0 and "loss" not in m for m in steps)
+    signal = [m for m in steps if m["zero_var_groups"] < 1.0]
+    assert signal, "varied_reward should vary within some group"
+    assert all(m["entropy"] > 0 and m["entropy_tokens"] > 0 for m in signal)

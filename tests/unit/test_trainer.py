@@ -62,6 +62,30 @@ def test_step_updates_only_with_signal_and_is_micro_batch_invariant(model):
     assert ma["ratio_mean"] == pytest.approx(1.0, abs=1e-4) and ma["clip_frac"] == 0.0
 
 
+def test_measured_entropy_is_the_training_entropy_without_touching_the_weights(model):
+    """Mode gepa's entropy (a no-grad forward) is the number a training step reports on the
+    same batch: the same tokens (groups with signal only) and the same softmax(logits / T)."""
+    import copy
+
+    rs = rollouts_from(
+        model, [[1, 2, 3]] * 4 + [[4, 5]] * 2, [[4, 5], [6], [7, 8, 9], [10], [11], [12, 13]]
+    )
+    adv = [1.0, -1.0, 0.5, -0.5, 0.0, 0.0]  # the last group is flat: not trained, not measured
+    frozen = SlowTrainer(model, SlowConfig(micro_batch_size=3), 0.7, pad_id=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    measured = frozen.measure_entropy(rs, adv)
+    assert all(torch.equal(x, y) for x, y in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+    trained = SlowTrainer(copy.deepcopy(model), SlowConfig(micro_batch_size=2), 0.7, 0).step(
+        rs, adv
+    )
+    assert measured["entropy_tokens"] == trained["trained_tokens"] == 7
+    assert measured["entropy"] == pytest.approx(trained["entropy"], rel=1e-5)
+    assert measured["entropy"] > 0
+    flat = frozen.measure_entropy(rs, [0.0] * 6)
+    assert flat["entropy_tokens"] == 0 and flat["entropy"] != flat["entropy"]  # NaN: no signal
+
+
 def test_shared_prompt_forward_equals_one_forward_per_row(model):
     """Running each distinct prompt once (KV cache copied to its rows) gives the same
     logprobs, and the same gradient, as running every row's prompt + completion."""
