@@ -753,8 +753,9 @@ def tables(summary: dict[str, Any]) -> str:
             "",
             "### Plasticity probe (a fresh rl run on task B from each checkpoint)",
             "",
-            "Task A (`mul`) trained in mode rl or fst, or not at all (base); then task B (add/sub) "
-            "by rl from that checkpoint under the seed prompt. Held-out greedy pass rate on B "
+            "Task A (`mul`) trained in mode rl, fst or fst-distill, or not at all (base); then "
+            "task B (add/sub) by rl from that checkpoint under the seed prompt. Held-out greedy "
+            "pass rate on B "
             f"({EVAL_N} test problems) at B's step 0 and last step; steps to threshold: the "
             "first B step at which the arm reaches the lowest final B score of any arm on that "
             "seed.",
