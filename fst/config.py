@@ -332,6 +332,15 @@ class FastConfig(Schema):
         "makes a round cheaper (4: about half the time in docs/performance.md). The proposals "
         "of one iteration do not see each other's results.",
     )
+    reuse_step_rollouts: bool = Field(
+        False,
+        description="Start each GEPA round (after the first) from the rollouts the last T "
+        "steps sampled: the population's prompts are scored, and GEPA's parents evaluated, on "
+        "the recent training problems (at most paretoSize) from those rollouts, and only new "
+        "candidates are sampled. Several times less decoding per round; the scores come from "
+        "the last T steps' policies rather than the current one, and the Pareto set is the "
+        "recent training problems rather than the validation split.",
+    )
     reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
     initial_population: list[str] = Field(
         default_factory=list,

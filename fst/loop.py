@@ -54,7 +54,7 @@ from fst.distributed import (
     shard,
     transformer_of,
 )
-from fst.fast.gepa_adapter import PolicyAdapter, run_gepa_round
+from fst.fast.gepa_adapter import PolicyAdapter, StepSample, run_gepa_round
 from fst.fast.population import PromptRecord
 from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
 from fst.metrics import MetricsSink, kl_to_base
@@ -192,6 +192,9 @@ class Run:
     ood_task: Task | None = None  # metrics.oodTask: scored in the periodic eval, never trained
     # checkpoint.backgroundUpload to S3 (rank 0 of a single-node run): commits in flight.
     commits: BackgroundCommits | None = None
+    # fast.reuseStepRollouts (rank 0): the rollouts sampled since the last GEPA round, under
+    # the population that round left; the next round starts from them. Checkpointed.
+    step_samples: list[StepSample] = field(default_factory=list)
 
     def sync_sampler(self) -> None:
         """After the weights changed: the sampler must see the new ones."""
@@ -420,15 +423,26 @@ def gepa_round(run: Run) -> dict[str, Any]:
     """One GEPA round before step `run.step + 1`; returns the round's metrics."""
     cfg = run.cfg
     round_idx = run.step // cfg.fast.every_steps
+    samples, run.step_samples = run.step_samples, []  # the population changes now
+    val, train = run.task.problems("val")[: cfg.fast.pareto_size], run.task.problems("train")
+    if samples:  # fast.reuseStepRollouts: the Pareto set and minibatches are the recent problems
+        by_id = {p.id: p for p in train}
+        recent = list(dict.fromkeys(s["problem_id"] for s in samples))[-cfg.fast.pareto_size :]
+        val = train = [by_id[i] for i in recent]
     adapter = PolicyAdapter(
-        run.engine, run.tokenizer, run.task, run.sampling, seed=cfg.seed * 1000 + round_idx
+        run.engine,
+        run.tokenizer,
+        run.task,
+        run.sampling,
+        seed=cfg.seed * 1000 + round_idx,
+        step_samples=samples,
     )
     is_proposer = isinstance(run.reflector, DigestProposer)
     result = run_gepa_round(
         population=run.population,
         adapter=adapter,
-        val_problems=run.task.problems("val")[: cfg.fast.pareto_size],
-        train_problems=run.task.problems("train"),
+        val_problems=val,
+        train_problems=train,
         round_idx=round_idx,
         top_k=cfg.fast.top_k,
         metric_calls=cfg.fast.metric_calls,
@@ -464,6 +478,7 @@ def gepa_round(run: Run) -> dict[str, Any]:
         "gepa_candidates": len(result.candidates),
         "gepa_new_candidates": result.proposed_accepted,
         "gepa_metric_calls": result.metric_calls,
+        "gepa_reused_rows": adapter.reused_rows,
         "gepa_s": result.seconds,
     }
 
@@ -478,6 +493,8 @@ def rl_step(run: Run) -> dict[str, Any]:
     problems = [train[i] for i in idx[share]]
 
     out = run.rollout(problems, run.population, first=share.start)
+    if cfg.mode != "rl" and cfg.fast.reuse_step_rollouts:
+        keep_for_next_round(run, out)
     distill = distill_batch(run, problems) if cfg.mode == "fst-distill" else None
     t_gen = time.perf_counter() - t0
     adv = group_advantages(out.rewards, cfg.slow.adv_eps)  # (P_rank, G): whole groups per rank
@@ -533,6 +550,26 @@ def rl_step(run: Run) -> dict[str, Any]:
     record["step_s"] = time.perf_counter() - t0
     run.slow_s += record["step_s"]
     return record
+
+
+def keep_for_next_round(run: Run, out: StepRollouts) -> None:
+    """fast.reuseStepRollouts: rank 0 keeps every rank's rollouts of this step (which prompt,
+    which problem, what it wrote and scored) for the next GEPA round."""
+    G = run.cfg.slow.group_size
+    flat_rewards = out.rewards.flatten().tolist()  # (P*G,), problem-major like the rollouts
+    mine = [
+        StepSample(
+            problem_id=out.problems[i // G].id,
+            system=run.population[k].text,
+            completion=r.text,
+            reward=flat_rewards[i],
+            feedback=out.feedback[i],
+        )
+        for i, (r, k) in enumerate(zip(out.rollouts, out.prompt_ids, strict=True))
+    ]
+    shares = gather_to_main(mine, run.world)
+    if run.world.main:
+        run.step_samples.extend(s for share in shares for s in share)
 
 
 def distill_batch(run: Run, problems: list[Problem]) -> DistillBatch | None:
@@ -635,6 +672,7 @@ def save_checkpoint(run: Run, extra_state: dict[str, Any] | None = None) -> str:
         "fast_s": run.fast_s,
         "slow_s": run.slow_s,
         "population": [p.to_dict() for p in run.population],
+        "step_samples": run.step_samples,
         **(extra_state or {}),
     }
     export = run.rollout_copy.model if run.rollout_copy is not None else None
@@ -753,6 +791,7 @@ def restore_latest(run: Run) -> dict[str, Any] | None:
     run.step, run.cursor = state["step"], state["cursor"]
     run.fast_s, run.slow_s = state.get("fast_s", 0.0), state.get("slow_s", 0.0)
     run.population = [PromptRecord.from_dict(d) for d in state["population"]]
+    run.step_samples = state.get("step_samples", []) if run.world.main else []
     run.sync_sampler()  # the checkpoint's weights, not the start model's, are sampled
     return state
 

@@ -10,6 +10,11 @@
 
 GEPA's own engine does the search; this module supplies the adapter (how a candidate prompt
 is evaluated with the policy and the task) and the population hand-over between rounds.
+
+With `fast.reuseStepRollouts` the round starts from what the last T steps already sampled: each
+population prompt wrote G/K completions of every step problem, so the re-scoring and the
+parents' minibatch evaluations are served from those rollouts (`StepSample`), and only the
+children are sampled (docs/performance.md, round 2 item 4).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, NamedTuple, TypedDict
 
 import gepa
 import torch
@@ -53,6 +58,22 @@ class Trajectory(TypedDict):
 Evaluation = EvaluationBatch[Trajectory, str]
 
 
+class StepSample(TypedDict):
+    """One training rollout, kept for the next GEPA round (fast.reuseStepRollouts)."""
+
+    problem_id: str
+    system: str  # the population prompt it was sampled under
+    completion: str
+    reward: float
+    feedback: str
+
+
+class _Scored(NamedTuple):
+    completion: str
+    reward: float
+    feedback: str
+
+
 class PolicyAdapter:
     """GEPA adapter: evaluate candidate system prompts with the policy on task problems.
 
@@ -66,13 +87,26 @@ class PolicyAdapter:
     decoding step of a few rows costs a large share of a full batch's (measured on a 2-core
     CPU in bf16: ~40-60 ms for 1-4 rows, ~100 ms for 32), so one call of 16 rows costs much
     less than four of 4 (docs/performance.md, round 2 item 4).
+
+    `step_samples` (fast.reuseStepRollouts): the rollouts the population's prompts wrote in the
+    steps since the last round. A (prompt, problem) pair they cover is served from them, not
+    sampled: the round's re-scoring and its parents' minibatch evaluations cost no decoding,
+    and only the children (new prompts) are sampled. What this gives up: those scores come
+    from the policies of the last T steps, not the current one, and from G/K rollouts on
+    shared noise with no child (common random numbers hold among the children only).
     """
 
     # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
     propose_new_texts: ProposalFn | None = None
 
     def __init__(
-        self, engine: RolloutEngine, tokenizer: Any, task: Task, params: SamplingParams, seed: int
+        self,
+        engine: RolloutEngine,
+        tokenizer: Any,
+        task: Task,
+        params: SamplingParams,
+        seed: int,
+        step_samples: Sequence[StepSample] = (),
     ) -> None:
         self.engine, self.tokenizer, self.task, self.params, self.seed = (
             engine,
@@ -81,7 +115,19 @@ class PolicyAdapter:
             params,
             seed,
         )
-        self.metric_calls = 0
+        self.metric_calls = 0  # rows sampled
+        self.reused_rows = 0  # rows served from step_samples
+        # With step samples: (system prompt, problem id) -> every rollout known for it, first
+        # the steps', then each row this round samples. A row samples from a generator seeded
+        # by (round seed, problem), so sampling a known pair again would only repeat it.
+        self.reuse = bool(step_samples)
+        self.known: dict[tuple[str, str], list[_Scored]] = {}
+        for s in step_samples:
+            key = (s["system"], s["problem_id"])
+            self.known.setdefault(key, []).append(
+                _Scored(s["completion"], s["reward"], s["feedback"])
+            )
+        self.from_steps = set(self.known)
 
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
@@ -93,28 +139,41 @@ class PolicyAdapter:
 
     def batch_evaluate(self, items: list[tuple[dict[str, str], list[Problem]]]) -> list[Evaluation]:
         """Each (candidate, problems) pair's evaluation, with trajectories, from one engine call
-        over every pair's rows."""
-        prompts, generators = [], []
-        for candidate, batch in items:
-            system = candidate[COMPONENT]
-            for p in batch:
-                prompts.append(chat_prompt_ids(self.tokenizer, system, p.prompt))
-                generators.append(torch.Generator().manual_seed(self._row_seed(p)))
+        over every pair's rows (with step samples: every pair not known yet, once).
+
+        A row's score is the mean reward of its rollouts (one when sampled here, G/K from the
+        steps) and its trajectory the worst of them: reflection learns from failures."""
+        rows = [(c[COMPONENT], p) for c, batch in items for p in batch]
+        if self.reuse:
+            unknown = {(s, p.id): (s, p) for s, p in rows if (s, p.id) not in self.known}
+            todo = list(unknown.values())  # each pair once
+            self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
+        else:
+            todo = rows
+        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in todo]
+        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in todo]
         rollouts = self.engine.generate(prompts, self.params, generators) if prompts else []
         self.metric_calls += len(prompts)
+        fresh = []
+        for (_, p), r in zip(todo, rollouts, strict=True):
+            score = self.task.score(p, r.text)
+            fresh.append([_Scored(r.text, score.reward, score.feedback)])
+        if self.reuse:
+            self.known.update({(s, p.id): f for (s, p), f in zip(todo, fresh, strict=True)})
+            fresh = [self.known[(s, p.id)] for s, p in rows]
         out, i = [], 0
         for _, batch in items:
-            mine, i = rollouts[i : i + len(batch)], i + len(batch)
-            scores = [self.task.score(p, r.text) for p, r in zip(batch, mine, strict=True)]
+            mine, i = fresh[i : i + len(batch)], i + len(batch)
+            worst = [min(scored, key=lambda x: x.reward) for scored in mine]
             out.append(
                 EvaluationBatch(
-                    outputs=[r.text for r in mine],
-                    scores=[s.reward for s in scores],
+                    outputs=[w.completion for w in worst],
+                    scores=[sum(x.reward for x in scored) / len(scored) for scored in mine],
                     trajectories=[
                         Trajectory(
-                            problem=p, completion=r.text, feedback=s.feedback, reward=s.reward
+                            problem=p, completion=w.completion, feedback=w.feedback, reward=w.reward
                         )
-                        for p, r, s in zip(batch, mine, scores, strict=True)
+                        for p, w in zip(batch, worst, strict=True)
                     ],
                 )
             )
@@ -214,7 +273,7 @@ def run_gepa_round(
     t0 = time.perf_counter()
     calls_before = adapter.metric_calls
     # 1. Re-score the population under the current policy (GEPA's data ids are list indices),
-    #    every prompt in one batch.
+    #    every prompt in one batch (with step samples: served from them, bar any gaps).
     val_ids = list(range(len(val_problems)))
     scored = adapter.batch_evaluate([({COMPONENT: rec.text}, val_problems) for rec in population])
     for rec, batch in zip(population, scored, strict=True):

@@ -75,7 +75,7 @@ def signal_after_checkpoint(
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst", "fst-distill", "fst-bf16"])
+@pytest.mark.parametrize("mode", ["rl", "fst", "fst-distill", "fst-bf16", "fst-reuse"])
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mode):  # noqa: F811
     # fst-distill: a population without the seed prompt, so that its best prompt differs from
     # the student's context from step 1 and the distill term runs on every step.
@@ -90,9 +90,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         # bf16 autocast and GEPA proposing two candidates per iteration (batched evaluations)
         # resume exactly too.
         "fst-bf16": {"model.autocast": "bfloat16", "fast.proposalsPerIteration": 2},
+        # Round 1 starts from the rollouts of steps 1-2, which only the checkpoint of step 2
+        # carries across the kill.
+        "fst-reuse": {"fast.reuseStepRollouts": True},
     }
     extra = extras.get(mode, {})
-    bf16, mode = mode == "fst-bf16", "fst" if mode == "fst-bf16" else mode
+    bf16, reuse = mode == "fst-bf16", mode == "fst-reuse"
+    mode = "fst" if mode in ("fst-bf16", "fst-reuse") else mode
     straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode, **extra)
     killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode, **extra)
     if bf16:  # at the tiny model's lr of 1e-2, in bf16 it collapses to one completion per
@@ -147,6 +151,9 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         assert pop_a[1]["members"] != pop_a[0]["members"], "round 1 scores the trained policy"
         by_step = {m["step"]: m for m in metrics_b if "reward_mean" in m}
         assert "population_size" in by_step[1] and "population_size" in by_step[3]
+        # Round 0 has no steps to reuse; round 1 re-scores the population from steps 1-2.
+        assert by_step[1]["gepa_reused_rows"] == 0
+        assert (by_step[3]["gepa_reused_rows"] > 0) == reuse
 
 
 def test_sigterm_releases_the_run_so_the_next_attempt_starts_at_once(tmp_path, tiny_model_dir):  # noqa: F811

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fst.config import TaskConfig, TrainConfig
-from fst.fast.gepa_adapter import COMPONENT, PolicyAdapter, run_gepa_round
+from fst.fast.gepa_adapter import COMPONENT, PolicyAdapter, StepSample, run_gepa_round
 from fst.fast.population import PromptRecord, pareto_front, prompt_id, top_k_by_coverage
 from fst.fast.reflectors import DigestProposer, digest_rewrite, lessons_from_feedback
 from fst.loop import Run, prompt_assignment
@@ -31,6 +31,10 @@ class CharTokenizer:
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) for c in text]}
+
+
+def expression(problem) -> str:
+    return re.search(r"Compute (.*?)\. Give", problem.prompt).group(1)
 
 
 class ScriptedEngine:
@@ -266,6 +270,104 @@ def test_a_round_with_several_proposals_per_iteration(task, tmp_path, proposals)
     assert engine.calls <= 1 + 3 * iterations
     if proposals > 1:
         assert len(asked) >= proposals and len(asked) % proposals == 0
+
+
+class RecordingEngine(ScriptedEngine):
+    """The scripted policy, recording the system prompt of every row it samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.systems: list[str] = []
+
+    def generate(self, prompts, params, generator):
+        for ids in prompts:
+            text = "".join(chr(i) for i in ids)
+            self.systems.append(re.search(r"<system>(.*?)</system>", text, re.S).group(1))
+        return super().generate(prompts, params, generator)
+
+
+def step_samples(problems, system: str, rewards: tuple[float, float]) -> list[StepSample]:
+    """Two training rollouts of `system` on each problem, scored `rewards`."""
+    return [
+        StepSample(
+            problem_id=p.id,
+            system=system,
+            completion=f"step rollout {i} of {p.id}",
+            reward=r,
+            feedback="Write the final answer inside \\boxed{}." if r < 1 else "Correct.",
+        )
+        for p in problems
+        for i, r in enumerate(rewards)
+    ]
+
+
+def test_step_samples_are_served_and_only_new_pairs_are_sampled(task):
+    """A (prompt, problem) pair the steps sampled is served from their rollouts: its score is
+    their mean reward, its trajectory the worst of them. Any other pair is sampled once,
+    however often it is asked for."""
+    train = task.problems("train")
+    known = step_samples(train[:4], "Chat.", (1.0, 0.0))
+    engine = RecordingEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=known
+    )
+    chat, boxed = {COMPONENT: "Chat."}, {COMPONENT: "Answer BOXED."}
+    served, fresh, again = adapter.batch_evaluate(
+        [(chat, train[:4]), (boxed, train[:4]), (boxed, train[2:6])]
+    )
+    assert served.scores == [0.5] * 4  # the steps' mean, not the scripted policy's 0
+    assert [t["completion"] for t in served.trajectories] == [
+        f"step rollout 1 of {p.id}" for p in train[:4]
+    ]
+    assert all(t["reward"] == 0.0 for t in served.trajectories)  # the failure, to reflect on
+    # Boxed on train[:6], each problem once, in the one call; train[2:4] asked twice.
+    assert engine.calls == 1 and engine.systems == ["Answer BOXED."] * 6
+    assert adapter.metric_calls == 6 and adapter.reused_rows == 4
+    assert (
+        again.scores == fresh.scores[2:] + adapter.batch_evaluate([(boxed, train[4:6])])[0].scores
+    )
+    assert engine.calls == 1  # all known now: no call at all
+    # Without step samples nothing is remembered: every row is sampled, as before.
+    plain = PolicyAdapter(RecordingEngine(), CharTokenizer(), task, SamplingParams(), seed=0)
+    plain.batch_evaluate([(boxed, train[:4]), (boxed, train[:4])])
+    assert plain.metric_calls == 8 and plain.reused_rows == 0
+
+
+def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
+    """fast.reuseStepRollouts: the population's re-scoring and the parents' minibatches come
+    from the step rollouts (the steps' problems are the Pareto set and the minibatch pool), so
+    every row the round samples is a child's; a better child still wins."""
+    # Problems the scripted BOXED prompt solves (its answer is no multiple of 3).
+    solvable = [p for p in task.problems("train") if eval(expression(p)) % 3]
+    recent = solvable[:8]
+    plain, chatty = "You are a helpful assistant.", "Chat about it."
+    samples = step_samples(recent, plain, (0.0, 0.0)) + step_samples(recent, chatty, (1.0, 0.0))
+    better = "Solve it. Write the result BOXED: inside \\boxed{}."
+    engine = RecordingEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=samples
+    )
+    result = run_gepa_round(
+        population=[PromptRecord(chatty), PromptRecord(plain)],
+        adapter=adapter,
+        val_problems=recent,
+        train_problems=recent,
+        round_idx=1,
+        top_k=2,
+        metric_calls=24,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=lambda prompt: f"```\n{better}\n```",
+    )
+    old = {c.text: c for c in result.candidates[:2]}
+    assert set(old[chatty].val_scores.values()) == {0.5}  # the steps' means
+    assert set(old[plain].val_scores.values()) == {0.0}
+    assert result.population[0].text == better
+    assert engine.systems and set(engine.systems) == {better}  # only the child was sampled
+    # The child: its minibatch, then the rest of the Pareto set; no problem twice.
+    assert len(engine.systems) == len(recent) == result.metric_calls
+    assert adapter.reused_rows >= 2 * len(recent)  # the re-scoring, at least
 
 
 # ----------------------------------------------------------------------------- one advantage group
