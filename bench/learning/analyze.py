@@ -30,6 +30,7 @@ from bench.learning.spec import (
     SEEDS,
     STEPS,
     TASKS,
+    VARIANTS,
 )
 from fst.analysis import (
     Interval,
@@ -90,6 +91,9 @@ def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
         "kl_steps": [s for s, _ in kls],
         "kl": [v for _, v in kls],
         "gepa_metric_calls": sum(m.get("gepa_metric_calls", 0) for m in steps),
+        "gepa_reused_rows": sum(m.get("gepa_reused_rows", 0) for m in steps),
+        "gepa_s": sum(m.get("gepa_s", 0) for m in steps),
+        "rounds": sum(1 for m in steps if "gepa_s" in m),
         "gen_tokens": sum(m.get("gen_tokens", 0) for m in steps),
         "rollouts": len(steps) * COMMON["slow"]["problemsPerStep"] * COMMON["slow"]["groupSize"],
         "optimizer_steps": sum(1 for m in steps if m.get("updated", 1.0) and "loss" in m),
@@ -346,6 +350,52 @@ def _bits(passed: str | list[int]) -> list[int]:
 
 def _interval(i: Interval | None) -> dict[str, float] | None:
     return None if i is None else {"estimate": i.estimate, "low": i.low, "high": i.high}
+
+
+def variant_differences(
+    runs: dict[tuple[str, int], dict[str, Any]], variants: dict[tuple[str, int], dict[str, Any]]
+) -> dict[str, Any]:
+    """Every variant (spec.VARIANTS) against its base mode, over the seeds both ran: final and
+    out-of-domain held-out difference (paired bootstrap over seeds x problems), its own
+    steps-to-RL-peak ratio beside the base mode's, and what its GEPA rounds cost (rollouts
+    sampled and seconds per round, both modes' rounds alike, the first round included)."""
+    out: dict[str, Any] = {}
+    for variant, (base, _) in VARIANTS.items():
+        seeds = [s for s in SEEDS if (variant, s) in variants and (base, s) in runs]
+        if not seeds:
+            continue
+        row: dict[str, Any] = {"base": base, "seeds": seeds}
+        for key, name in (("eval_passed", "final"), ("ood_passed", "ood")):
+            pairs = [
+                (_outcomes(variants[(variant, s)], key), _outcomes(runs[(base, s)], key))
+                for s in seeds
+            ]
+            ok = [(a, b) for a, b in pairs if a and b and len(a) == len(b)]
+            row[name] = (
+                _interval(bootstrap_diff([a for a, _ in ok], [b for _, b in ok])) if ok else None
+            )
+        for who, rs in (("variant", variants), ("base_mode", runs)):
+            own = [rs[(variant if who == "variant" else base, s)] for s in seeds]
+            ratios = []
+            for s, r in zip(seeds, own, strict=True):
+                if ("rl", s) in runs:
+                    rl, c = _common_steps(runs[("rl", s)], r)
+                    ratios.append(
+                        steps_to_peak(
+                            rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]
+                        ).ratio
+                    )
+            row[f"{who}_peak_ratio"] = _interval(
+                bootstrap_mean([x for x in ratios if x is not None])
+            )
+            row[f"{who}_peak_reached"] = sum(x is not None for x in ratios)
+            rounds = sum(r["rounds"] for r in own)
+            row[f"{who}_sampled_per_round"] = sum(r["gepa_metric_calls"] for r in own) / rounds
+            row[f"{who}_reused_per_round"] = sum(r["gepa_reused_rows"] for r in own) / rounds
+            row[f"{who}_round_s"] = sum(r["gepa_s"] for r in own) / rounds
+            row[f"{who}_final"] = mean(r["eval"][-1] for r in own)
+        out[variant] = row
+    return out
 
 
 def differences(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
@@ -724,6 +774,33 @@ def tables(summary: dict[str, Any]) -> str:
                 f"{_ci(d['ood'], True)} | {_ci(d['peak_ratio'])} ({d['peak_reached']}) | "
                 f"{_ci(d['kl_ratio'])} | {_ci(d['entropy'], True)} |"
             )
+    for task, t in summary["tasks"].items():
+        if not t.get("variants"):
+            continue
+        lines += [
+            "",
+            f"### `{task}`: variants against their mode (95% bootstrap intervals)",
+            "",
+            "Final and OOD Δ: variant − its mode at the last eval, paired bootstrap over seeds "
+            "and the held-out problems. Peak ratio: steps to rl's running peak / rl's (reached "
+            "by how many seeds). Per round: rollouts sampled, rollouts served from the steps "
+            "(fast.reuseStepRollouts) and seconds, every round of every seed (2 jobs shared "
+            "the CPU).",
+            "",
+            "| variant | of | seeds | final (variant / mode) | final Δ | OOD Δ | peak ratio: "
+            "variant | mode | sampled / round | served / round | s / round |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for variant, d in t["variants"].items():
+            lines.append(
+                f"| {variant} | {d['base']} | {len(d['seeds'])} | {_fmt(d['variant_final'])} / "
+                f"{_fmt(d['base_mode_final'])} | {_ci(d['final'], True)} | "
+                f"{_ci(d['ood'], True)} | {_ci(d['variant_peak_ratio'])} "
+                f"({d['variant_peak_reached']}) | {_ci(d['base_mode_peak_ratio'])} "
+                f"({d['base_mode_peak_reached']}) | {d['variant_sampled_per_round']:.0f} / "
+                f"{d['base_mode_sampled_per_round']:.0f} | {d['variant_reused_per_round']:.0f} | "
+                f"{d['variant_round_s']:.0f} / {d['base_mode_round_s']:.0f} |"
+            )
     if summary["streams"]:
         lines += [
             "",
@@ -791,8 +868,8 @@ def analyze(out_dir: Path, docs: Path, partial: bool = False) -> dict[str, Any]:
     figdir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"runs": {}, "unfinished": [], "tasks": {}, "streams": {}}
     for task in TASKS:
-        runs = {}
-        for mode in MODES:
+        runs, variants = {}, {}
+        for mode in (*MODES, *VARIANTS):
             for s in SEEDS:
                 name = f"{task}-{mode}-s{s}"
                 r = load_run(out_dir / "runs" / name, partial)
@@ -800,10 +877,11 @@ def analyze(out_dir: Path, docs: Path, partial: bool = False) -> dict[str, Any]:
                     summary["unfinished"].append(name)
                 if r is None:
                     continue
-                runs[(mode, s)] = r
+                (runs if mode in MODES else variants)[(mode, s)] = r
                 summary["runs"][name] = r
         if runs:
             summary["tasks"][task] = analyze_task(task, runs, figdir)
+            summary["tasks"][task]["variants"] = variant_differences(runs, variants)
     summary["streams"] = analyze_streams(out_dir, figdir)
     summary["plasticity"] = analyze_plasticity(out_dir, figdir)
     summary["steps_per_run"] = STEPS

@@ -37,6 +37,7 @@ from bench.learning.spec import (
     TASKS,
     RunSpec,
     all_runs,
+    base_mode,
     plasticity_manifest,
     run_config,
     stream_manifest,
@@ -92,7 +93,7 @@ def train_job(spec: RunSpec, out: Path, steps: int) -> Job:
     cfg_path.write_text(yaml.safe_dump(run_config(spec, str(runs), steps), sort_keys=False))
     run_dir = runs / spec.name
     commands = [fst("train", "-c", str(cfg_path), "--resume", "--no-progress")]
-    if spec.mode in ("fst", "fst-distill"):
+    if base_mode(spec.mode) in ("fst", "fst-distill"):
         # Greedy, on the same test problems as the periodic eval.
         commands.append(
             fst(
@@ -140,10 +141,12 @@ def plan(
 ) -> list[Job]:
     """In order of what a bench stopped early most needs: the first task's three modes on the
     first seed, RL and FST on its other seeds, the two streams, then the rest, then the
-    plasticity probe (its four arms per seed)."""
+    plasticity probe (its four arms per seed), then the variants (spec.VARIANTS)."""
     first_task = next(iter(TASKS))
 
     def rank(r: RunSpec) -> tuple[int, int, int]:
+        if r.mode not in MODES:  # a variant: after everything it is compared with
+            return (5, r.seed, 0)
         if r.task == first_task and r.seed == seeds[0]:
             group = 0
         elif r.task == first_task and r.mode != "gepa":
@@ -158,9 +161,10 @@ def plan(
     jobs = [train_job(r, out, steps) for r in runs if rank(r)[0] < 2]
     if streams:
         jobs += [stream_job(m, out) for m in MODES]
-    jobs += [train_job(r, out, steps) for r in runs if rank(r)[0] >= 2]
+    jobs += [train_job(r, out, steps) for r in runs if 2 <= rank(r)[0] < 5]
     if plasticity:
         jobs += [plasticity_job(arm, out, s) for s in seeds for arm in PLASTICITY_ARMS]
+    jobs += [train_job(r, out, steps) for r in runs if rank(r)[0] == 5]
     return jobs
 
 

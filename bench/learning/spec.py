@@ -16,6 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("rl", "fst", "fst-distill", "gepa")
+# Settings on trial before any becomes a default: a variant runs its base mode with these
+# `fast` settings on the same tasks and seeds (job <task>-<variant>-s<seed>), and `analyze`
+# compares it with the base mode's jobs.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # GEPA rounds start from the last T steps' rollouts (docs/performance.md, round 2 item 4).
+    "fst-reuse": ("fst", {"reuseStepRollouts": True}),
+}
 SEEDS = (0, 1, 2)
 STEPS = 20
 
@@ -189,15 +196,22 @@ class RunSpec:
 def run_config(spec: RunSpec, output_dir: str, steps: int = STEPS) -> dict[str, Any]:
     """The `fst train` config of one run."""
     cfg = copy.deepcopy(COMMON)
+    mode, fast = VARIANTS.get(spec.mode, (spec.mode, {}))
     cfg.update(
         run=spec.name,
-        mode=spec.mode,
+        mode=mode,
         steps=steps,
         seed=spec.seed,
         outputDir=output_dir,
         task=copy.deepcopy(TASKS[spec.task]),
     )
+    cfg["fast"].update(fast)
     return cfg
+
+
+def base_mode(mode_or_variant: str) -> str:
+    """The `mode` a job's config runs: a variant's base mode, or the mode itself."""
+    return VARIANTS.get(mode_or_variant, (mode_or_variant, {}))[0]
 
 
 def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]:
@@ -235,5 +249,8 @@ def stream_manifest(mode: str, output_dir: str, seed: int = 0) -> dict[str, Any]
 
 
 def all_runs(seeds: tuple[int, ...] = SEEDS) -> list[RunSpec]:
-    """Seed-major, so that a partial bench has complete (task, seed) triples first."""
-    return [RunSpec(t, m, s) for s in seeds for t in TASKS for m in MODES]
+    """Seed-major, so that a partial bench has complete (task, seed) triples first; the
+    variants last."""
+    return [RunSpec(t, m, s) for s in seeds for t in TASKS for m in MODES] + [
+        RunSpec(t, v, s) for s in seeds for t in TASKS for v in VARIANTS
+    ]

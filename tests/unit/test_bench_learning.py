@@ -10,8 +10,14 @@ import pytest
 
 from bench.learning.analyze import analyze_plasticity, tables
 from bench.learning.run import plan
-from bench.learning.spec import PLASTICITY_STEPS_B, STEPS, plasticity_manifest
-from fst.config import TaskConfig
+from bench.learning.spec import (
+    PLASTICITY_STEPS_B,
+    STEPS,
+    RunSpec,
+    plasticity_manifest,
+    run_config,
+)
+from fst.config import TaskConfig, TrainConfig
 from fst.k8s.api import TaskStream
 from fst.plan import check_stages, stage_config, stage_spec
 from fst.tasks import build_task
@@ -44,13 +50,31 @@ def test_the_probe_trains_a_then_a_fresh_rl_run_on_b_without_the_population(tmp_
 
 def test_the_probe_is_planned_after_the_rest_unless_switched_off(tmp_path):
     names = [j.name for j in plan(tmp_path, (0,), 4, streams=False)]
-    assert names[-4:] == [
+    assert names[-6:] == [
         "plasticity-base-s0",
         "plasticity-rl-s0",
         "plasticity-fst-s0",
         "plasticity-fst-distill-s0",
+        # The variants come last: they are compared with everything before them.
+        "mul-fst-reuse-s0",
+        "house-fst-reuse-s0",
     ]
     assert not any("plasticity" in j.name for j in plan(tmp_path, (0,), 4, False, plasticity=False))
+
+
+def test_a_variant_runs_its_base_mode_with_its_fast_settings(tmp_path):
+    variant = TrainConfig.model_validate(run_config(RunSpec("mul", "fst-reuse", 1), str(tmp_path)))
+    fst = TrainConfig.model_validate(run_config(RunSpec("mul", "fst", 1), str(tmp_path)))
+    assert (variant.run, variant.mode, variant.fast.reuse_step_rollouts) == (
+        "mul-fst-reuse-s1",
+        "fst",
+        True,
+    )
+    assert variant.model_copy(update={"run": fst.run}) != fst
+    assert variant.fast.model_copy(update={"reuse_step_rollouts": False}) == fst.fast
+    assert all(getattr(variant, k) == getattr(fst, k) for k in ("slow", "task", "seed", "steps"))
+    jobs = {j.name: j for j in plan(tmp_path, (1,), 4, streams=False, plasticity=False)}
+    assert [c[3] for c in jobs["mul-fst-reuse-s1"].commands] == ["train", "eval"]  # decomposed
 
 
 def write_probe(out: Path, arm: str, evals: list[float], seed: int = 0) -> None:
