@@ -382,7 +382,6 @@ def test_sampling_children_on_the_whole_pareto_set_changes_nothing_but_the_calls
     recent = solvable[:8]
     plain, chatty = "You are a helpful assistant.", "Chat about it."
     samples = step_samples(recent, plain, (0.0, 0.0)) + step_samples(recent, chatty, (1.0, 0.0))
-
     def run_round(whole: bool, folder: str):
         replies = iter(["Write the result BOXED: inside \\boxed{}.", "Just chat."] * 8)
         engine = NoisyEngine()
