@@ -436,11 +436,6 @@ def gepa_round(run: Run) -> dict[str, Any]:
         run.sampling,
         seed=cfg.seed * 1000 + round_idx,
         step_samples=samples,
-        # With several proposals per iteration a child's minibatch call has many rows already:
-        # sampling the children's whole Pareto set in it costs less than the second call it
-        # saves. With one, it would turn each 4-row call into a 16-row one, mostly for children
-        # GEPA rejects (and never evaluates on the Pareto set).
-        whole_set=val if cfg.fast.proposals_per_iteration > 1 else (),
     )
     is_proposer = isinstance(run.reflector, DigestProposer)
     result = run_gepa_round(

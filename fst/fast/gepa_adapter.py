@@ -107,7 +107,6 @@ class PolicyAdapter:
         params: SamplingParams,
         seed: int,
         step_samples: Sequence[StepSample] = (),
-        whole_set: Sequence[Problem] = (),
     ) -> None:
         self.engine, self.tokenizer, self.task, self.params, self.seed = (
             engine,
@@ -129,10 +128,6 @@ class PolicyAdapter:
                 _Scored(s["completion"], s["reward"], s["feedback"])
             )
         self.from_steps = set(self.known)
-        # With step samples, the Pareto set (the minibatches' pool too): a prompt sampled on
-        # any of it is sampled on all of it in the same call, so that GEPA's evaluation of an
-        # accepted child on the Pareto set, one more call, is served instead.
-        self.whole_set = list(whole_set) if self.reuse else []
 
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
@@ -151,10 +146,6 @@ class PolicyAdapter:
         rows = [(c[COMPONENT], p) for c, batch in items for p in batch]
         if self.reuse:
             unknown = {(s, p.id): (s, p) for s, p in rows if (s, p.id) not in self.known}
-            for system in dict.fromkeys(s for s, _ in unknown.values()):
-                for q in self.whole_set:
-                    if (system, q.id) not in self.known:
-                        unknown.setdefault((system, q.id), (system, q))
             todo = list(unknown.values())  # each pair once
             self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
         else:

@@ -370,58 +370,6 @@ def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     assert adapter.reused_rows >= 2 * len(recent)  # the re-scoring, at least
 
 
-@pytest.mark.parametrize("whole_set", [False, True])
-def test_sampling_children_on_the_whole_pareto_set_changes_nothing_but_the_calls(
-    task, tmp_path, whole_set
-):
-    """With several proposals per iteration, a child sampled on its minibatch is sampled on the
-    rest of the Pareto set in the same call: GEPA's evaluation of an accepted child is then
-    served, one engine call fewer per iteration, and every score is what it was (each row's
-    generator is seeded by its problem, whichever call samples it)."""
-    solvable = [p for p in task.problems("train") if eval(expression(p)) % 3]
-    recent = solvable[:8]
-    plain, chatty = "You are a helpful assistant.", "Chat about it."
-    samples = step_samples(recent, plain, (0.0, 0.0)) + step_samples(recent, chatty, (1.0, 0.0))
-    def run_round(whole: bool, folder: str):
-        replies = iter(["Write the result BOXED: inside \\boxed{}.", "Just chat."] * 8)
-        engine = NoisyEngine()
-        adapter = PolicyAdapter(
-            engine,
-            CharTokenizer(),
-            task,
-            SamplingParams(),
-            seed=0,
-            step_samples=samples,
-            whole_set=recent if whole else (),
-        )
-        result = run_gepa_round(
-            population=[PromptRecord(chatty), PromptRecord(plain)],
-            adapter=adapter,
-            val_problems=recent,
-            train_problems=recent,
-            round_idx=1,
-            top_k=2,
-            metric_calls=32,
-            minibatch_size=4,
-            round_dir=tmp_path / folder,
-            seed=0,
-            reflection_lm=lambda prompt: f"```\n{next(replies)}\n```",
-            proposals_per_iteration=2,
-        )
-        return result, engine.calls
-
-    reference, calls = run_round(False, "reference")
-    result, calls_now = run_round(whole_set, "now")
-    assert len(reference.candidates) > 2, "a child should be accepted"
-    assert [(c.text, c.val_scores) for c in result.candidates] == [
-        (c.text, c.val_scores) for c in reference.candidates
-    ]
-    # Without the whole set: per iteration a call for the children, and one more for the
-    # accepted children's Pareto set. With it, the second is served (and a later iteration's
-    # child already sampled on the whole set costs nothing).
-    assert calls_now < calls if whole_set else calls_now == calls
-
-
 # ----------------------------------------------------------------------------- one advantage group
 
 
