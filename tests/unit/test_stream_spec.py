@@ -163,6 +163,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         "minibatchSize": 4,
         "paretoSize": 8,
         "proposalsPerIteration": 1,
+        "reuseStepRollouts": False,
         "reflector": {
             "kind": "openai",
             "model": "m",
