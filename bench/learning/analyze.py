@@ -352,6 +352,23 @@ def _interval(i: Interval | None) -> dict[str, float] | None:
     return None if i is None else {"estimate": i.estimate, "low": i.low, "high": i.high}
 
 
+def _last_eval_diff(
+    pairs: list[tuple[list[int] | None, list[int] | None]],
+) -> dict[str, float] | None:
+    """(candidate, reference) last-eval outcomes per seed -> the paired bootstrap interval of
+    candidate − reference over seeds x problems, or None without comparable evals."""
+    ok = [(a, b) for a, b in pairs if a and b and len(a) == len(b)]
+    if not ok or len({len(a) for a, _ in ok}) != 1:
+        return None
+    return _interval(bootstrap_diff([a for a, _ in ok], [b for _, b in ok]))
+
+
+def _peak_ratio(rl_run: dict[str, Any], run: dict[str, Any]) -> float | None:
+    """Steps `run` took to reach rl's running peak / rl's, on the steps both have."""
+    rl, c = _common_steps(rl_run, run)
+    return steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]).ratio
+
+
 def variant_differences(
     runs: dict[tuple[str, int], dict[str, Any]], variants: dict[tuple[str, int], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -366,25 +383,21 @@ def variant_differences(
             continue
         row: dict[str, Any] = {"base": base, "seeds": seeds}
         for key, name in (("eval_passed", "final"), ("ood_passed", "ood")):
-            pairs = [
-                (_outcomes(variants[(variant, s)], key), _outcomes(runs[(base, s)], key))
-                for s in seeds
-            ]
-            ok = [(a, b) for a, b in pairs if a and b and len(a) == len(b)]
-            row[name] = (
-                _interval(bootstrap_diff([a for a, _ in ok], [b for _, b in ok])) if ok else None
+            row[name] = _last_eval_diff(
+                [
+                    (_outcomes(variants[(variant, s)], key), _outcomes(runs[(base, s)], key))
+                    for s in seeds
+                ]
             )
-        for who, rs in (("variant", variants), ("base_mode", runs)):
-            own = [rs[(variant if who == "variant" else base, s)] for s in seeds]
-            ratios = []
-            for s, r in zip(seeds, own, strict=True):
-                if ("rl", s) in runs:
-                    rl, c = _common_steps(runs[("rl", s)], r)
-                    ratios.append(
-                        steps_to_peak(
-                            rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]
-                        ).ratio
-                    )
+        for who, own in (
+            ("variant", [variants[(variant, s)] for s in seeds]),
+            ("base_mode", [runs[(base, s)] for s in seeds]),
+        ):
+            ratios = [
+                _peak_ratio(runs[("rl", s)], r)
+                for s, r in zip(seeds, own, strict=True)
+                if ("rl", s) in runs
+            ]
             row[f"{who}_peak_ratio"] = _interval(
                 bootstrap_mean([x for x in ratios if x is not None])
             )
@@ -410,22 +423,10 @@ def differences(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
             continue
         row: dict[str, Any] = {"seeds": seeds}
         for key, name in (("eval_passed", "final"), ("ood_passed", "ood")):
-            pairs = [
-                (_outcomes(runs[(mode, s)], key), _outcomes(runs[("rl", s)], key)) for s in seeds
-            ]
-            ok = [(a, b) for a, b in pairs if a and b and len(a) == len(b)]
-            same_n = len({len(a) for a, _ in ok}) == 1
-            row[name] = (
-                _interval(bootstrap_diff([a for a, _ in ok], [b for _, b in ok]))
-                if ok and same_n
-                else None
+            row[name] = _last_eval_diff(
+                [(_outcomes(runs[(mode, s)], key), _outcomes(runs[("rl", s)], key)) for s in seeds]
             )
-        ratios = []
-        for s in seeds:
-            rl, c = _common_steps(runs[("rl", s)], runs[(mode, s)])
-            ratios.append(
-                steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]).ratio
-            )
+        ratios = [_peak_ratio(runs[("rl", s)], runs[(mode, s)]) for s in seeds]
         row["peak_ratio"] = _interval(bootstrap_mean([r for r in ratios if r is not None]))
         row["peak_reached"] = sum(r is not None for r in ratios)
         kl_ratios = []
