@@ -3,17 +3,23 @@
 batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
   -> drop rollouts whose advantage is 0 (they carry no gradient; their tokens still
      count in the token-mean normaliser, so dropping them changes nothing but time)
-  -> micro-batches of `micro_batch_size` sequences
-  -> forward, prompt shared: each DISTINCT prompt of the micro-batch runs once (its KV cache,
-     with gradients, is then copied to every row that uses it), then the completions run on
-     top of it -> logits at completion positions only (B, C, V) -> log π_θ (B, C)
+  -> micro-batches of `micro_batch_size` sequences, in the order of their prompts' tokens
+     (rows that share a system prompt share a micro-batch)
+  -> forward, prompt shared: each DISTINCT prefix that several prompts share (a population's
+     system prompt) runs once, then each DISTINCT prompt's rest on top of its prefix's KV
+     cache, then the completions on top of their prompt's; each cache, with its gradients,
+     copied to every row that uses it -> logits at completion positions only (B, C, V)
+     -> log π_θ (B, C)
   -> loss (CISPO by default) / normaliser of the whole step, backward, accumulate
   -> clip the global grad norm, AdamW step, LR schedule step
 
 Sharing the prompt computes the same thing as running every row's prompt + completion
 (attention is causal: a prompt's hidden states do not depend on what follows), and the
 gradient through the shared prompt is the sum over its rows, as before. With G rollouts per
-problem it saves (G-1)/G of the prompt's forward and backward work.
+problem it saves (G-1)/G of the prompt's forward and backward work. FST's K system prompts
+are what makes its prompts long (the digest reflector's lessons: 2.3x RL's prompt tokens per
+step after 4 rounds, docs/performance.md); a micro-batch of one system prompt over its
+problems runs that prompt once, not once per problem.
 """
 
 from __future__ import annotations
@@ -193,15 +199,22 @@ class _TokenLogprob(torch.autograd.Function):
 
 @dataclass
 class SharedPromptBatch:
-    """A micro-batch whose rows share prompts: U distinct prompts, B completions.
+    """A micro-batch whose rows share prompts: U distinct prompts, B completions, and the S
+    distinct prefixes the prompts share (a population's system prompt over its problems).
 
-    Completion coordinates: position t of a row is its completion token t, predicted by the
-    prompt's last position (t = 0) or by completion token t - 1.
+    Columns of a row: [prefix, left-padded | prompt's rest, left-padded | completion, right-
+    padded]; positions count real tokens only. Without a prefix stage (`prefix_ids` None) the
+    rest is the whole prompt. Completion coordinates: position t of a row is its completion
+    token t, predicted by the prompt's last position (t = 0) or by completion token t - 1.
     """
 
-    prompt_ids: torch.Tensor  # (U, P) distinct prompts, left-padded
+    prefix_ids: torch.Tensor | None  # (S, Q) distinct shared prefixes, left-padded
+    prefix_attention: torch.Tensor | None  # (S, Q)
+    prefix_positions: torch.Tensor | None  # (S, Q) 0 at each prefix's first real token
+    prompt_prefix: torch.Tensor | None  # (U,) which prefix each distinct prompt continues
+    prompt_ids: torch.Tensor  # (U, P) each distinct prompt's rest after its prefix, left-padded
     prompt_attention: torch.Tensor  # (U, P)
-    prompt_positions: torch.Tensor  # (U, P) 0 at each prompt's first real token
+    prompt_positions: torch.Tensor  # (U, P) prefix length at the rest's first real token
     row_prompt: torch.Tensor  # (B,) which distinct prompt each row continues
     completion_ids: torch.Tensor  # (B, C) right-padded
     completion_attention: torch.Tensor  # (B, C)
@@ -211,25 +224,62 @@ class SharedPromptBatch:
     adv: torch.Tensor  # (B,)
 
 
+def _left_padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, offsets: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention, positions), each (N, max length): sequences left-padded; positions
+    count real tokens from `offsets` (default 0) and are 0 on padding."""
+    N, L = len(seqs), max(len(x) for x in seqs)
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((N, L), dtype=torch.long)
+    for n, x in enumerate(seqs):
+        ids[n, L - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        attention[n, L - len(x) :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    if offsets is not None:
+        positions = (positions + torch.tensor(offsets)[:, None]) * attention
+    return ids, attention, positions
+
+
 def pack_shared(
     rollouts: list[Rollout],
     advantages: list[float],
     pad_id: int,
     device: torch.device,
     min_completion: int = 1,
+    split_prefixes: bool | None = None,
 ) -> SharedPromptBatch:
     """`min_completion` pads C up (masked positions): under FSDP every rank must run the same
-    number of forwards per micro-batch, and C = 1 would skip the completions' forward."""
+    number of forwards per micro-batch, and C = 1 would skip the completions' forward.
+
+    `split_prefixes`: run the distinct prompts' shared prefixes as a stage of their own (the
+    grouping is the rollout engine's, `shared_prefixes`). None: when some prefix is shared by
+    two or more prompts. True always (under FSDP, so that every rank runs three forwards):
+    a prompt in no group then has all but its last token as its "prefix"."""
+    from fst.rollout.hf import MIN_SHARED_PREFIX, shared_prefixes
+
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
-    U, B = len(distinct), len(rollouts)
-    P = max(len(p) for p in distinct)
+    prompts = list(distinct)
+    B = len(rollouts)
+    group_of, cut = shared_prefixes(prompts, MIN_SHARED_PREFIX)
+    if split_prefixes is None:
+        split_prefixes = len(set(group_of)) < len(prompts)
+    prefix_ids = prefix_attention = prefix_positions = prompt_prefix = None
+    if split_prefixes:
+        slot: dict[int, int] = {}  # group id -> its row among the distinct prefixes
+        prefixes: list[tuple[int, ...]] = []
+        for p, g, n in zip(prompts, group_of, cut, strict=True):
+            if g not in slot:
+                slot[g] = len(prefixes)
+                prefixes.append(p[:n])
+        prefix_ids, prefix_attention, prefix_positions = _left_padded(prefixes, pad_id)
+        prompt_prefix = torch.tensor([slot[g] for g in group_of])
+        rests = [p[n:] for p, n in zip(prompts, cut, strict=True)]
+        prompt_ids, prompt_attention, prompt_positions = _left_padded(rests, pad_id, cut)
+    else:
+        prompt_ids, prompt_attention, prompt_positions = _left_padded(prompts, pad_id)
     C = max(min_completion, *(len(r.completion_ids) for r in rollouts))
-    prompt_ids = torch.full((U, P), pad_id, dtype=torch.long)
-    prompt_attention = torch.zeros((U, P), dtype=torch.long)
-    for u, p in enumerate(distinct):
-        prompt_ids[u, P - len(p) :] = torch.tensor(p)
-        prompt_attention[u, P - len(p) :] = 1
     completion_ids = torch.full((B, C), pad_id, dtype=torch.long)
     mask = torch.zeros((B, C))
     old_logp = torch.zeros((B, C))
@@ -239,10 +289,18 @@ def pack_shared(
         mask[b, :c] = 1.0
         old_logp[b, :c] = torch.tensor(r.logprobs)
     prompt_len = torch.tensor([len(r.prompt_ids) for r in rollouts])
+
+    def put(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x.to(device)
+
     return SharedPromptBatch(
+        prefix_ids=put(prefix_ids),
+        prefix_attention=put(prefix_attention),
+        prefix_positions=put(prefix_positions),
+        prompt_prefix=put(prompt_prefix),
         prompt_ids=prompt_ids.to(device),
         prompt_attention=prompt_attention.to(device),
-        prompt_positions=(prompt_attention.cumsum(-1) - 1).clamp(min=0).to(device),
+        prompt_positions=prompt_positions.to(device),
         row_prompt=torch.tensor(row_prompt, device=device),
         completion_ids=completion_ids.to(device),
         completion_attention=mask.long().to(device),
@@ -254,15 +312,43 @@ def pack_shared(
 
 
 def shared_prompt_logprobs(
-    model: PreTrainedModel, batch: SharedPromptBatch, temperature: float
+    model: PreTrainedModel, batch: SharedPromptBatch, temperature: float, sharded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π_θ(completion token) and the policy's entropy at every completion position (B, C),
-    with each distinct prompt run once (see the module docstring)."""
+    with each distinct prefix and each distinct prompt run once (see the module docstring).
+
+    Up to three forwards, each on top of the previous one's KV cache (copied to its rows):
+    the S shared prefixes, the U prompts' rests, the B completions.
+
+    `sharded` (FSDP2): the prefixes' logits join the result times 0. FSDP gathers a layer's
+    weights for the backward when a gradient reaches that layer's output; the prefix forward's
+    last layer is otherwise reached only through its keys and values, and its weights would
+    still be sharded when their gradient is computed."""
     rows = batch.row_prompt
+    anchor: torch.Tensor | None = None
+    cache: Cache | None = None
+    prompt_mask = batch.prompt_attention  # (U, columns so far)
+    if batch.prefix_ids is not None:
+        assert batch.prefix_attention is not None and batch.prompt_prefix is not None
+        prefixes = model(
+            input_ids=batch.prefix_ids,
+            attention_mask=batch.prefix_attention,
+            position_ids=batch.prefix_positions,
+            use_cache=True,
+            logits_to_keep=1,  # none are needed; 1 is the fewest the model computes
+        )
+        cache = prefixes.cache
+        if sharded:
+            anchor = prefixes.logits.float().sum() * 0.0
+        _expand_rows(cache, batch.prompt_prefix)
+        prompt_mask = torch.cat(
+            [batch.prefix_attention.index_select(0, batch.prompt_prefix), prompt_mask], dim=1
+        )
     out = model(
         input_ids=batch.prompt_ids,
-        attention_mask=batch.prompt_attention,
+        attention_mask=prompt_mask,
         position_ids=batch.prompt_positions,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,  # the prompt's last position predicts completion token 0
     )
@@ -270,12 +356,14 @@ def shared_prompt_logprobs(
     logp0, ent0 = logp_entropy(
         out.logits[:, -1:, :].index_select(0, rows), targets[:, :1], temperature
     )
+    if anchor is not None:
+        logp0 = logp0 + anchor
     if targets.shape[1] == 1:
         return logp0, ent0
     _expand_rows(out.cache, rows)
     # Completion tokens 0..C-2 predict tokens 1..C-1 (the last token predicts nothing).
     attention = torch.cat(
-        [batch.prompt_attention.index_select(0, rows), batch.completion_attention[:, :-1]], dim=1
+        [prompt_mask.index_select(0, rows), batch.completion_attention[:, :-1]], dim=1
     )
     rest = model(
         input_ids=targets[:, :-1],
@@ -589,21 +677,35 @@ class SlowTrainer:
         """log π_θ and entropy (B, C) of one micro-batch, and the batch they belong to."""
         device = self.model.device
         if self.shared_prompt:
-            # Under FSDP, C >= 2 keeps the number of forwards (collectives) the same on all ranks.
-            min_c = 2 if self.world.distributed else 1
-            shared = pack_shared(rollouts, advantages, self.pad_id, device, min_c)
-            logp, entropy = shared_prompt_logprobs(self.model, shared, self.temperature)
+            # Under FSDP, C >= 2 and a prefix stage in every micro-batch keep the number of
+            # forwards (collectives) the same on all ranks: three.
+            distributed = self.world.distributed
+            min_c = 2 if distributed else 1
+            split = True if distributed else None
+            shared = pack_shared(rollouts, advantages, self.pad_id, device, min_c, split)
+            logp, entropy = shared_prompt_logprobs(
+                self.model, shared, self.temperature, sharded=distributed
+            )
             return logp, entropy, shared
         packed = pack(rollouts, advantages, self.pad_id, device)
         logp, entropy = token_logprobs(self.model, packed, self.temperature)
         return logp, entropy, packed
 
-    def _micro_batches(self, advantages: list[float]) -> tuple[list[list[int]], int]:
+    def _micro_batches(
+        self, rollouts: list[Rollout], advantages: list[float]
+    ) -> tuple[list[list[int]], int]:
         """This rank's micro-batches of the rollouts that carry a gradient (advantage != 0),
         as indices, and how many micro-batches every rank runs. Every rank runs as many as the
         busiest one (FSDP's forward and backward are collectives): the extra ones are a real
-        sequence whose result is multiplied by 0."""
-        active = [i for i, a in enumerate(advantages) if a != 0.0]
+        sequence whose result is multiplied by 0.
+
+        The rollouts are taken in the order of their prompts' tokens, so that rows sharing a
+        system prompt share a micro-batch, whose forward then runs that prompt once (FST: a
+        population prompt over its problems, instead of K system prompts over one problem).
+        The order changes no gradient: the loss is normalised over the whole batch."""
+        active = sorted(
+            (i for i, a in enumerate(advantages) if a != 0.0), key=lambda i: rollouts[i].prompt_ids
+        )
         mbs = self.cfg.micro_batch_size
         local = [active[i : i + mbs] for i in range(0, len(active), mbs)]
         n_micro = max_all(len(local), self.world) if self.world.distributed else len(local)
@@ -616,7 +718,7 @@ class SlowTrainer:
         every rank's rollouts. Mode gepa never trains, so this is how its entropy is measured
         on the same tokens as the other modes' training entropy. Returns {"entropy": nats per
         token} (NaN when no group had signal) and the token count."""
-        local, n_micro = self._micro_batches(advantages)
+        local, n_micro = self._micro_batches(rollouts, advantages)
         entropy_sum, tokens = 0.0, 0.0
         for m in range(n_micro):
             idle = m >= len(local)
@@ -642,7 +744,7 @@ class SlowTrainer:
             [float(sum(len(r.completion_ids) for r in rollouts)), float(len(rollouts))], world
         )
         self.model.train()
-        local, n_micro = self._micro_batches(advantages)
+        local, n_micro = self._micro_batches(rollouts, advantages)
         stats = torch.zeros(6, dtype=torch.float64)  # loss clipped ratio entropy tokens seqs
         ratio_lo, ratio_hi = math.inf, -math.inf
         for m in range(n_micro):

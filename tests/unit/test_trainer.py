@@ -101,6 +101,7 @@ def test_shared_prompt_forward_equals_one_forward_per_row(model):
 
     shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"))
     assert shared.prompt_ids.shape[0] == 3  # three distinct prompts for five rows
+    assert shared.prefix_ids is None  # no prefix shared: no prefix stage
     logp_a, _ = shared_prompt_logprobs(a, shared, temperature=0.7)
     full = pack(rs, adv, pad_id=0, device=torch.device("cpu"))
     logp_b, _ = token_logprobs(b, full, temperature=0.7)
@@ -112,6 +113,59 @@ def test_shared_prompt_forward_equals_one_forward_per_row(model):
     (per_row_b * full.adv).sum().backward()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
+
+
+SYSTEM_A = [30 + i % 19 for i in range(20)]  # two 20-token "system prompts", shared by
+SYSTEM_B = [31 + i % 17 for i in range(18)]  # their problems (vocabulary: 50)
+
+
+@pytest.mark.parametrize("split", [None, True])  # auto (as some prefix is shared), forced (FSDP)
+def test_shared_prefix_forward_equals_one_forward_per_row(model, split):
+    """Prompts that share a system prompt run it once, then their rests on top of it, then
+    their completions: the same logprobs and the same gradient as one forward per row."""
+    import copy
+
+    from fst.slow.trainer import pack_shared, shared_prompt_logprobs
+
+    prompts = [
+        [*SYSTEM_A, 1, 2],
+        [*SYSTEM_A, 3, 4, 5],
+        [*SYSTEM_B, 1, 2],
+        [*SYSTEM_A, 1, 2],
+        [*SYSTEM_B, 6],
+        [7, 8, 9],
+    ]
+    completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19], [20, 21], [22]]
+    rs = rollouts_from(model, prompts, completions)
+    adv = [1.0, -0.5, 0.25, 2.0, -1.0, 0.5]
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+
+    shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"), split_prefixes=split)
+    # A, B, and the unshared prompt's all-but-last token (a "prefix" of its own).
+    assert shared.prefix_ids is not None and shared.prefix_ids.shape[0] == 3
+    assert shared.prompt_ids.shape[0] == 5  # five distinct prompts, their rests only
+    assert shared.prompt_ids.shape[1] < len(SYSTEM_A)
+    logp_a, _ = shared_prompt_logprobs(a, shared, temperature=0.7)
+    full = pack(rs, adv, pad_id=0, device=torch.device("cpu"))
+    logp_b, _ = token_logprobs(b, full, temperature=0.7)
+    per_row_a = (logp_a * shared.mask).sum(1)
+    per_row_b = (logp_b * full.mask).sum(1)
+    assert torch.allclose(per_row_a, per_row_b, atol=1e-5)
+
+    (per_row_a * shared.adv).sum().backward()
+    (per_row_b * full.adv).sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_micro_batches_group_rows_by_system_prompt(model):
+    """K system prompts over one problem (FST's step order) become micro-batches of one system
+    prompt over its problems; flat groups stay out."""
+    tr = SlowTrainer(model, SlowConfig(micro_batch_size=2), 1.0, pad_id=0)
+    prompts = [[*SYSTEM_A, 1], [*SYSTEM_B, 1], [*SYSTEM_A, 2], [*SYSTEM_B, 2], [*SYSTEM_A, 3]]
+    rs = [Rollout(p, [5], [0.0], "", True) for p in prompts]
+    local, n_micro = tr._micro_batches(rs, [1.0, -1.0, 1.0, -1.0, 0.0])
+    assert n_micro == 2 and local == [[0, 2], [1, 3]]
 
 
 def test_sampler_logprobs_with_temperature_give_ratio_one(model):
