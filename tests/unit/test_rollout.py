@@ -213,3 +213,85 @@ def test_system_prompts_that_begin_alike_are_not_merged_into_one_short_prefix():
     group, length = shared_prefixes(prompts, min_shared=16)
     assert group[:4] == [group[0]] * 4 and group[4:] == [group[4]] * 4 and group[0] != group[4]
     assert length == [50] * 8  # each its whole system prompt, not the 20 seed tokens
+
+
+def test_cascade_attention_equals_attention_over_copied_prefixes():
+    """One decoding step: each row's prefix read once per group (groups of uneven size, left-
+    padded prefixes, a padded own column) gives what SDPA gives over every row's copy."""
+    import types
+
+    import torch.nn.functional as F
+
+    from fst.model import SharedPrefixKV, cascade_attention
+
+    torch.manual_seed(0)
+    H, H_kv, D, P, S = 6, 2, 8, 5, 4
+    layers = 2
+    prefix_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]]).bool()
+    row_group = [1, 0, 1, 1, 2]  # group 0 has one row, group 1 three, group 2 one
+    pk = [torch.randn(3, H_kv, P, D) for _ in range(layers)]
+    pv = [torch.randn(3, H_kv, P, D) for _ in range(layers)]
+    prefix = SharedPrefixKV.build(pk, pv, prefix_mask, row_group)
+    B = len(row_group)
+    q = torch.randn(B, H, 1, D)
+    k, v = torch.randn(B, H_kv, S, D), torch.randn(B, H_kv, S, D)
+    own_mask = torch.ones(B, S, dtype=torch.bool)
+    own_mask[3, 0] = False  # a row whose own columns start with padding
+    module = types.SimpleNamespace(layer_idx=1, scaling=D**-0.5)
+    got = cascade_attention(module, q, k, v, own_mask[:, None, None, :], prefix)  # (B, 1, H, D)
+
+    g = torch.tensor(row_group)
+    keys = torch.cat([pk[1][g], k], dim=2).repeat_interleave(H // H_kv, dim=1)
+    values = torch.cat([pv[1][g], v], dim=2).repeat_interleave(H // H_kv, dim=1)
+    mask = torch.cat([prefix_mask[g], own_mask], dim=1)[:, None, None, :]
+    want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask).transpose(1, 2)
+    assert got.shape == (B, 1, H, D)
+    assert torch.allclose(got, want, atol=1e-5)
+    # Rows leaving the batch keep their groups.
+    kept = prefix.select_rows(torch.tensor([4, 0, 2]))
+    assert kept.row_group() == [2, 1, 1]
+
+
+def test_shared_prefixes_decode_by_cascade_as_with_copies(model, monkeypatch):
+    """Under the float32 attention the shared prefixes stay one row each while decoding (the
+    rows' cache holds their own columns; cascade attention reads each prefix once): the
+    samples and logprobs are those of a full forward of each row, and the same as when every
+    row holds its own copy; rows that stop leave the batch and keep their prefix."""
+    import fst.model
+    from fst.model import FLOAT32_ATTENTION
+    from fst.rollout import hf
+
+    m = copy.deepcopy(model)
+    m.set_attn_implementation(FLOAT32_ATTENTION)
+    calls = []
+    cascade = fst.model.cascade_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])  # rows decoding
+        return cascade(*args, **kwargs)
+
+    monkeypatch.setattr(fst.model, "cascade_attention", counted)
+    system = [(7 * i) % 45 + 3 for i in range(20)]
+    other = [(5 * i) % 41 + 4 for i in range(24)]
+    prompts = [[*system, 5, 6, 7], [*other, 8], [*system, 9, 10], [11, 12, 13]]
+    prompts += [[*other, 14, 15], [*system, 8]]
+    eng = HFRolloutEngine(m, Tok(), stop_ids=[1, 2, 3], batch_size=8)
+    p = SamplingParams(temperature=1.0, max_new_tokens=10)
+
+    def run():
+        return eng.generate(prompts, p, [torch.Generator().manual_seed(i) for i in range(6)])
+
+    out = run()
+    assert calls and min(calls) < max(calls)  # cascaded; rows left the batch while decoding
+    assert any(r.finished for r in out) and not all(r.finished for r in out)
+    assert_logprobs_of_a_full_forward(m, out, temperature=1.0)
+    calls.clear()
+    eng.cascade = False  # the same prefill, then every row decodes with its own copy
+    copies = run()
+    monkeypatch.setattr(hf, "MIN_SHARED_PREFIX", 10**9)  # nothing shared at all
+    plain = run()
+    assert not calls
+    for other in (copies, plain):
+        assert [r.completion_ids for r in out] == [r.completion_ids for r in other]
+        for a, b in zip(out, other, strict=True):
+            assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
