@@ -10,10 +10,7 @@ a training step (4 prompts x 4 problems x 2 rollouts), a round's re-scoring (4 p
 problems) and a minibatch evaluation (4 prompts x 4 problems). Each shape is generated with
 `fst.rollout.hf.MIN_SHARED_PREFIX` at its value (prefixes shared) and at infinity (one plain
 prefill), alternating, the better of two each; every completion forced to the same length
-(1 new token: the prefill alone), three ways: one plain prefill, the shared prefixes
-prefilled once but copied into every row for decoding (`cascade=False`), and the shared
-prefixes kept one row each while decoding (cascade attention, the engine's default).
-Reported: seconds and their ratio to plain.
+(1 new token: the prefill alone). Reported: seconds and their ratio.
 
 Training (section `training`): one step's forward + backward of a step's shape (4 prompts x
 4 problems x 2 rollouts, completions of 30-127 random tokens, every row with signal) in
@@ -91,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, prompts in shapes.items() if "engine" in a.sections else ():
         for new in a.new_tokens:
-            seconds: dict[str, list[float]] = {"plain": [], "shared": [], "cascade": []}
-            for mode in ("plain", "shared", "cascade") * 2:
-                hf.MIN_SHARED_PREFIX = shared_from if mode != "plain" else 10**9
-                engine.cascade = mode == "cascade"
+            seconds: dict[str, list[float]] = {"plain": [], "shared": []}
+            for mode in ("plain", "shared") * 2:
+                hf.MIN_SHARED_PREFIX = shared_from if mode == "shared" else 10**9
                 t0 = time.perf_counter()
                 engine.generate(prompts, SamplingParams(max_new_tokens=new), torch.Generator())
                 seconds[mode].append(time.perf_counter() - t0)
@@ -105,20 +101,17 @@ def main(argv: list[str] | None = None) -> int:
                 "new_tokens": new,
                 "plain_s": min(seconds["plain"]),
                 "shared_s": min(seconds["shared"]),
-                "cascade_s": min(seconds["cascade"]),
                 "all_s": seconds,
             }
             row["ratio"] = row["shared_s"] / row["plain_s"]
-            row["cascade_ratio"] = row["cascade_s"] / row["plain_s"]
             rows.append(row)
             print(
                 f"{name}, {row['rows']} rows, {row['prompt_tokens']} prompt tokens, {new} new: "
-                f"plain {row['plain_s']:.2f} s, shared prefill {row['shared_s']:.2f} s "
-                f"({row['ratio']:.2f}), + cascade decoding {row['cascade_s']:.2f} s "
-                f"({row['cascade_ratio']:.2f})",
+                f"plain {row['plain_s']:.2f} s, shared {row['shared_s']:.2f} s, "
+                f"ratio {row['ratio']:.2f}",
                 flush=True,
             )
-    hf.MIN_SHARED_PREFIX, engine.cascade = shared_from, True
+    hf.MIN_SHARED_PREFIX = shared_from
     training = training_section(model, tok, systems, problems) if "training" in a.sections else []
     write_record(
         a.out,

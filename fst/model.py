@@ -14,9 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import math
 import warnings
-from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,127 +93,12 @@ def _sdpa_float32(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention in float32: query (B, H, q, D), key and value (B, H_kv, k, D)
-    in any float dtype; returns (B, q, H, D) in the query's dtype.
-
-    With a `shared_prefix` keyword (SharedPrefixKV, the rollout engine's decoding steps),
-    key and value are each row's own columns only, and the prefix comes from there."""
-    prefix = kwargs.pop("shared_prefix", None)
-    if prefix is not None:
-        return cascade_attention(module, query, key, value, attention_mask, prefix), None
+    in any float dtype; returns (B, q, H, D) in the query's dtype."""
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
         )
     return out.to(query.dtype), weights
-
-
-@dataclass(frozen=True)
-class SharedPrefixKV:
-    """The KV cache of a decoding batch's shared prefixes, held once per prefix, not once per
-    row (the G population prompts of a step or a round, each over its problems).
-
-    A decoding step reads every key and value of every row: a population prompt of 300 tokens,
-    copied into each of its 8 rows, is most of what a step reads (on the CPU decoding is bound
-    by that reading). `cascade_attention` reads each prefix once for all its rows, as
-    FlashInfer's cascade attention does for vLLM.
-    """
-
-    keys: tuple[torch.Tensor, ...]  # per layer (G, H_kv, P, D), float32
-    values: tuple[torch.Tensor, ...]  # per layer (G, H_kv, P, D), float32
-    mask: torch.Tensor  # (G, P) bool: True on real prefix tokens (prefixes are left-padded)
-    grid: torch.Tensor  # (G, R) a row of each group per slot (short groups repeat a row)
-    slot: torch.Tensor  # (B,) each row's slot in the flattened grid, g * R + r
-
-    @staticmethod
-    def build(
-        keys: Sequence[torch.Tensor],
-        values: Sequence[torch.Tensor],
-        mask: torch.Tensor,
-        row_group: Sequence[int],
-    ) -> SharedPrefixKV:
-        """`row_group[b]`: the prefix row b continues (0..G-1)."""
-        G = int(mask.shape[0])
-        members: list[list[int]] = [[] for _ in range(G)]
-        for b, g in enumerate(row_group):
-            members[g].append(b)
-        R = max(1, *(len(m) for m in members))
-        grid, slot = [], [0] * len(row_group)
-        for g, rows in enumerate(members):
-            for r, b in enumerate(rows):
-                slot[b] = g * R + r
-            fill = rows[0] if rows else 0  # an empty group's slots are computed, never read
-            grid.append(rows + [fill] * (R - len(rows)))
-        device = mask.device
-        return SharedPrefixKV(
-            keys=tuple(k.float() for k in keys),
-            values=tuple(v.float() for v in values),
-            mask=mask.bool(),
-            grid=torch.tensor(grid, device=device),
-            slot=torch.tensor(slot, device=device),
-        )
-
-    def row_group(self) -> list[int]:
-        R = self.grid.shape[1]
-        return [s // R for s in self.slot.tolist()]
-
-    def select_rows(self, rows: torch.Tensor) -> SharedPrefixKV:
-        """The same prefixes for the rows `rows` (B',) of the batch, in that order."""
-        groups = self.row_group()
-        return SharedPrefixKV.build(
-            self.keys, self.values, self.mask, [groups[b] for b in rows.tolist()]
-        )
-
-
-def cascade_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    prefix: SharedPrefixKV,
-) -> torch.Tensor:
-    """One decoding step's attention over [the row's prefix | the row's own columns], in
-    float32, reading each prefix once for all the rows that continue it.
-
-    query (B, H, 1, D); key, value (B, H_kv, S, D): each row's own columns (its prompt's rest
-    and its completion so far); attention_mask: None or (B, 1, 1, S) (True or 0.0 where a row
-    attends). The prefix's scores are computed group by group, (G, H_kv, R*rep, P) with rep =
-    H / H_kv query heads per key head, then joined to the rows' own scores for one softmax.
-    Returns (B, 1, H, D) in the query's dtype, as transformers' attention functions do."""
-    B, H, q_len, D = query.shape
-    if q_len != 1:
-        raise ValueError(f"cascade attention decodes one token per row, got {q_len}")
-    H_kv, S = key.shape[1], key.shape[2]
-    rep = H // H_kv
-    G, R = prefix.grid.shape
-    layer = int(cast(int, module.layer_idx))  # transformers' attention modules know their layer
-    kp, vp = prefix.keys[layer], prefix.values[layer]  # (G, H_kv, P, D)
-    P = kp.shape[2]
-    scaling = float(getattr(module, "scaling", D**-0.5))
-    with torch.autocast(query.device.type, enabled=False):
-        q = query.float().reshape(B, H_kv, rep, D) * scaling  # query head h reads key h // rep
-
-        def to_grid(x: torch.Tensor) -> torch.Tensor:  # (B, H_kv, rep, n) -> (G, H_kv, R*rep, n)
-            n = x.shape[-1]
-            x = x.index_select(0, prefix.grid.flatten()).view(G, R, H_kv, rep, n)
-            return x.permute(0, 2, 1, 3, 4).reshape(G, H_kv, R * rep, n)
-
-        def to_rows(x: torch.Tensor) -> torch.Tensor:  # (G, H_kv, R*rep, n) -> (B, H_kv, rep, n)
-            n = x.shape[-1]
-            x = x.view(G, H_kv, R, rep, n).permute(0, 2, 1, 3, 4).reshape(G * R, H_kv, rep, n)
-            return x.index_select(0, prefix.slot)
-
-        scores_prefix = to_grid(q) @ kp.transpose(-1, -2)  # (G, H_kv, R*rep, P)
-        scores_prefix = scores_prefix.masked_fill(~prefix.mask[:, None, None, :], -math.inf)
-        scores_own = q @ key.float().transpose(-1, -2)  # (B, H_kv, rep, S)
-        if attention_mask is not None:
-            m = attention_mask.reshape(B, 1, 1, S)
-            scores_own = (
-                scores_own.masked_fill(~m, -math.inf) if m.dtype == torch.bool else scores_own + m
-            )
-        weights = torch.softmax(torch.cat([to_rows(scores_prefix), scores_own], dim=-1), dim=-1)
-        out = to_rows(to_grid(weights[..., :P]) @ vp) + weights[..., P:] @ value.float()
-    return out.reshape(B, 1, H, D).to(query.dtype)
 
 
 AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)

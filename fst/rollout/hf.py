@@ -12,13 +12,12 @@ field (transformers >= 5.24; the older name `past_key_values` is deprecated ther
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
-from fst.model import SharedPrefixKV, attends_in_float32, autocast
+from fst.model import attends_in_float32, autocast
 from fst.rollout import Generators, Rollout, SamplingParams
 
 
@@ -182,10 +181,8 @@ class HFRolloutEngine:
         stop_ids: list[int],
         batch_size: int = 32,
         autocast_dtype: torch.dtype | None = None,
-        cascade: bool = True,
     ) -> None:
         self.model = model
-        self.cascade = cascade  # False: decode with every row's copy of its prefix (benches)
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.batch_size = batch_size
@@ -210,11 +207,10 @@ class HFRolloutEngine:
 
     def _prefill(
         self, prompts: list[tuple[int, ...]]
-    ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor, _Prefixes | None]:
+    ) -> tuple[torch.Tensor, Cache, torch.Tensor, torch.Tensor]:
         """Run U distinct prompts through the model. Returns (last logits (U, V), the KV cache
         of (U, L) columns, the attention mask (U, L) over those columns, the position of each
-        prompt's last token (U, 1), the shared prefixes when there are any: their own cache,
-        one row per prefix, which the first _Prefixes.columns columns of every row repeat).
+        prompt's last token (U, 1)).
 
         Prompts that share a long prefix (the system prompt of a GEPA candidate, over its
         problems; a population prompt over a step's problems) run that prefix ONCE: first
@@ -225,21 +221,17 @@ class HFRolloutEngine:
         device = self.model.device
         prefix_of, prefix_len = shared_prefixes(prompts, MIN_SHARED_PREFIX)
         if len(set(prefix_of)) == len(prompts):  # nothing shared: one plain prefill
-            return (*self._forward(list(prompts)), None)
+            return self._forward(list(prompts))
         prefixes: dict[int, tuple[int, ...]] = {}
         for u, p in enumerate(prompts):
             prefixes.setdefault(prefix_of[u], p[: prefix_len[u]])
         _, cache, pre_mask, pre_pos = self._forward(list(prefixes.values()))
         slot = {g: k for k, g in enumerate(prefixes)}  # group id -> its row in the first forward
-        own = _Prefixes.of(cache, pre_mask, [slot[g] for g in prefix_of])
         group = torch.tensor([slot[g] for g in prefix_of], device=device)
         cache.batch_select_indices(group)  # (G, ...) -> (U, ...)
         rests = [list(p[n:]) for p, n in zip(prompts, prefix_len, strict=True)]
-        return (
-            *self._forward(
-                rests, cache, pre_mask.index_select(0, group), pre_pos.index_select(0, group)
-            ),
-            own,
+        return self._forward(
+            rests, cache, pre_mask.index_select(0, group), pre_pos.index_select(0, group)
         )
 
     def _forward(
@@ -292,30 +284,20 @@ class HFRolloutEngine:
         # The prefill was ~a quarter of the decoding FLOPs at G=8 and 128 new tokens.
         distinct: dict[tuple[int, ...], int] = {}
         row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-        logits_u, cache, attention, last_pos, prefixes = self._prefill(list(distinct))
+        logits_u, cache, attention, last_pos = self._prefill(list(distinct))
+        L = attention.shape[1]  # prompt columns (with a shared prefix: its and the rests')
         rows_idx = torch.tensor(row_of, device=device)
         logits = logits_u.index_select(0, rows_idx)  # (B, V)
         # A float32 attention (fst.model.FLOAT32_ATTENTION) reads float32 keys and values: keep
         # the cache in float32, so a decoding step casts its one new position, not the whole
         # cache. (Under bf16 autocast the keys come out of the rotary embedding in float32
         # already; the values come out of their projection in bf16.)
-        float32_attention = attends_in_float32(model)
-        cache_dtype = torch.float32 if float32_attention else None
-        # Shared prefixes stay one row per prefix (cascade attention, fst.model.SharedPrefixKV):
-        # the rows' cache holds their own columns only. That needs the float32 attention
-        # (which knows cascades) and plain KV layers throughout.
-        shared: SharedPrefixKV | None = None
-        first = 0  # the first column the rows' own cache holds
-        if self.cascade and prefixes is not None and float32_attention and _all_plain(cache):
-            shared = prefixes.for_rows(row_of)
-            first = prefixes.columns
-        L = attention.shape[1] - first  # prompt columns in the rows' own cache
-        cache = _preallocate(cache, rows_idx, L + N, cache_dtype, first)
+        cache_dtype = torch.float32 if attends_in_float32(model) else None
+        cache = _preallocate(cache, rows_idx, L + N, cache_dtype)
         next_pos = last_pos.index_select(0, rows_idx) + 1  # (B, 1)
         # The attention mask of the whole completion, allocated once; step t uses [:, :L+t+1].
         full_attention = torch.ones((B, L + N), dtype=torch.long, device=device)
-        full_attention[:, :L] = attention[:, first:].index_select(0, rows_idx)
-        cascade = {} if shared is None else {"shared_prefix": shared}
+        full_attention[:, :L] = attention.index_select(0, rows_idx)
 
         # Rows that hit a stop token leave the batch (and the KV cache): a finished sequence
         # costs nothing more, which matters when completion lengths vary a lot.
@@ -343,16 +325,12 @@ class HFRolloutEngine:
                 cache.batch_select_indices(idx)
                 full_attention, next_pos, tok = full_attention[idx], next_pos[idx], tok[idx]
                 rows = [rows[i] for i in keep]
-                if shared is not None:
-                    shared = shared.select_rows(idx)
-                    cascade = {"shared_prefix": shared}
             out = model(
                 input_ids=tok[:, None],
                 attention_mask=full_attention[:, : L + t + 1],
                 position_ids=next_pos,
                 cache=cache,
                 use_cache=True,
-                **cascade,
             )
             cache, logits = out.cache, out.logits[:, -1, :]
             next_pos = next_pos + 1
@@ -420,52 +398,14 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 def _preallocate(
-    cache: Cache,
-    rows: torch.Tensor,
-    capacity: int,
-    dtype: torch.dtype | None = None,
-    first: int = 0,
+    cache: Cache, rows: torch.Tensor, capacity: int, dtype: torch.dtype | None = None
 ) -> Cache:
     """The prefill's cache expanded to one row per rollout (`rows` (B,) maps each rollout to its
     distinct prompt), with plain layers moved into preallocated buffers in `dtype` (default:
     the cache's own; other layer kinds, e.g. sliding-window ones, keep their own logic and
-    just get their rows selected). `first` > 0 (plain layers only): columns before it (the
-    shared prefixes, held apart) are left out."""
+    just get their rows selected)."""
     cache.batch_select_indices(rows)  # every layer kind: (U, ...) -> (B, ...)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None:
-            keys, values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            cache.layers[i] = _PreallocatedLayer(keys, values, capacity, dtype)
+            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity, dtype)
     return cache
-
-
-def _all_plain(cache: Cache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
-
-
-@dataclass
-class _Prefixes:
-    """The shared prefixes of a prefill: their KV cache, one row per prefix, the mask of its
-    `columns` columns (G, columns), and the prefix of each distinct prompt."""
-
-    keys: list[torch.Tensor]  # per layer (G, H_kv, columns, D)
-    values: list[torch.Tensor]
-    mask: torch.Tensor  # (G, columns)
-    prompt_prefix: list[int]  # (U,)
-
-    @property
-    def columns(self) -> int:
-        return int(self.mask.shape[1])
-
-    @staticmethod
-    def of(cache: Cache, mask: torch.Tensor, prompt_prefix: list[int]) -> _Prefixes:
-        layers = [layer for layer in cache.layers if isinstance(layer, DynamicLayer)]
-        keys = [layer.keys for layer in layers if layer.keys is not None]
-        values = [layer.values for layer in layers if layer.values is not None]
-        return _Prefixes(keys, values, mask, prompt_prefix)
-
-    def for_rows(self, row_prompt: list[int]) -> SharedPrefixKV:
-        """The prefixes as the cascade attention reads them, for rows that continue the
-        distinct prompts `row_prompt` (B,)."""
-        groups = [self.prompt_prefix[u] for u in row_prompt]
-        return SharedPrefixKV.build(self.keys, self.values, self.mask, groups)
