@@ -86,22 +86,14 @@ def test_measured_entropy_is_the_training_entropy_without_touching_the_weights(m
     assert flat["entropy_tokens"] == 0 and flat["entropy"] != flat["entropy"]  # NaN: no signal
 
 
-def test_shared_prompt_forward_equals_one_forward_per_row(model):
-    """Running each distinct prompt once (KV cache copied to its rows) gives the same
-    logprobs, and the same gradient, as running every row's prompt + completion."""
+def assert_same_as_one_forward_per_row(model, shared, rs, adv):
+    """The shared-prompt forward of `shared` (packed from `rs`) gives the logprobs, and the
+    gradient, of one forward over every row's prompt + completion."""
     import copy
 
-    from fst.slow.trainer import pack_shared, shared_prompt_logprobs
+    from fst.slow.trainer import shared_prompt_logprobs
 
-    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [7, 8, 9]]
-    completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19], [20, 21]]
-    rs = rollouts_from(model, prompts, completions)
-    adv = [1.0, -0.5, 0.25, 2.0, -1.0]
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-
-    shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"))
-    assert shared.prompt_ids.shape[0] == 3  # three distinct prompts for five rows
-    assert shared.prefix_ids is None  # no prefix shared: no prefix stage
     logp_a, _ = shared_prompt_logprobs(a, shared, temperature=0.7)
     full = pack(rs, adv, pad_id=0, device=torch.device("cpu"))
     logp_b, _ = token_logprobs(b, full, temperature=0.7)
@@ -115,6 +107,22 @@ def test_shared_prompt_forward_equals_one_forward_per_row(model):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_shared_prompt_forward_equals_one_forward_per_row(model):
+    """Running each distinct prompt once (KV cache copied to its rows) gives the same
+    logprobs, and the same gradient, as running every row's prompt + completion."""
+    from fst.slow.trainer import pack_shared
+
+    prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [7, 8, 9]]
+    completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19], [20, 21]]
+    rs = rollouts_from(model, prompts, completions)
+    adv = [1.0, -0.5, 0.25, 2.0, -1.0]
+
+    shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"))
+    assert shared.prompt_ids.shape[0] == 3  # three distinct prompts for five rows
+    assert shared.prefix_ids is None  # no prefix shared: no prefix stage
+    assert_same_as_one_forward_per_row(model, shared, rs, adv)
+
+
 SYSTEM_A = [30 + i % 19 for i in range(20)]  # two 20-token "system prompts", shared by
 SYSTEM_B = [31 + i % 17 for i in range(18)]  # their problems (vocabulary: 50)
 
@@ -123,9 +131,7 @@ SYSTEM_B = [31 + i % 17 for i in range(18)]  # their problems (vocabulary: 50)
 def test_shared_prefix_forward_equals_one_forward_per_row(model, split):
     """Prompts that share a system prompt run it once, then their rests on top of it, then
     their completions: the same logprobs and the same gradient as one forward per row."""
-    import copy
-
-    from fst.slow.trainer import pack_shared, shared_prompt_logprobs
+    from fst.slow.trainer import pack_shared
 
     prompts = [
         [*SYSTEM_A, 1, 2],
@@ -138,24 +144,13 @@ def test_shared_prefix_forward_equals_one_forward_per_row(model, split):
     completions = [[10, 11, 12], [13], [14, 15], [16, 17, 18, 19], [20, 21], [22]]
     rs = rollouts_from(model, prompts, completions)
     adv = [1.0, -0.5, 0.25, 2.0, -1.0, 0.5]
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
 
     shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"), split_prefixes=split)
     # A, B, and the unshared prompt's all-but-last token (a "prefix" of its own).
     assert shared.prefix_ids is not None and shared.prefix_ids.shape[0] == 3
     assert shared.prompt_ids.shape[0] == 5  # five distinct prompts, their rests only
     assert shared.prompt_ids.shape[1] < len(SYSTEM_A)
-    logp_a, _ = shared_prompt_logprobs(a, shared, temperature=0.7)
-    full = pack(rs, adv, pad_id=0, device=torch.device("cpu"))
-    logp_b, _ = token_logprobs(b, full, temperature=0.7)
-    per_row_a = (logp_a * shared.mask).sum(1)
-    per_row_b = (logp_b * full.mask).sum(1)
-    assert torch.allclose(per_row_a, per_row_b, atol=1e-5)
-
-    (per_row_a * shared.adv).sum().backward()
-    (per_row_b * full.adv).sum().backward()
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
+    assert_same_as_one_forward_per_row(model, shared, rs, adv)
 
 
 def test_micro_batches_group_rows_by_system_prompt(model):
