@@ -167,6 +167,24 @@ def shared_prefixes(
     return group_of, length
 
 
+def left_padded(
+    seqs: Sequence[Sequence[int]], pad_id: int, offsets: Sequence[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention, positions), each (N, max length), on the CPU: the sequences
+    left-padded, so that every row's last token sits in the last column. Positions count real
+    tokens from `offsets` (default 0) and are 0 on padding. Pure."""
+    N, L = len(seqs), max(len(x) for x in seqs)
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    attention = torch.zeros((N, L), dtype=torch.long)
+    for n, x in enumerate(seqs):
+        ids[n, L - len(x) :] = torch.tensor(list(x), dtype=torch.long)
+        attention[n, L - len(x) :] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    if offsets is not None:
+        positions = (positions + torch.tensor(list(offsets))[:, None]) * attention
+    return ids, attention, positions
+
+
 class HFRolloutEngine:
     """Samples from `model` itself (shared weights: sync_weights is a no-op).
 
@@ -246,16 +264,8 @@ class HFRolloutEngine:
         position `past_last_pos` (U, 1)). Returns (last logits (U, V), the cache, the mask of
         all its columns (U, P + L), the last token's position (U, 1))."""
         model, device = self.model, self.model.device
-        U, L = len(prompts), max(len(p) for p in prompts)
-        # Left padding keeps every row's last prompt token in the last column.
-        input_ids = torch.full((U, L), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((U, L), dtype=torch.long)
-        for u, p in enumerate(prompts):
-            input_ids[u, L - len(p) :] = torch.tensor(p)
-            attention[u, L - len(p) :] = 1
-        input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # (U, L): 0 at each row's first token
-        if past_last_pos is not None:
+        input_ids, attention, positions = (x.to(device) for x in left_padded(prompts, self.pad_id))
+        if past_last_pos is not None:  # positions (U, L) continue after the cached columns
             positions = positions + past_last_pos + 1
         full_mask = attention if past_mask is None else torch.cat([past_mask, attention], dim=1)
         # logits_to_keep=1: only the last position's logits are needed; the LM head (49k x 576

@@ -224,23 +224,6 @@ class SharedPromptBatch:
     adv: torch.Tensor  # (B,)
 
 
-def _left_padded(
-    seqs: Sequence[Sequence[int]], pad_id: int, offsets: Sequence[int] | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention, positions), each (N, max length): sequences left-padded; positions
-    count real tokens from `offsets` (default 0) and are 0 on padding."""
-    N, L = len(seqs), max(len(x) for x in seqs)
-    ids = torch.full((N, L), pad_id, dtype=torch.long)
-    attention = torch.zeros((N, L), dtype=torch.long)
-    for n, x in enumerate(seqs):
-        ids[n, L - len(x) :] = torch.tensor(list(x), dtype=torch.long)
-        attention[n, L - len(x) :] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    if offsets is not None:
-        positions = (positions + torch.tensor(offsets)[:, None]) * attention
-    return ids, attention, positions
-
-
 def pack_shared(
     rollouts: list[Rollout],
     advantages: list[float],
@@ -256,15 +239,16 @@ def pack_shared(
     grouping is the rollout engine's, `shared_prefixes`). None: when some prefix is shared by
     two or more prompts. True always (under FSDP, so that every rank runs three forwards):
     a prompt in no group then has all but its last token as its "prefix"."""
-    from fst.rollout.hf import MIN_SHARED_PREFIX, shared_prefixes
+    from fst.rollout.hf import MIN_SHARED_PREFIX, left_padded, shared_prefixes
 
     distinct: dict[tuple[int, ...], int] = {}
     row_prompt = [distinct.setdefault(tuple(r.prompt_ids), len(distinct)) for r in rollouts]
     prompts = list(distinct)
     B = len(rollouts)
-    group_of, cut = shared_prefixes(prompts, MIN_SHARED_PREFIX)
-    if split_prefixes is None:
-        split_prefixes = len(set(group_of)) < len(prompts)
+    if split_prefixes is not False:
+        group_of, cut = shared_prefixes(prompts, MIN_SHARED_PREFIX)
+        if split_prefixes is None:
+            split_prefixes = len(set(group_of)) < len(prompts)
     prefix_ids = prefix_attention = prefix_positions = prompt_prefix = None
     if split_prefixes:
         slot: dict[int, int] = {}  # group id -> its row among the distinct prefixes
@@ -273,12 +257,12 @@ def pack_shared(
             if g not in slot:
                 slot[g] = len(prefixes)
                 prefixes.append(p[:n])
-        prefix_ids, prefix_attention, prefix_positions = _left_padded(prefixes, pad_id)
+        prefix_ids, prefix_attention, prefix_positions = left_padded(prefixes, pad_id)
         prompt_prefix = torch.tensor([slot[g] for g in group_of])
         rests = [p[n:] for p, n in zip(prompts, cut, strict=True)]
-        prompt_ids, prompt_attention, prompt_positions = _left_padded(rests, pad_id, cut)
+        prompt_ids, prompt_attention, prompt_positions = left_padded(rests, pad_id, cut)
     else:
-        prompt_ids, prompt_attention, prompt_positions = _left_padded(prompts, pad_id)
+        prompt_ids, prompt_attention, prompt_positions = left_padded(prompts, pad_id)
     C = max(min_completion, *(len(r.completion_ids) for r in rollouts))
     completion_ids = torch.full((B, C), pad_id, dtype=torch.long)
     mask = torch.zeros((B, C))
