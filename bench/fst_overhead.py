@@ -14,7 +14,9 @@ train`). The first cycle of each is a warm-up: FST's first round starts from the
 alone, later ones from K prompts.
 
 Reported (medians over measured cycles): the RL step, the FST step without its round, the
-round, and the FST step with the round amortised over T, as a ratio to the RL step. Where the
+round, and the FST step with the round amortised over T, as a ratio to the RL step; and, over
+all measured cycles together, the FST worker's time (steps and rounds) per step against the RL
+worker's. Where the
 round's time goes is measured by timing every call it makes to the rollout engine: re-scoring
 the population on the Pareto set, GEPA's minibatch evaluations (parent and child) and its
 full-Pareto-set evaluations of accepted children, with rows per call; the rest is reflection
@@ -262,6 +264,12 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         for c in fst_cycles
     )
 
+    # The whole run's time per step, rounds included: every measured cycle weighs by its
+    # length, so one slow cycle moves it less than it moves the median of four.
+    fst_total = sum(x["step_s"] for x in fst_steps) + sum(r["step_s"] for r in rounds)
+    rl_mean = sum(x["step_s"] for x in rl_steps) / len(rl_steps)
+    fst_mean = fst_total / len(fst_steps)
+
     def prompt_tokens(steps: list[dict[str, Any]]) -> float:
         return statistics.median(sum(c["prompt_tokens"] for c in x["calls"]) for x in steps)
 
@@ -272,6 +280,9 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_amortised_step_s": amortised,
         "ratio_without_round": fst / rl,
         "ratio_amortised": amortised / rl,
+        "rl_mean_step_s": rl_mean,
+        "fst_mean_step_with_rounds_s": fst_mean,
+        "ratio_of_totals": fst_mean / rl_mean,
         "rl_gen_tokens": statistics.median(x["gen_tokens"] for x in rl_steps),
         "fst_gen_tokens": statistics.median(x["gen_tokens"] for x in fst_steps),
         "rl_trained_tokens": statistics.median(x["trained_tokens"] for x in rl_steps),
@@ -349,6 +360,13 @@ def table(s: Settings, results: dict[str, dict[str, Any]]) -> str:
         "fst_amortised_step_s",
         "{:.1f}",
         "ratio_amortised",
+    )
+    row(
+        "all measured cycles: time per step, rounds included (s)",
+        f"{first['rl_mean_step_s']:.1f}",
+        "fst_mean_step_with_rounds_s",
+        "{:.1f}",
+        "ratio_of_totals",
     )
     row("generated tokens per step", f"{first['rl_gen_tokens']:.0f}", "fst_gen_tokens", "{:.0f}")
     row("prompt tokens per step", f"{first['rl_prompt_tokens']:.0f}", "fst_prompt_tokens", "{:.0f}")

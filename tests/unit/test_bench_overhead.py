@@ -51,6 +51,9 @@ def test_the_round_is_amortised_over_t_steps_and_broken_down_by_stage():
     # (4 x 11 + 20) / 4 = 16 and (4 x 11 + 24) / 4 = 17: median 16.5
     assert r["fst_amortised_step_s"] == pytest.approx(16.5)
     assert r["ratio_amortised"] == pytest.approx(1.65)
+    # All cycles together: (8 x 11 + 20 + 24) / 8 = 16.5 against (80 + 2) / 8 = 10.25
+    assert r["fst_mean_step_with_rounds_s"] == pytest.approx(16.5)
+    assert r["ratio_of_totals"] == pytest.approx(16.5 / 10.25)
     b = r["round_breakdown"]
     assert b["rescore (s)"] == 8.0 and b["rescore (rows)"] == 64
     assert b["gepa minibatch (calls)"] == 2 and b["gepa minibatch (s)"] == 8.0
