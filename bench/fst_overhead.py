@@ -16,11 +16,10 @@ alone, later ones from K prompts.
 Reported (medians over measured cycles): the RL step, the FST step without its round, the
 round, and the FST step with the round amortised over T, as a ratio to the RL step; and, over
 all measured cycles together, the FST worker's time (steps and rounds) per step against the RL
-worker's. Where the
-round's time goes is measured by timing every call it makes to the rollout engine: re-scoring
-the population on the Pareto set, GEPA's minibatch evaluations (parent and child) and its
-full-Pareto-set evaluations of accepted children, with rows per call; the rest is reflection
-and bookkeeping. Completions end at the stop token (not forced to N tokens as in bench.speed):
+worker's. Where the round's time goes is measured by timing every call it makes to the rollout
+engine: re-scoring the population on the Pareto set, GEPA's minibatch evaluations (parent and
+child) and its full-Pareto-set evaluations of accepted children, with rows per call; the rest
+is reflection and bookkeeping. Completions end at the stop token (not forced to N tokens as in bench.speed):
 FST's prompts change what the policy writes, so generated and prompt tokens per step are
 reported beside the times rather than equalised.
 """
