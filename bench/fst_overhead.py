@@ -19,9 +19,9 @@ all measured cycles together, the FST worker's time (steps and rounds) per step 
 worker's. Where the round's time goes is measured by timing every call it makes to the rollout
 engine: re-scoring the population on the Pareto set, GEPA's minibatch evaluations (parent and
 child) and its full-Pareto-set evaluations of accepted children, with rows per call; the rest
-is reflection and bookkeeping. Completions end at the stop token (not forced to N tokens as in bench.speed):
-FST's prompts change what the policy writes, so generated and prompt tokens per step are
-reported beside the times rather than equalised.
+is reflection and bookkeeping. Completions end at the stop token (not forced to N tokens as in
+bench.speed): FST's prompts change what the policy writes, so generated and prompt tokens per
+step are reported beside the times rather than equalised.
 """
 
 from __future__ import annotations
