@@ -81,6 +81,7 @@ def autocast(dtype: torch.dtype | None, device: torch.device) -> AbstractContext
 # decoding step; a training forward+backward at 8 x 100 tokens 18.8 against 9.7 ms). Attention
 # is a small share of the model's FLOPs, so float32 costs little there, and it is the more
 # accurate of the two. The linear layers, nearly all the FLOPs, stay in bfloat16.
+# A decoding step (one query per row) takes `_decode_attention` instead of the SDPA kernel.
 FLOAT32_ATTENTION = "sdpa_float32"
 
 
@@ -94,6 +95,9 @@ def _sdpa_float32(
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention in float32: query (B, H, q, D), key and value (B, H_kv, k, D)
     in any float dtype; returns (B, q, H, D) in the query's dtype."""
+    decoding = query.shape[2] == 1 and not kwargs.get("dropout") and kwargs.get("softcap") is None
+    if decoding and (attention_mask is None or attention_mask.shape[-1] == key.shape[2]):
+        return _decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(
             module, query.float(), key.float(), value.float(), attention_mask, **kwargs
@@ -101,12 +105,50 @@ def _sdpa_float32(
     return out.to(query.dtype), weights
 
 
+def _decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+) -> torch.Tensor:
+    """One new token per row, written as two matmuls and a softmax:
+
+        query (B, H, 1, D)            the new token's heads, any float dtype
+        key (B, H_kv, n, D)           the cached keys (float32 in the rollout engine's cache)
+        value (B, H_kv, n, D)         the cached values, in the dtype they were projected in
+        attention_mask (B, 1, 1, n)   bool, True where a row may attend; or None: all keys
+        returns (B, 1, H, D)          in the query's dtype
+
+    Query head h reads key-value head h // (H / H_kv) (transformers' repeat_kv order), so the
+    queries are viewed as (B, H_kv, H / H_kv, D) and no key or value is repeated. Scores and
+    softmax are float32; the probabilities meet the values in the values' dtype, so a bf16
+    value cache is read as it is (the output's next stop, o_proj, rounds to bf16 anyway).
+    Why not the SDPA kernel: in the rollout engine's decoding (SmolLM2 in bf16, 16-64 rows,
+    150-300 cached positions) torch's CPU flash kernel was a quarter of a decoding step, and
+    it reads float32 values, i.e. a cache twice the size of the bf16 one read here."""
+    B, H, _, D = query.shape
+    kv_heads, n = key.shape[1], key.shape[2]
+    scale = D**-0.5 if scaling is None else scaling
+    with torch.autocast(query.device.type, enabled=False):
+        q = query.float().view(B, kv_heads, H // kv_heads, D)
+        scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # (B, H_kv, r, n)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:
+                scores = scores.masked_fill(~attention_mask.view(-1, 1, 1, n), -torch.inf)
+            else:  # an additive mask
+                scores = scores + attention_mask.view(-1, 1, 1, n)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs.to(value.dtype), value)  # (B, H_kv, r, D)
+    return out.reshape(B, H, 1, D).transpose(1, 2).to(query.dtype)
+
+
 AttentionInterface.register(FLOAT32_ATTENTION, _sdpa_float32)
 ALL_MASK_ATTENTION_FUNCTIONS.register(FLOAT32_ATTENTION, sdpa_mask)  # the same masks as sdpa
 
 
 def attends_in_float32(model: torch.nn.Module) -> bool:
-    """Whether `model` runs FLOAT32_ATTENTION (its KV cache is then best kept in float32)."""
+    """Whether `model` runs FLOAT32_ATTENTION (its cached keys are then best kept in float32)."""
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None) == FLOAT32_ATTENTION
 

@@ -298,12 +298,13 @@ class HFRolloutEngine:
         L = attention.shape[1]  # prompt columns (with a shared prefix: its and the rests')
         rows_idx = torch.tensor(row_of, device=device)
         logits = logits_u.index_select(0, rows_idx)  # (B, V)
-        # A float32 attention (fst.model.FLOAT32_ATTENTION) reads float32 keys and values: keep
-        # the cache in float32, so a decoding step casts its one new position, not the whole
-        # cache. (Under bf16 autocast the keys come out of the rotary embedding in float32
-        # already; the values come out of their projection in bf16.)
-        cache_dtype = torch.float32 if attends_in_float32(model) else None
-        cache = _preallocate(cache, rows_idx, L + N, cache_dtype)
+        # A float32 attention (fst.model.FLOAT32_ATTENTION) reads float32 keys: keep them in
+        # float32, so a decoding step casts its one new position, not the whole cache. (Under
+        # bf16 autocast the keys come out of the rotary embedding in float32 already.) The
+        # values stay in the dtype they were projected in (bf16 under autocast): its decoding
+        # attention reads them as they are, half the bytes of a float32 copy.
+        key_dtype = torch.float32 if attends_in_float32(model) else None
+        cache = _preallocate(cache, rows_idx, L + N, key_dtype)
         next_pos = last_pos.index_select(0, rows_idx) + 1  # (B, 1)
         # The attention mask of the whole completion, allocated once; step t uses [:, :L+t+1].
         full_attention = torch.ones((B, L + N), dtype=torch.long, device=device)
@@ -363,8 +364,9 @@ class _PreallocatedLayer(DynamicLayer):
     position, and `keys`/`values` are views of the filled part, so the attention reads exactly
     what it read before.
 
-    keys, values: (B, H, n, D) the prefill's cache; the buffers are (B, H, capacity, D), in
-    `dtype` (default: each tensor's own), which new positions are cast to as they are written.
+    keys, values: (B, H, n, D) the prefill's cache; the buffers are (B, H, capacity, D), the
+    keys' in `key_dtype` (default: their own), the values' in their own dtype; new positions
+    are cast to the buffer's dtype as they are written.
     """
 
     def __init__(
@@ -372,14 +374,13 @@ class _PreallocatedLayer(DynamicLayer):
         keys: torch.Tensor,
         values: torch.Tensor,
         capacity: int,
-        dtype: torch.dtype | None = None,
+        key_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         b, h, n, d = keys.shape
-        self.dtype, self.device = dtype or keys.dtype, keys.device
-        self._k = keys.new_empty((b, h, capacity, d), dtype=dtype or keys.dtype)
-        v_shape = (b, values.shape[1], capacity, values.shape[-1])
-        self._v = values.new_empty(v_shape, dtype=dtype or values.dtype)
+        self.dtype, self.device = key_dtype or keys.dtype, keys.device
+        self._k = keys.new_empty((b, h, capacity, d), dtype=key_dtype or keys.dtype)
+        self._v = values.new_empty((b, values.shape[1], capacity, values.shape[-1]))
         self._k[:, :, :n] = keys
         self._v[:, :, :n] = values
         self._n = n
@@ -408,14 +409,14 @@ class _PreallocatedLayer(DynamicLayer):
 
 
 def _preallocate(
-    cache: Cache, rows: torch.Tensor, capacity: int, dtype: torch.dtype | None = None
+    cache: Cache, rows: torch.Tensor, capacity: int, key_dtype: torch.dtype | None = None
 ) -> Cache:
     """The prefill's cache expanded to one row per rollout (`rows` (B,) maps each rollout to its
-    distinct prompt), with plain layers moved into preallocated buffers in `dtype` (default:
-    the cache's own; other layer kinds, e.g. sliding-window ones, keep their own logic and
+    distinct prompt), with plain layers moved into preallocated buffers, keys in `key_dtype`
+    (default: their own; other layer kinds, e.g. sliding-window ones, keep their own logic and
     just get their rows selected)."""
     cache.batch_select_indices(rows)  # every layer kind: (U, ...) -> (B, ...)
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.keys is not None and layer.values is not None:
-            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity, dtype)
+            cache.layers[i] = _PreallocatedLayer(layer.keys, layer.values, capacity, key_dtype)
     return cache

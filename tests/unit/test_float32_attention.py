@@ -1,6 +1,7 @@
 """fst.model.FLOAT32_ATTENTION: under bfloat16 autocast on the CPU the policy's attention runs
 in float32 (torch's CPU SDPA kernels are several times slower in bfloat16), the linear layers
-stay in bfloat16, and the rollout engine keeps its KV cache in float32 for it."""
+stay in bfloat16, and the rollout engine keeps its cached keys in float32 for it; a decoding
+step (one query per row) runs as two matmuls and a softmax."""
 
 from __future__ import annotations
 
@@ -76,24 +77,62 @@ def test_under_bf16_autocast_only_the_attention_runs_in_float32(models):
     assert (out.float() - exact)[real].abs().max() <= (ref.float() - exact)[real].abs().max()
 
 
-def test_engine_keeps_a_float32_cache_and_samples_what_a_full_forward_scores(models, monkeypatch):
+def test_engine_keeps_float32_keys_and_samples_what_a_full_forward_scores(models, monkeypatch):
     _, fp32 = models
     assert attends_in_float32(fp32)
-    cache_dtypes: list[torch.dtype] = []
+    key_dtypes: list[torch.dtype] = []
+    value_dtypes: list[torch.dtype] = []
     real_preallocate = hf_engine._preallocate
 
-    def spy(cache, rows, capacity, dtype=None):
-        out = real_preallocate(cache, rows, capacity, dtype)
-        cache_dtypes.extend(t.dtype for layer in out.layers for t in (layer.keys, layer.values))
+    def spy(cache, rows, capacity, key_dtype=None):
+        out = real_preallocate(cache, rows, capacity, key_dtype)
+        key_dtypes.extend(layer.keys.dtype for layer in out.layers)
+        value_dtypes.extend(layer.values.dtype for layer in out.layers)
         return out
 
     monkeypatch.setattr(hf_engine, "_preallocate", spy)
     engine = HFRolloutEngine(fp32, Tok(), [1], 8, autocast_dtype=torch.bfloat16)
     prompts = [[5, 6, 7, 8], [9, 10]]
     rollouts = engine.generate(prompts, SamplingParams(max_new_tokens=6), torch.Generator())
-    assert cache_dtypes and set(cache_dtypes) == {torch.float32}
+    # Keys in float32 (the attention's dtype), values as projected under autocast (bf16).
+    assert key_dtypes and set(key_dtypes) == {torch.float32}
+    assert value_dtypes and set(value_dtypes) == {torch.bfloat16}
     # The trainer's view of the same tokens: one forward under the same autocast.
     assert_logprobs_of_a_full_forward(fp32, rollouts, autocast=torch.bfloat16, abs=0.03)
+
+
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_a_decoding_step_attends_as_the_sdpa_kernel_does(value_dtype):
+    """One query per row (decoding) takes two matmuls and a softmax instead of the SDPA
+    kernel: the same output over left-padded rows and grouped key-value heads, exactly in
+    float32 and within the values' rounding in bf16."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from fst.model import _sdpa_float32
+
+    g = torch.Generator().manual_seed(0)
+    B, H, kv_heads, n, D = 3, 6, 2, 9, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = H // kv_heads, True
+    query = torch.randn(B, H, 1, D, generator=g)
+    key = torch.randn(B, kv_heads, n, D, generator=g)
+    value = torch.randn(B, kv_heads, n, D, generator=g).to(value_dtype)
+    mask = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    mask[0, ..., :4] = False  # a left-padded row
+    mask[2, ..., :1] = False
+    tol = 1e-6 if value_dtype == torch.float32 else 2e-2
+    for attention_mask in (mask, None):
+        out, _ = _sdpa_float32(module, query, key, value, attention_mask, scaling=D**-0.5)
+        ref, _ = sdpa_attention_forward(
+            module, query, key, value.float(), attention_mask, scaling=D**-0.5
+        )
+        assert out.shape == ref.shape == (B, 1, H, D)
+        torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    # A padded key never counts: changing it changes nothing.
+    masked, _ = _sdpa_float32(module, query, key, value, mask, scaling=D**-0.5)
+    key[0, :, :4] += 100.0
+    again, _ = _sdpa_float32(module, query, key, value, mask, scaling=D**-0.5)
+    assert torch.equal(again, masked)
 
 
 def test_load_policy_picks_it_for_bf16_autocast_on_the_cpu_only(tiny_model_dir):  # noqa: F811
