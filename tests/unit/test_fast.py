@@ -370,6 +370,77 @@ def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     assert adapter.reused_rows >= 2 * len(recent)  # the re-scoring, at least
 
 
+def test_a_new_prompt_is_sampled_ahead_on_the_pareto_set_in_the_same_call(task):
+    """fast.speculatePareto: the first evaluation of a prompt (a child's minibatch) samples it
+    on the whole Pareto set in the same engine call; asking for the Pareto set then costs no
+    call, and every row is what the two-call order gives (each row has its own generator)."""
+    val, train = task.problems("val"), task.problems("train")
+    chat, boxed = {COMPONENT: "Chat."}, {COMPONENT: "Answer BOXED."}
+    ahead_engine = NoisyEngine()
+    ahead = PolicyAdapter(ahead_engine, CharTokenizer(), task, SamplingParams(), 3, pareto_set=val)
+    plain = PolicyAdapter(NoisyEngine(), CharTokenizer(), task, SamplingParams(), seed=3)
+
+    first = ahead.batch_evaluate([(chat, train[:4]), (boxed, train[:4])])
+    assert ahead_engine.calls == 1 and ahead.metric_calls == 2 * (4 + len(val))
+    assert ahead.speculative_rows == 2 * len(val) and len(ahead.speculated) == 2 * len(val)
+    (pareto,) = ahead.batch_evaluate([(boxed, val)])
+    assert ahead_engine.calls == 1  # served from the rows sampled ahead
+    assert len(ahead.speculated) == len(val)  # Chat.'s rows: GEPA never asked for them
+    assert ahead.batch_evaluate([(boxed, train[4:6])]) and ahead_engine.calls == 2  # seen: no more
+    assert ahead.metric_calls == 2 * (4 + len(val)) + 2
+
+    expected = plain.batch_evaluate([(chat, train[:4]), (boxed, train[:4])])
+    assert [e.scores for e in expected] == [f.scores for f in first]
+    assert plain.batch_evaluate([(boxed, val)])[0].outputs == pareto.outputs
+    assert 0 < sum(pareto.scores) < len(val)  # the noise is in play
+
+
+def test_a_round_that_samples_ahead_makes_the_same_search_in_fewer_calls(task, tmp_path):
+    """The same GEPA round (steps' rollouts, one child per iteration) with and without
+    fast.speculatePareto: the same candidates, scores and population; the accepted child's
+    Pareto-set evaluation needs no engine call of its own."""
+    solvable = [p for p in task.problems("train") if eval(expression(p)) % 3]
+    recent = solvable[:8]
+    plain, chatty = "You are a helpful assistant.", "Chat about it."
+    samples = step_samples(recent, plain, (0.0, 0.0)) + step_samples(recent, chatty, (1.0, 0.0))
+    better = "Solve it. Write the result BOXED: inside \\boxed{}."
+    results, engines = [], []
+    for speculate, folder in ((False, "two-calls"), (True, "ahead")):
+        engine = RecordingEngine()
+        adapter = PolicyAdapter(
+            engine,
+            CharTokenizer(),
+            task,
+            SamplingParams(),
+            seed=0,
+            step_samples=samples,
+            pareto_set=recent if speculate else (),
+        )
+        results.append(
+            run_gepa_round(
+                population=[PromptRecord(chatty), PromptRecord(plain)],
+                adapter=adapter,
+                val_problems=recent,
+                train_problems=recent,
+                round_idx=1,
+                top_k=2,
+                metric_calls=24,
+                minibatch_size=4,
+                round_dir=tmp_path / folder,
+                seed=0,
+                reflection_lm=lambda prompt: f"```\n{better}\n```",
+            )
+        )
+        engines.append(engine)
+    two_calls, ahead = results
+    assert [c.text for c in ahead.candidates] == [c.text for c in two_calls.candidates]
+    assert [c.val_scores for c in ahead.candidates] == [c.val_scores for c in two_calls.candidates]
+    assert [p.text for p in ahead.population] == [p.text for p in two_calls.population]
+    assert ahead.population[0].text == better
+    assert sorted(engines[1].systems) == sorted(engines[0].systems)  # the same rows sampled
+    assert engines[1].calls < engines[0].calls
+
+
 # ----------------------------------------------------------------------------- one advantage group
 
 
