@@ -1,18 +1,17 @@
 """An FST step against an RL step on the same work: what the fast channel costs.
 
     python -m bench.fst_overhead [--cycles 3] [--every 4] [--proposals-per-iteration 1 4]
-                                 [--reuse-step-rollouts 4] [--speculate-pareto 4] ...
+                                 [--reuse-step-rollouts 4] ...
 
 Worker processes build the same run (SmolLM2, the same problems in the same order, P problems
 x G completions, the same sampling and optimizer settings): one with `mode: rl`, and one with
 `mode: fst` (K prompts, a GEPA round every T steps with the LLM-free digest reflector) per
-value of `fast.proposalsPerIteration` given, one more with `fast.reuseStepRollouts` per value
-given to --reuse-step-rollouts, and one more with both `fast.reuseStepRollouts` and
-`fast.speculatePareto` per value given to --speculate-pareto. The orchestrator runs them one at
-a time, a cycle each in turn (the order rotates every cycle): a cycle is T RL steps, or, for
-FST, one GEPA round and T steps (the round runs before the step whose number is a multiple of
-T, as in `fst train`). The first cycle of each is a warm-up: FST's first round starts from the
-seed prompt alone, later ones from K prompts.
+value of `fast.proposalsPerIteration` given, and one more with `fast.reuseStepRollouts` per
+value given to --reuse-step-rollouts. The orchestrator runs them one at a time, a cycle
+each in turn (the order rotates every cycle): a cycle is T RL steps, or, for FST, one GEPA
+round and T steps (the round runs before the step whose number is a multiple of T, as in `fst
+train`). The first cycle of each is a warm-up: FST's first round starts from the seed prompt
+alone, later ones from K prompts.
 
 Reported (medians over measured cycles): the RL step, the FST step without its round, the
 round, and the FST step with the round amortised over T, as a ratio to the RL step; and, over
@@ -65,36 +64,28 @@ class Settings:
     # One more FST worker per value, with fast.reuseStepRollouts: its rounds start from the
     # last T steps' rollouts.
     reuse_step_rollouts: tuple[int, ...] = ()
-    # One more FST worker per value, with fast.reuseStepRollouts and fast.speculatePareto: its
-    # children are sampled on the Pareto set in the batch of their minibatch evaluation.
-    speculate_pareto: tuple[int, ...] = ()
     cycles: int = 3  # per mode; the first is a warm-up
     precision: str = "fp32"
     seed: int = 0
     threads: int = os.cpu_count() or 1
 
 
-def workers_of(s: Settings) -> dict[str, tuple[int, bool, bool]]:
-    """Worker name -> (fast.proposalsPerIteration (0: the RL worker), fast.reuseStepRollouts,
-    fast.speculatePareto)."""
+def workers_of(s: Settings) -> dict[str, tuple[int, bool]]:
+    """Worker name -> (fast.proposalsPerIteration (0: the RL worker), fast.reuseStepRollouts)."""
     return (
-        {"rl": (0, False, False)}
-        | {f"fst p={n}": (n, False, False) for n in s.proposals_per_iteration}
-        | {f"fst p={n} reuse": (n, True, False) for n in s.reuse_step_rollouts}
-        | {f"fst p={n} reuse speculate": (n, True, True) for n in s.speculate_pareto}
+        {"rl": (0, False)}
+        | {f"fst p={n}": (n, False) for n in s.proposals_per_iteration}
+        | {f"fst p={n} reuse": (n, True) for n in s.reuse_step_rollouts}
     )
 
 
-def train_config(
-    s: Settings, proposals: int, output_dir: Path, reuse: bool = False, speculate: bool = False
-) -> Any:
+def train_config(s: Settings, proposals: int, output_dir: Path, reuse: bool = False) -> Any:
     from fst.config import TrainConfig
 
     mode = "fst" if proposals else "rl"
-    suffix = ("-reuse" if reuse else "") + ("-speculate" if speculate else "")
     return TrainConfig.model_validate(
         {
-            "run": f"bench-overhead-{mode}-{proposals}{suffix}",
+            "run": f"bench-overhead-{mode}-{proposals}{'-reuse' if reuse else ''}",
             "mode": mode,
             "steps": s.cycles * s.every,
             "seed": s.seed,
@@ -125,7 +116,6 @@ def train_config(
                 "paretoSize": s.pareto_size,
                 "proposalsPerIteration": max(proposals, 1),
                 "reuseStepRollouts": reuse,
-                "speculatePareto": speculate,
             },
             "metrics": {"klPrompts": 0, "evalEvery": 0},
             "checkpoint": {"every": 10_000},
@@ -164,7 +154,7 @@ class EngineCalls:
 
 
 def serve(
-    worker: tuple[int, bool, bool], settings_dict: dict[str, Any], conn: Connection, log_path: str
+    proposals: int, reuse: bool, settings_dict: dict[str, Any], conn: Connection, log_path: str
 ) -> None:
     """A worker process: build the run, then run one cycle per "cycle" command."""
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
@@ -177,13 +167,12 @@ def serve(
     from fst import loop
     from fst.fast import gepa_adapter
 
-    proposals, reuse, speculate = worker
     s = Settings(**{**settings_dict, "proposals_per_iteration": (proposals,)})
     torch.set_num_threads(s.threads)
     out_dir = Path(tempfile.mkdtemp(prefix=f"fst-bench-overhead-{proposals}-"))
     try:
         t0 = time.perf_counter()
-        cfg = train_config(s, proposals, out_dir, reuse, speculate)
+        cfg = train_config(s, proposals, out_dir, reuse)
         run = loop.build_run(cfg, cfg.run_dir)
         calls = EngineCalls(run.engine)
         optimize = gepa_adapter.gepa.optimize
@@ -303,10 +292,6 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_prompt_tokens": prompt_tokens(fst_steps),
         "round_metric_calls": statistics.median(r["gepa_metric_calls"] for r in rounds),
         "round_reused_rows": statistics.median(r.get("gepa_reused_rows", 0) for r in rounds),
-        "round_speculative_rows": statistics.median(
-            r.get("gepa_speculative_rows", 0) for r in rounds
-        ),
-        "round_unused_rows": statistics.median(r.get("gepa_unused_rows", 0) for r in rounds),
         "round_new_candidates": statistics.median(r["gepa_new_candidates"] for r in rounds),
         "round_breakdown": round_breakdown(rounds),
     }
@@ -323,7 +308,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
         flag = "--" + f.name.replace("_", "-")
         if f.name == "precision":
             p.add_argument(flag, choices=("fp32", "bf16"), default=d.precision)
-        elif f.name in ("proposals_per_iteration", "reuse_step_rollouts", "speculate_pareto"):
+        elif f.name in ("proposals_per_iteration", "reuse_step_rollouts"):
             p.add_argument(flag, type=int, nargs="*", default=list(getattr(d, f.name)))
         else:
             p.add_argument(flag, type=type(getattr(d, f.name)), default=getattr(d, f.name))
@@ -335,20 +320,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
     a = p.parse_args(argv)
     if a.cycles < 2:
         p.error("--cycles must be >= 2 (the first cycle is a warm-up)")
-    given = a.proposals_per_iteration + a.reuse_step_rollouts + a.speculate_pareto
-    if min(given, default=1) < 1:
-        p.error(
-            "--proposals-per-iteration, --reuse-step-rollouts and --speculate-pareto values "
-            "must be >= 1"
-        )
-    if not given:
-        p.error(
-            "no FST worker: give --proposals-per-iteration, --reuse-step-rollouts or "
-            "--speculate-pareto values"
-        )
+    if min(a.proposals_per_iteration + a.reuse_step_rollouts, default=1) < 1:
+        p.error("--proposals-per-iteration and --reuse-step-rollouts values must be >= 1")
+    if not a.proposals_per_iteration + a.reuse_step_rollouts:
+        p.error("no FST worker: give --proposals-per-iteration or --reuse-step-rollouts values")
     a.proposals_per_iteration = tuple(a.proposals_per_iteration)
     a.reuse_step_rollouts = tuple(a.reuse_step_rollouts)
-    a.speculate_pareto = tuple(a.speculate_pareto)
     names = {f.name for f in fields(Settings)}
     return Settings(**{k: v for k, v in vars(a).items() if k in names}), a.out
 
@@ -401,8 +378,6 @@ def table(s: Settings, results: dict[str, dict[str, Any]]) -> str:
     row("mean reward of the steps", f"{first['rl_reward']:.3f}", "fst_reward", "{:.3f}")
     row("round: rollouts sampled", "-", "round_metric_calls", "{:.0f}")
     row("round: rollouts served from the steps", "-", "round_reused_rows", "{:.0f}")
-    row("round: rollouts sampled ahead on the Pareto set", "-", "round_speculative_rows", "{:.0f}")
-    row("round: of those, never asked for by GEPA", "-", "round_unused_rows", "{:.0f}")
     row("round: new candidates", "-", "round_new_candidates", "{:.0f}")
     for k in first["round_breakdown"]:
         rows.append(
@@ -422,10 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     names = workers_of(s)
     workers: dict[str, dict[str, Any]] = {}
-    for name, worker in names.items():
+    for name, (proposals, reuse) in names.items():
         parent, child = ctx.Pipe()
         log = log_dir / f"{name.replace(' ', '-')}.log"
-        proc = ctx.Process(target=serve, args=(worker, asdict(s), child, str(log)))
+        proc = ctx.Process(target=serve, args=(proposals, reuse, asdict(s), child, str(log)))
         proc.start()
         workers[name] = {"proc": proc, "conn": parent, "log": log}
     for name, w in workers.items():

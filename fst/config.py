@@ -341,16 +341,6 @@ class FastConfig(Schema):
         "the last T steps' policies rather than the current one, and the Pareto set is the "
         "recent training problems rather than the validation split.",
     )
-    speculate_pareto: bool = Field(
-        False,
-        description="Sample each new candidate on the whole Pareto set in the same batch as "
-        "its minibatch evaluation, before GEPA accepts or rejects it; GEPA's Pareto-set "
-        "evaluation of an accepted child is then served from those rollouts. GEPA's search and "
-        "every rollout are unchanged (each row has its own seeded generator): one batch per "
-        "iteration instead of two dependent ones, at the price of also sampling the children "
-        "GEPA rejects. Faster where a decoding step's fixed cost dominates small batches (CPUs, "
-        "small models) and most iterations accept a child.",
-    )
     reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
     initial_population: list[str] = Field(
         default_factory=list,

@@ -436,7 +436,6 @@ def gepa_round(run: Run) -> dict[str, Any]:
         run.sampling,
         seed=cfg.seed * 1000 + round_idx,
         step_samples=samples,
-        pareto_set=val if cfg.fast.speculate_pareto else (),
     )
     is_proposer = isinstance(run.reflector, DigestProposer)
     result = run_gepa_round(
@@ -480,8 +479,6 @@ def gepa_round(run: Run) -> dict[str, Any]:
         "gepa_new_candidates": result.proposed_accepted,
         "gepa_metric_calls": result.metric_calls,
         "gepa_reused_rows": adapter.reused_rows,
-        "gepa_speculative_rows": adapter.speculative_rows,  # fast.speculatePareto
-        "gepa_unused_rows": len(adapter.speculated),  # of those, never asked for by GEPA
         "gepa_s": result.seconds,
     }
 

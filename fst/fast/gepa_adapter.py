@@ -15,11 +15,6 @@ With `fast.reuseStepRollouts` the round starts from what the last T steps alread
 population prompt wrote G/K completions of every step problem, so the re-scoring and the
 parents' minibatch evaluations are served from those rollouts (`StepSample`), and only the
 children are sampled (docs/performance.md, round 2 item 4).
-
-With `fast.speculatePareto` a child is sampled on the whole Pareto set in the same engine call
-as its minibatch, before GEPA decides whether to accept it; an accepted child's Pareto-set
-evaluation is then served from those rows. GEPA's search does not change (it asks for the same
-evaluations and gets the same samples); one batch replaces two dependent ones per iteration.
 """
 
 from __future__ import annotations
@@ -99,15 +94,6 @@ class PolicyAdapter:
     and only the children (new prompts) are sampled. What this gives up: those scores come
     from the policies of the last T steps, not the current one, and from G/K rollouts on
     shared noise with no child (common random numbers hold among the children only).
-
-    `pareto_set` (fast.speculatePareto): a prompt the adapter has not seen before is sampled
-    on every problem of it in the same engine call as its first evaluation (a child's
-    minibatch), so that GEPA's next request, the accepted children's Pareto-set evaluation,
-    is served from those rows. Why: GEPA's two stages depend on each other (only a child that
-    beats its parent is scored on the Pareto set), so without this they are two engine
-    calls, and each decodes until its longest row ends; on a 2-core CPU a decoding step costs
-    ~35 ms at 1 row and ~2.5 ms more per row (SmolLM2, bf16), so one call of 64 rows costs
-    less than two of 16 and 24. The rows of a child GEPA rejects are sampled for nothing.
     """
 
     # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
@@ -121,7 +107,6 @@ class PolicyAdapter:
         params: SamplingParams,
         seed: int,
         step_samples: Sequence[StepSample] = (),
-        pareto_set: Sequence[Problem] = (),
     ) -> None:
         self.engine, self.tokenizer, self.task, self.params, self.seed = (
             engine,
@@ -130,15 +115,12 @@ class PolicyAdapter:
             params,
             seed,
         )
-        self.pareto_set = list(pareto_set)
         self.metric_calls = 0  # rows sampled
         self.reused_rows = 0  # rows served from step_samples
-        self.speculative_rows = 0  # rows sampled ahead on the Pareto set (pareto_set)
-        # With step samples or a Pareto set to sample ahead on: (system prompt, problem id) ->
-        # every rollout known for it, first the steps', then each row this round samples. A row
-        # samples from a generator seeded by (round seed, problem), so sampling a known pair
-        # again would only repeat it.
-        self.remember = bool(step_samples) or bool(self.pareto_set)
+        # With step samples: (system prompt, problem id) -> every rollout known for it, first
+        # the steps', then each row this round samples. A row samples from a generator seeded
+        # by (round seed, problem), so sampling a known pair again would only repeat it.
+        self.reuse = bool(step_samples)
         self.known: dict[tuple[str, str], list[_Scored]] = {}
         for s in step_samples:
             key = (s["system"], s["problem_id"])
@@ -146,8 +128,6 @@ class PolicyAdapter:
                 _Scored(s["completion"], s["reward"], s["feedback"])
             )
         self.from_steps = set(self.known)
-        self.seen = {system for system, _ in self.known}  # prompts evaluated (or served) so far
-        self.speculated: set[tuple[str, str]] = set()  # pairs sampled ahead, not asked for yet
 
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
@@ -159,25 +139,17 @@ class PolicyAdapter:
 
     def batch_evaluate(self, items: list[tuple[dict[str, str], list[Problem]]]) -> list[Evaluation]:
         """Each (candidate, problems) pair's evaluation, with trajectories, from one engine call
-        over every pair's rows (with step samples or a Pareto set: every pair not known yet,
-        once; with a Pareto set, also every problem of it for each prompt not seen before).
+        over every pair's rows (with step samples: every pair not known yet, once).
 
         A row's score is the mean reward of its rollouts (one when sampled here, G/K from the
         steps) and its trajectory the worst of them: reflection learns from failures."""
         rows = [(c[COMPONENT], p) for c, batch in items for p in batch]
-        if not self.remember:
-            todo = rows
-        else:
+        if self.reuse:
             unknown = {(s, p.id): (s, p) for s, p in rows if (s, p.id) not in self.known}
-            self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
-            self.speculated -= {(s, p.id) for s, p in rows}  # asked for now
-            for system in dict.fromkeys(s for s, _ in rows if s not in self.seen):
-                ahead = [(system, p) for p in self.pareto_set if (system, p.id) not in unknown]
-                self.speculated |= {(system, p.id) for _, p in ahead}
-                self.speculative_rows += len(ahead)
-                unknown.update({(system, p.id): (system, p) for system, p in ahead})
-            self.seen.update(s for s, _ in rows)
             todo = list(unknown.values())  # each pair once
+            self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
+        else:
+            todo = rows
         prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in todo]
         generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in todo]
         rollouts = self.engine.generate(prompts, self.params, generators) if prompts else []
@@ -186,7 +158,7 @@ class PolicyAdapter:
         for (_, p), r in zip(todo, rollouts, strict=True):
             score = self.task.score(p, r.text)
             fresh.append([_Scored(r.text, score.reward, score.feedback)])
-        if self.remember:
+        if self.reuse:
             self.known.update({(s, p.id): f for (s, p), f in zip(todo, fresh, strict=True)})
             fresh = [self.known[(s, p.id)] for s, p in rows]
         out, i = [], 0

@@ -62,20 +62,17 @@ def test_the_round_is_amortised_over_t_steps_and_broken_down_by_stage():
 
 
 def test_one_fst_worker_per_proposals_setting_on_the_same_run():
-    s = Settings(proposals_per_iteration=(1, 4), reuse_step_rollouts=(4,), speculate_pareto=(4,))
+    s = Settings(proposals_per_iteration=(1, 4), reuse_step_rollouts=(4,))
     assert workers_of(s) == {
-        "rl": (0, False, False),
-        "fst p=1": (1, False, False),
-        "fst p=4": (4, False, False),
-        "fst p=4 reuse": (4, True, False),
-        "fst p=4 reuse speculate": (4, True, True),
+        "rl": (0, False),
+        "fst p=1": (1, False),
+        "fst p=4": (4, False),
+        "fst p=4 reuse": (4, True),
     }
     rl, fst = train_config(s, 0, "/tmp/x"), train_config(s, 4, "/tmp/x")
     reuse = train_config(s, 4, "/tmp/x", reuse=True)
     assert (rl.mode, fst.mode, fst.fast.proposals_per_iteration) == ("rl", "fst", 4)
     assert (fst.fast.reuse_step_rollouts, reuse.fast.reuse_step_rollouts) == (False, True)
     assert reuse.fast.model_copy(update={"reuse_step_rollouts": False}) == fst.fast
-    speculate = train_config(s, 4, "/tmp/x", reuse=True, speculate=True)
-    assert speculate.fast.model_copy(update={"speculate_pareto": False}) == reuse.fast
     same = ("slow", "rollout", "task", "model", "seed")
     assert all(getattr(rl, k) == getattr(fst, k) == getattr(reuse, k) for k in same)

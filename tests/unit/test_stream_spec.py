@@ -164,7 +164,6 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         "paretoSize": 8,
         "proposalsPerIteration": 1,
         "reuseStepRollouts": False,
-        "speculatePareto": False,
         "reflector": {
             "kind": "openai",
             "model": "m",
