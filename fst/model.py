@@ -96,7 +96,11 @@ def _sdpa_float32(
     """transformers' SDPA attention in float32: query (B, H, q, D), key and value (B, H_kv, k, D)
     in any float dtype; returns (B, q, H, D) in the query's dtype."""
     decoding = query.shape[2] == 1 and not kwargs.get("dropout") and kwargs.get("softcap") is None
-    if decoding and (attention_mask is None or attention_mask.shape[-1] == key.shape[2]):
+    # sdpa_mask's boolean masks (or none); any other mask goes to the SDPA kernel, as before.
+    plain_mask = attention_mask is None or (
+        attention_mask.dtype == torch.bool and attention_mask.shape[-1] == key.shape[2]
+    )
+    if decoding and plain_mask:
         return _decode_attention(query, key, value, attention_mask, kwargs.get("scaling")), None
     with torch.autocast(query.device.type, enabled=False):
         out, weights = sdpa_attention_forward(
@@ -134,10 +138,7 @@ def _decode_attention(
         q = query.float().view(B, kv_heads, H // kv_heads, D)
         scores = torch.matmul(q, key.float().transpose(-1, -2)) * scale  # (B, H_kv, r, n)
         if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                scores = scores.masked_fill(~attention_mask.view(-1, 1, 1, n), -torch.inf)
-            else:  # an additive mask
-                scores = scores + attention_mask.view(-1, 1, 1, n)
+            scores = scores.masked_fill(~attention_mask.view(-1, 1, 1, n), -torch.inf)
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs.to(value.dtype), value)  # (B, H_kv, r, D)
     return out.reshape(B, H, 1, D).transpose(1, 2).to(query.dtype)
