@@ -64,28 +64,42 @@ class Settings:
     # One more FST worker per value, with fast.reuseStepRollouts: its rounds start from the
     # last T steps' rollouts.
     reuse_step_rollouts: tuple[int, ...] = ()
+    # > 0: one more worker per reuse_step_rollouts value, with fast.maxPromptTokens this.
+    max_prompt_tokens: int = 0
     cycles: int = 3  # per mode; the first is a warm-up
     precision: str = "fp32"
     seed: int = 0
     threads: int = os.cpu_count() or 1
 
 
-def workers_of(s: Settings) -> dict[str, tuple[int, bool]]:
-    """Worker name -> (fast.proposalsPerIteration (0: the RL worker), fast.reuseStepRollouts)."""
-    return (
-        {"rl": (0, False)}
-        | {f"fst p={n}": (n, False) for n in s.proposals_per_iteration}
-        | {f"fst p={n} reuse": (n, True) for n in s.reuse_step_rollouts}
-    )
+def workers_of(s: Settings) -> dict[str, tuple[int, bool, int | None]]:
+    """Worker name -> (fast.proposalsPerIteration (0: the RL worker), fast.reuseStepRollouts,
+    fast.maxPromptTokens)."""
+    budget = s.max_prompt_tokens
+    workers: dict[str, tuple[int, bool, int | None]] = {"rl": (0, False, None)}
+    workers |= {f"fst p={n}": (n, False, None) for n in s.proposals_per_iteration}
+    workers |= {f"fst p={n} reuse": (n, True, None) for n in s.reuse_step_rollouts}
+    if budget > 0:
+        workers |= {
+            f"fst p={n} reuse max{budget}": (n, True, budget) for n in s.reuse_step_rollouts
+        }
+    return workers
 
 
-def train_config(s: Settings, proposals: int, output_dir: Path, reuse: bool = False) -> Any:
+def train_config(
+    s: Settings,
+    proposals: int,
+    output_dir: Path,
+    reuse: bool = False,
+    max_prompt_tokens: int | None = None,
+) -> Any:
     from fst.config import TrainConfig
 
     mode = "fst" if proposals else "rl"
     return TrainConfig.model_validate(
         {
-            "run": f"bench-overhead-{mode}-{proposals}{'-reuse' if reuse else ''}",
+            "run": f"bench-overhead-{mode}-{proposals}{'-reuse' if reuse else ''}"
+            + (f"-max{max_prompt_tokens}" if max_prompt_tokens else ""),
             "mode": mode,
             "steps": s.cycles * s.every,
             "seed": s.seed,
@@ -116,6 +130,7 @@ def train_config(s: Settings, proposals: int, output_dir: Path, reuse: bool = Fa
                 "paretoSize": s.pareto_size,
                 "proposalsPerIteration": max(proposals, 1),
                 "reuseStepRollouts": reuse,
+                "maxPromptTokens": max_prompt_tokens,
             },
             "metrics": {"klPrompts": 0, "evalEvery": 0},
             "checkpoint": {"every": 10_000},
@@ -154,7 +169,10 @@ class EngineCalls:
 
 
 def serve(
-    proposals: int, reuse: bool, settings_dict: dict[str, Any], conn: Connection, log_path: str
+    worker: tuple[int, bool, int | None],
+    settings_dict: dict[str, Any],
+    conn: Connection,
+    log_path: str,
 ) -> None:
     """A worker process: build the run, then run one cycle per "cycle" command."""
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
@@ -167,12 +185,13 @@ def serve(
     from fst import loop
     from fst.fast import gepa_adapter
 
+    proposals, reuse, budget = worker
     s = Settings(**{**settings_dict, "proposals_per_iteration": (proposals,)})
     torch.set_num_threads(s.threads)
     out_dir = Path(tempfile.mkdtemp(prefix=f"fst-bench-overhead-{proposals}-"))
     try:
         t0 = time.perf_counter()
-        cfg = train_config(s, proposals, out_dir, reuse)
+        cfg = train_config(s, proposals, out_dir, reuse, budget)
         run = loop.build_run(cfg, cfg.run_dir)
         calls = EngineCalls(run.engine)
         optimize = gepa_adapter.gepa.optimize
@@ -292,6 +311,9 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_prompt_tokens": prompt_tokens(fst_steps),
         "round_metric_calls": statistics.median(r["gepa_metric_calls"] for r in rounds),
         "round_reused_rows": statistics.median(r.get("gepa_reused_rows", 0) for r in rounds),
+        "round_over_budget_rows": statistics.median(
+            r.get("gepa_over_budget_rows", 0) for r in rounds
+        ),
         "round_new_candidates": statistics.median(r["gepa_new_candidates"] for r in rounds),
         "round_breakdown": round_breakdown(rounds),
     }
@@ -378,6 +400,7 @@ def table(s: Settings, results: dict[str, dict[str, Any]]) -> str:
     row("mean reward of the steps", f"{first['rl_reward']:.3f}", "fst_reward", "{:.3f}")
     row("round: rollouts sampled", "-", "round_metric_calls", "{:.0f}")
     row("round: rollouts served from the steps", "-", "round_reused_rows", "{:.0f}")
+    row("round: candidates' rows over the prompt budget", "-", "round_over_budget_rows", "{:.0f}")
     row("round: new candidates", "-", "round_new_candidates", "{:.0f}")
     for k in first["round_breakdown"]:
         rows.append(
@@ -397,10 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     ctx = mp.get_context("spawn")
     names = workers_of(s)
     workers: dict[str, dict[str, Any]] = {}
-    for name, (proposals, reuse) in names.items():
+    for name, worker in names.items():
         parent, child = ctx.Pipe()
         log = log_dir / f"{name.replace(' ', '-')}.log"
-        proc = ctx.Process(target=serve, args=(proposals, reuse, asdict(s), child, str(log)))
+        proc = ctx.Process(target=serve, args=(worker, asdict(s), child, str(log)))
         proc.start()
         workers[name] = {"proc": proc, "conn": parent, "log": log}
     for name, w in workers.items():

@@ -341,6 +341,18 @@ class FastConfig(Schema):
         "the last T steps' policies rather than the current one, and the Pareto set is the "
         "recent training problems rather than the validation split.",
     )
+    max_prompt_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="A budget on each population prompt's length, in the policy's tokens (the "
+        "system prompt alone, without the chat template). Every rollout, in training and in "
+        "serving the handed-over prompt, carries its system prompt: the offline digest "
+        "reflector appends to its parent, so without a budget the prompts grow round after "
+        "round. A GEPA candidate over the budget is never sampled (it scores 0 and is never "
+        "accepted); the digest reflector drops its oldest worked examples, then its oldest "
+        "lessons, to stay under it; initialPopulation members over it are dropped, with a "
+        "warning. Default: no budget.",
+    )
     reflector: ReflectorConfig = Field(default_factory=ReflectorConfig)
     initial_population: list[str] = Field(
         default_factory=list,

@@ -64,6 +64,7 @@ from fst.model import (
     load_policy,
     load_tokenizer,
     make_reference,
+    prompt_tokens,
     resolve_device,
     stop_token_ids,
 )
@@ -274,12 +275,35 @@ def load_ood_task(cfg: TrainConfig) -> Task | None:
     return task
 
 
-def initial_population(cfg: TrainConfig) -> list[PromptRecord]:
+def initial_population(
+    cfg: TrainConfig, count_tokens: Callable[[str], int] | None = None
+) -> list[PromptRecord]:
     """The prompts a run starts from: `fast.initialPopulation` (a stream's hand-over), else the
     seed prompt. Mode rl trains the weights under the seed prompt ALONE, whatever the
     population says: an rl run (or an rl stage after an fst one) is the weights-only baseline,
-    and evolved prompts would mix the fast channel into it."""
+    and evolved prompts would mix the fast channel into it.
+
+    With `fast.maxPromptTokens` (and `count_tokens`, a prompt's length in tokens): a seed
+    prompt over the budget is a ConfigError; population members over it are dropped (a stream
+    stage may lower the budget its predecessor's population grew under)."""
     seed = [PromptRecord(cfg.fast.seed_prompt)]
+    budget = cfg.fast.max_prompt_tokens
+    if cfg.mode != "rl" and budget is not None and count_tokens is not None:
+        n = count_tokens(cfg.fast.seed_prompt)
+        if n > budget:
+            raise ConfigError(
+                f"fast.seedPrompt is {n} tokens, over fast.maxPromptTokens ({budget})"
+            )
+        fitting = [t for t in cfg.fast.initial_population if count_tokens(t) <= budget]
+        if len(fitting) < len(cfg.fast.initial_population):
+            log.warning(
+                "fast.initialPopulation: %d of %d prompts are over fast.maxPromptTokens (%d) "
+                "and are dropped",
+                len(cfg.fast.initial_population) - len(fitting),
+                len(cfg.fast.initial_population),
+                budget,
+            )
+        return [PromptRecord(t) for t in fitting] or seed
     if cfg.mode == "rl":
         if cfg.fast.initial_population:
             log.info(
@@ -376,7 +400,7 @@ def build_run(
         generator,
         store,
         sink,
-        population=initial_population(cfg),
+        population=initial_population(cfg, lambda text: prompt_tokens(tokenizer, text)),
         world=world,
         rollout_copy=rollout_copy,
         ood_task=load_ood_task(cfg),
@@ -416,7 +440,10 @@ def make_reflector(cfg: TrainConfig, tokenizer: Any, base_model: Any) -> Any:
             mcfg = cfg.model.model_copy(update={"name": name, "lora": None, "reference": None})
             base_model = load_policy(mcfg)
         return LocalReflector(base_model, tokenizer, r, cfg.seed)
-    return DigestProposer()
+    budget = cfg.fast.max_prompt_tokens
+    if budget is None:
+        return DigestProposer()
+    return DigestProposer(fits=lambda text: prompt_tokens(tokenizer, text) <= budget)
 
 
 def gepa_round(run: Run) -> dict[str, Any]:
@@ -436,6 +463,7 @@ def gepa_round(run: Run) -> dict[str, Any]:
         run.sampling,
         seed=cfg.seed * 1000 + round_idx,
         step_samples=samples,
+        max_prompt_tokens=cfg.fast.max_prompt_tokens,
     )
     is_proposer = isinstance(run.reflector, DigestProposer)
     result = run_gepa_round(
@@ -479,6 +507,7 @@ def gepa_round(run: Run) -> dict[str, Any]:
         "gepa_new_candidates": result.proposed_accepted,
         "gepa_metric_calls": result.metric_calls,
         "gepa_reused_rows": adapter.reused_rows,
+        "gepa_over_budget_rows": adapter.over_budget_rows,
         "gepa_s": result.seconds,
     }
 

@@ -427,6 +427,12 @@ def chat_prompt_ids(tok: PreTrainedTokenizerBase, system: str | None, user: str)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
+def prompt_tokens(tok: PreTrainedTokenizerBase, text: str) -> int:
+    """How many tokens `text` is on its own (fast.maxPromptTokens counts a system prompt so,
+    without the chat template around it)."""
+    return len(tok(text, add_special_tokens=False)["input_ids"])
+
+
 def stop_token_ids(tok: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
     """Token ids that end a completion: the tokenizer's EOS and the generation config's."""
     ids = {tok.eos_token_id}

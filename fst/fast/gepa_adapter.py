@@ -36,7 +36,7 @@ from gepa.strategies.eval_policy import FullEvaluationPolicy
 from gepa.strategies.proposal_sampling import IndependentSampling
 
 from fst.fast.population import PromptRecord, top_k_by_coverage
-from fst.model import chat_prompt_ids
+from fst.model import chat_prompt_ids, prompt_tokens
 from fst.rollout import RolloutEngine, SamplingParams
 from fst.tasks import Problem, Task
 
@@ -107,6 +107,7 @@ class PolicyAdapter:
         params: SamplingParams,
         seed: int,
         step_samples: Sequence[StepSample] = (),
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self.engine, self.tokenizer, self.task, self.params, self.seed = (
             engine,
@@ -117,6 +118,11 @@ class PolicyAdapter:
         )
         self.metric_calls = 0  # rows sampled
         self.reused_rows = 0  # rows served from step_samples
+        # fast.maxPromptTokens: a candidate over it is never sampled (its rows score 0, so
+        # GEPA never accepts it over its parent); tokens counted once per text.
+        self.max_prompt_tokens = max_prompt_tokens
+        self.over_budget_rows = 0
+        self._tokens: dict[str, int] = {}
         # With step samples: (system prompt, problem id) -> every rollout known for it, first
         # the steps', then each row this round samples. A row samples from a generator seeded
         # by (round seed, problem), so sampling a known pair again would only repeat it.
@@ -150,12 +156,19 @@ class PolicyAdapter:
             self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
         else:
             todo = rows
-        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in todo]
-        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in todo]
-        rollouts = self.engine.generate(prompts, self.params, generators) if prompts else []
+        over = {s: self._over_budget(s) for s in {s for s, _ in todo}}
+        run = [(s, p) for s, p in todo if not over[s]]
+        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in run]
+        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in run]
+        rollouts = iter(self.engine.generate(prompts, self.params, generators) if prompts else [])
         self.metric_calls += len(prompts)
+        self.over_budget_rows += len(todo) - len(run)
         fresh = []
-        for (_, p), r in zip(todo, rollouts, strict=True):
+        for s, p in todo:
+            if over[s]:
+                fresh.append([_Scored("", 0.0, over[s])])
+                continue
+            r = next(rollouts)
             score = self.task.score(p, r.text)
             fresh.append([_Scored(r.text, score.reward, score.feedback)])
         if self.reuse:
@@ -178,6 +191,20 @@ class PolicyAdapter:
                 )
             )
         return out
+
+    def _over_budget(self, system: str) -> str:
+        """Why `system` is not run (over fast.maxPromptTokens), or "" when it is."""
+        if self.max_prompt_tokens is None:
+            return ""
+        if system not in self._tokens:
+            self._tokens[system] = prompt_tokens(self.tokenizer, system)
+        n = self._tokens[system]
+        if n <= self.max_prompt_tokens:
+            return ""
+        return (
+            f"Not run: the system prompt is {n} tokens, over the budget of "
+            f"{self.max_prompt_tokens} (fast.maxPromptTokens)."
+        )
 
     def _row_seed(self, problem: Problem) -> int:
         return (self.seed * 7919 + int(problem.id.encode().hex()[-8:], 16)) % 2**63

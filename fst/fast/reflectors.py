@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -69,29 +69,81 @@ MAX_EXAMPLES = 3
 
 
 def digest_rewrite(
-    parent: str, feedback: Sequence[str], inputs: Sequence[str] = (), max_new: int = 2
+    parent: str,
+    feedback: Sequence[str],
+    inputs: Sequence[str] = (),
+    max_new: int = 2,
+    fits: Callable[[str], bool] | None = None,
 ) -> str:
     """The parent prompt plus up to `max_new` lessons it does not state yet.
 
     When the feedback holds no new instruction, one failed example is added instead (its
     input and what the checker said), up to MAX_EXAMPLES: a few-shot hint is the next best
     thing a proposer without a language model can offer.
+
+    `fits` (fast.maxPromptTokens): whether a prompt is within the budget. A child over it
+    loses its parent's oldest worked examples, then its oldest lessons, until it fits (what
+    it adds is what this proposal is for, so that stays); if even that does not fit, the
+    parent is returned unchanged.
     """
     known = parent.lower()
     fresh = [s for s in lessons_from_feedback(feedback) if s.lower() not in known][:max_new]
     if fresh:
-        if LESSONS_HEADER not in parent:
-            parent = f"{parent.rstrip()}\n\n{LESSONS_HEADER}"
-        return parent + "".join(f"\n- {s}" for s in fresh)
-    if parent.count("\n* ") >= MAX_EXAMPLES:
+        child = parent
+        if LESSONS_HEADER not in child:
+            child = f"{child.rstrip()}\n\n{LESSONS_HEADER}"
+        return _within(child + "".join(f"\n- {s}" for s in fresh), parent, len(fresh), fits)
+    # Under a budget, an example takes the place of the oldest one instead of stopping at
+    # MAX_EXAMPLES: the worked examples rotate toward the current failures.
+    if fits is None and parent.count("\n* ") >= MAX_EXAMPLES:
         return parent
     for question, said in zip(inputs, feedback, strict=False):
         example = f"\n* {_first_line(question, 160)} -> {_first_line(said, 160)}"
         if example.lower() not in known:
-            if EXAMPLES_HEADER not in parent:
-                parent = f"{parent.rstrip()}\n\n{EXAMPLES_HEADER}"
-            return parent + example
+            child = parent
+            if EXAMPLES_HEADER not in child:
+                child = f"{child.rstrip()}\n\n{EXAMPLES_HEADER}"
+            child = _drop_oldest(child + example, "* ", keep_last=1, at_most=MAX_EXAMPLES)
+            return _within(child, parent, 1, fits)
     return parent
+
+
+def _within(child: str, parent: str, added: int, fits: Callable[[str], bool] | None) -> str:
+    """`child` (whose last `added` lines are new) cut to the budget: its oldest worked
+    examples go first, then its oldest lessons, never the new lines; `parent` if it cannot
+    fit."""
+    if fits is None or fits(child):
+        return child
+    for marker in ("* ", "- "):
+        while True:
+            shorter = _drop_oldest(child, marker, keep_last=added)
+            if shorter == child:
+                break
+            child = shorter
+            if fits(child):
+                return child
+    return parent
+
+
+def _drop_oldest(text: str, marker: str, keep_last: int, at_most: int = 0) -> str:
+    """`text` without its first line starting with `marker` (and without that line's header
+    if it was the last under it), unless the lines that are left are among the last
+    `keep_last` of the text. With `at_most` > 0: drop only while more than `at_most` such
+    lines are there. Pure."""
+    lines = text.split("\n")
+    items = [i for i, line in enumerate(lines) if line.startswith(marker)]
+    if not items or items[0] >= len(lines) - keep_last or (at_most and len(items) <= at_most):
+        return text
+    first = items[0]
+    del lines[first]
+    header = first - 1
+    if lines[header] in (LESSONS_HEADER, EXAMPLES_HEADER) and (
+        header + 1 >= len(lines) or not lines[header + 1].startswith(marker)
+    ):
+        del lines[header]
+        if header > 0 and lines[header - 1] == "":
+            del lines[header - 1]
+    return "\n".join(lines)
 
 
 def _first_line(text: str, limit: int) -> str:
@@ -103,6 +155,11 @@ class DigestProposer:
     """GEPA `custom_candidate_proposer`: rewrite each component from its failures' feedback."""
 
     label = "digest (offline, no language model)"
+
+    def __init__(self, fits: Callable[[str], bool] | None = None) -> None:
+        self.fits = fits  # fast.maxPromptTokens: whether a prompt is within the budget
+        if fits is not None:
+            self.label += ", prompts within a token budget"
 
     def __call__(
         self,
@@ -117,6 +174,7 @@ class DigestProposer:
                 candidate[name],
                 [str(r.get("Feedback", "")) for r in failed],
                 [str(r.get("Inputs", "")) for r in failed],
+                fits=self.fits,
             )
         return out
 

@@ -64,15 +64,25 @@ def test_the_round_is_amortised_over_t_steps_and_broken_down_by_stage():
 def test_one_fst_worker_per_proposals_setting_on_the_same_run():
     s = Settings(proposals_per_iteration=(1, 4), reuse_step_rollouts=(4,))
     assert workers_of(s) == {
-        "rl": (0, False),
-        "fst p=1": (1, False),
-        "fst p=4": (4, False),
-        "fst p=4 reuse": (4, True),
+        "rl": (0, False, None),
+        "fst p=1": (1, False, None),
+        "fst p=4": (4, False, None),
+        "fst p=4 reuse": (4, True, None),
     }
+    budgeted = workers_of(
+        Settings(proposals_per_iteration=(), reuse_step_rollouts=(4,), max_prompt_tokens=96)
+    )
+    assert budgeted == {
+        "rl": (0, False, None),
+        "fst p=4 reuse": (4, True, None),
+        "fst p=4 reuse max96": (4, True, 96),
+    }
+    assert train_config(s, 4, "/tmp/x", True, 96).fast.max_prompt_tokens == 96
     rl, fst = train_config(s, 0, "/tmp/x"), train_config(s, 4, "/tmp/x")
     reuse = train_config(s, 4, "/tmp/x", reuse=True)
     assert (rl.mode, fst.mode, fst.fast.proposals_per_iteration) == ("rl", "fst", 4)
     assert (fst.fast.reuse_step_rollouts, reuse.fast.reuse_step_rollouts) == (False, True)
     assert reuse.fast.model_copy(update={"reuse_step_rollouts": False}) == fst.fast
+    assert fst.fast.max_prompt_tokens is None
     same = ("slow", "rollout", "task", "model", "seed")
     assert all(getattr(rl, k) == getattr(fst, k) == getattr(reuse, k) for k in same)

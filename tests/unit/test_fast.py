@@ -12,11 +12,18 @@ import re
 import pytest
 import torch
 
-from fst.config import TaskConfig, TrainConfig
+from fst.config import ConfigError, TaskConfig, TrainConfig, validate_config
 from fst.fast.gepa_adapter import COMPONENT, PolicyAdapter, StepSample, run_gepa_round
 from fst.fast.population import PromptRecord, pareto_front, prompt_id, top_k_by_coverage
-from fst.fast.reflectors import DigestProposer, digest_rewrite, lessons_from_feedback
-from fst.loop import Run, prompt_assignment
+from fst.fast.reflectors import (
+    EXAMPLES_HEADER,
+    LESSONS_HEADER,
+    MAX_EXAMPLES,
+    DigestProposer,
+    digest_rewrite,
+    lessons_from_feedback,
+)
+from fst.loop import Run, initial_population, prompt_assignment
 from fst.rollout import Rollout, SamplingParams
 from fst.slow.advantages import group_advantages
 from fst.tasks import build_task
@@ -411,3 +418,116 @@ def test_advantage_is_shared_across_the_prompts_of_one_problem(task):
     # Per-prompt groups would give all-zero advantages here (each prompt's rewards are flat).
     per_prompt = group_advantages(out.rewards[:, used[0] == 0])
     assert per_prompt.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- a prompt budget
+
+
+def at_most(n: int):
+    """fast.maxPromptTokens as the digest proposer sees it, in CharTokenizer's tokens."""
+    return lambda text: len(text) <= n
+
+
+NEW_LESSON = "The final answer must be an integer inside \\boxed{}."
+
+
+def test_digest_under_a_budget_drops_the_oldest_lines_never_the_new_ones():
+    base = "Be helpful."
+    parent = f"{base}\n\n{LESSONS_HEADER}\n- Always show the work.\n- Never guess."
+    unbounded = digest_rewrite(parent, [NEW_LESSON])
+    assert unbounded == f"{parent}\n- {NEW_LESSON}"  # no budget: appended, as before
+    # Room for one old lesson: the oldest goes.
+    child = digest_rewrite(parent, [NEW_LESSON], fits=at_most(len(unbounded) - 10))
+    assert child == f"{base}\n\n{LESSONS_HEADER}\n- Never guess.\n- {NEW_LESSON}"
+    # Room for the new lesson alone.
+    alone = f"{base}\n\n{LESSONS_HEADER}\n- {NEW_LESSON}"
+    assert digest_rewrite(parent, [NEW_LESSON], fits=at_most(len(alone))) == alone
+    # No room even for it: the parent, unchanged (GEPA then gets no new candidate).
+    assert digest_rewrite(parent, [NEW_LESSON], fits=at_most(len(alone) - 1)) == parent
+
+
+def test_digest_under_a_budget_rotates_its_worked_examples():
+    """Feedback with no instruction in it adds a worked example. Without a budget they stop
+    at MAX_EXAMPLES; under one, a new example takes the oldest one's place (and the lessons,
+    older than the examples' budget, make room too)."""
+    unbounded = bounded = tight = f"Be helpful.\n\n{LESSONS_HEADER}\n- Never guess."
+    for i in range(1, 6):
+        question, said = f"Compute {i} * 7.", f"Wrong value: expected {7 * i}."
+        unbounded = digest_rewrite(unbounded, [said], [question])
+        bounded = digest_rewrite(bounded, [said], [question], fits=at_most(10_000))
+        tight = digest_rewrite(tight, [said], [question], fits=at_most(110))
+    assert unbounded.count("\n* ") == MAX_EXAMPLES and "Compute 1 * 7" in unbounded
+    examples = [line for line in bounded.split("\n") if line.startswith("* ")]
+    assert [e.split(" -> ")[0] for e in examples] == [f"* Compute {i} * 7." for i in (3, 4, 5)]
+    assert "- Never guess." in bounded
+    # 110 characters hold the base, the examples' header and one example: the lesson and its
+    # header went.
+    assert tight == (
+        f"Be helpful.\n\n{EXAMPLES_HEADER}\n* Compute 5 * 7. -> Wrong value: expected 35."
+    )
+    assert len(tight) <= 110
+
+
+def test_a_candidate_over_the_token_budget_is_never_sampled(task, tmp_path):
+    """fast.maxPromptTokens in a round: a child over the budget scores 0 without a rollout,
+    so GEPA rejects it even when it would have won; the population and its parents run."""
+    solvable = [p for p in task.problems("train") if eval(expression(p)) % 3][:8]
+    short = "Answer BOXED."
+    long_better = "Solve it. Write the result BOXED: inside \\boxed{}. " + "Take care. " * 8
+    engine = RecordingEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, max_prompt_tokens=40
+    )
+    ok, over = adapter.batch_evaluate(
+        [({COMPONENT: short}, solvable[:4]), ({COMPONENT: long_better}, solvable[:4])]
+    )
+    assert engine.systems == [short] * 4 and adapter.metric_calls == 4
+    assert adapter.over_budget_rows == 4 and ok.scores == [1.0] * 4
+    assert over.scores == [0.0] * 4
+    assert f"{len(long_better)} tokens, over the budget of 40" in over.trajectories[0]["feedback"]
+
+    engine = RecordingEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, max_prompt_tokens=40
+    )
+    result = run_gepa_round(
+        population=[PromptRecord("Chat about it.")],
+        adapter=adapter,
+        val_problems=solvable,
+        train_problems=solvable,
+        round_idx=1,
+        top_k=2,
+        metric_calls=16,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=lambda prompt: f"```\n{long_better}\n```",
+    )
+    assert [p.text for p in result.population] == ["Chat about it."]
+    assert long_better not in engine.systems and adapter.over_budget_rows >= 4
+
+
+def test_initial_population_under_a_budget():
+    """A seed prompt over fast.maxPromptTokens is a config error naming both fields; handed
+    over prompts over it are dropped (a stage may lower its predecessor's budget)."""
+    raw = {
+        "task": {"name": "arithmetic"},
+        "mode": "fst",
+        "fast": {"seedPrompt": "Be brief.", "maxPromptTokens": 12},
+    }
+    raw["fast"]["initialPopulation"] = ["A short one.", "One that is far too long for it."]
+    cfg = validate_config(raw)
+    assert [p.text for p in initial_population(cfg, len)] == ["A short one."]
+    raw["fast"]["initialPopulation"] = ["One that is far too long for it."]
+    assert [p.text for p in initial_population(validate_config(raw), len)] == ["Be brief."]
+    raw["fast"]["seedPrompt"] = "A seed prompt of many words."
+    with pytest.raises(
+        ConfigError, match=r"fast.seedPrompt is 28 tokens, over fast.maxPromptTokens \(12\)"
+    ):
+        initial_population(validate_config(raw), len)
+    raw["mode"] = "rl"  # trains under the seed prompt; no fast channel to budget
+    assert [p.text for p in initial_population(validate_config(raw), len)] == [
+        raw["fast"]["seedPrompt"]
+    ]
+    with pytest.raises(ConfigError, match="maxPromptTokens"):
+        validate_config({"task": {"name": "arithmetic"}, "fast": {"maxPromptTokens": 0}})
