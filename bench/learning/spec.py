@@ -22,6 +22,9 @@ MODES = ("rl", "fst", "fst-distill", "gepa")
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # GEPA rounds start from the last T steps' rollouts (docs/performance.md, round 2 item 4).
     "fst-reuse": ("fst", {"reuseStepRollouts": True}),
+    # The same, with the population's prompts held to 96 tokens (fast.maxPromptTokens): the
+    # seed prompt, one worked example and a lesson or two (docs/performance.md, item 4).
+    "fst-reuse-max96": ("fst", {"reuseStepRollouts": True, "maxPromptTokens": 96}),
 }
 SEEDS = (0, 1, 2)
 STEPS = 20
