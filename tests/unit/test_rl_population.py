@@ -67,3 +67,23 @@ def test_gepa_run_keeps_the_weights_and_measures_their_entropy(tmp_path, tiny_mo
     signal = [m for m in steps if m["zero_var_groups"] < 1.0]
     assert signal, "varied_reward should vary within some group"
     assert all(m["entropy"] > 0 and m["entropy_tokens"] > 0 for m in signal)
+
+
+def test_fst_run_counts_the_budget_in_the_policys_tokens(tmp_path, tiny_model_dir, caplog):  # noqa: F811
+    """fast.maxPromptTokens, counted by the run's tokenizer: a member over it is dropped
+    (said in the log), and the digest reflector is told the budget."""
+    raw = tiny_run_config(tmp_path, tiny_model_dir, mode="fst", steps=2)
+    raw["fast"]["seedPrompt"] = "Be brief."
+    raw["fast"]["initialPopulation"] = ["Short.", "A prompt that is much longer than that. " * 4]
+    from fst.model import load_tokenizer, prompt_tokens
+
+    cfg = validate_config(raw)
+    tokens = [prompt_tokens(load_tokenizer(cfg.model), t) for t in raw["fast"]["initialPopulation"]]
+    raw["fast"]["maxPromptTokens"] = budget = max(tokens[0], len("Be brief.")) + 1
+    assert tokens[1] > budget
+    cfg = validate_config(raw)
+    with caplog.at_level(logging.INFO, logger="fst.loop"):
+        run = fst.loop.build_run(cfg, cfg.run_dir)
+    assert [p.text for p in run.population] == ["Short."]
+    assert "1 of 2 prompts are over fast.maxPromptTokens" in caplog.text
+    assert run.reflector.fits("Short.") and not run.reflector.fits(EVOLVED[0] * 4)
