@@ -156,6 +156,10 @@ class EngineCalls:
                     "rows": len(prompts),
                     "prompt_tokens": sum(len(p) for p in prompts),
                     "gen_tokens": sum(len(r.completion_ids) for r in out),
+                    # The decoding steps the call ran: its longest completion.
+                    "longest": max((len(r.completion_ids) for r in out), default=0),
+                    # What a decoding step attends over: the longest prompt.
+                    "longest_prompt": max((len(p) for p in prompts), default=0),
                     "s": time.perf_counter() - t0,
                 }
             )
