@@ -188,6 +188,7 @@ def serve(
     from bench.speed.worker import StepMeter
     from fst import loop
     from fst.fast import gepa_adapter
+    from fst.model import prompt_tokens
 
     proposals, reuse, budget = worker
     s = Settings(**{**settings_dict, "proposals_per_iteration": (proposals,)})
@@ -223,7 +224,15 @@ def serve(
                     calls.phase = "rescore"
                     meter.start()
                     metrics = loop.gepa_round(run)
-                    rounds.append({**meter.stop(), **metrics, "calls": calls.take()})
+                    sizes = [prompt_tokens(run.tokenizer, p.text) for p in run.population]
+                    rounds.append(
+                        {
+                            **meter.stop(),
+                            **metrics,
+                            "population_tokens": sizes,
+                            "calls": calls.take(),
+                        }
+                    )
                 calls.phase = "step"
                 meter.start()
                 record = loop.rl_step(run)
