@@ -127,9 +127,9 @@ def _within(child: str, parent: str, added: int, fits: Callable[[str], bool] | N
 
 def _drop_oldest(text: str, marker: str, keep_last: int, at_most: int = 0) -> str:
     """`text` without its first line starting with `marker` (and without that line's header
-    if it was the last under it), unless the lines that are left are among the last
-    `keep_last` of the text. With `at_most` > 0: drop only while more than `at_most` such
-    lines are there. Pure."""
+    if it was the last under it), unless that line is among the last `keep_last` lines of the
+    text (the ones just added). With `at_most` > 0: only when more than `at_most` lines start
+    with `marker`. Pure."""
     lines = text.split("\n")
     items = [i for i, line in enumerate(lines) if line.startswith(marker)]
     if not items or items[0] >= len(lines) - keep_last or (at_most and len(items) <= at_most):

@@ -340,6 +340,24 @@ def test_step_samples_are_served_and_only_new_pairs_are_sampled(task):
     assert plain.metric_calls == 8 and plain.reused_rows == 0
 
 
+def round_on(adapter, population, problems, metric_calls, proposal, tmp_path):
+    """Round 1 of `adapter` from `population` (texts), `problems` as both the Pareto set and
+    the minibatch pool, with a reflector that always proposes `proposal`."""
+    return run_gepa_round(
+        population=[PromptRecord(text) for text in population],
+        adapter=adapter,
+        val_problems=problems,
+        train_problems=problems,
+        round_idx=1,
+        top_k=2,
+        metric_calls=metric_calls,
+        minibatch_size=4,
+        round_dir=tmp_path / "round",
+        seed=0,
+        reflection_lm=lambda prompt: f"```\n{proposal}\n```",
+    )
+
+
 def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     """fast.reuseStepRollouts: the population's re-scoring and the parents' minibatches come
     from the step rollouts (the steps' problems are the Pareto set and the minibatch pool), so
@@ -354,19 +372,7 @@ def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     adapter = PolicyAdapter(
         engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=samples
     )
-    result = run_gepa_round(
-        population=[PromptRecord(chatty), PromptRecord(plain)],
-        adapter=adapter,
-        val_problems=recent,
-        train_problems=recent,
-        round_idx=1,
-        top_k=2,
-        metric_calls=24,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        reflection_lm=lambda prompt: f"```\n{better}\n```",
-    )
+    result = round_on(adapter, [chatty, plain], recent, 24, better, tmp_path)
     old = {c.text: c for c in result.candidates[:2]}
     assert set(old[chatty].val_scores.values()) == {0.5}  # the steps' means
     assert set(old[plain].val_scores.values()) == {0.0}
@@ -490,19 +496,7 @@ def test_a_candidate_over_the_token_budget_is_never_sampled(task, tmp_path):
     adapter = PolicyAdapter(
         engine, CharTokenizer(), task, SamplingParams(), seed=0, max_prompt_tokens=40
     )
-    result = run_gepa_round(
-        population=[PromptRecord("Chat about it.")],
-        adapter=adapter,
-        val_problems=solvable,
-        train_problems=solvable,
-        round_idx=1,
-        top_k=2,
-        metric_calls=16,
-        minibatch_size=4,
-        round_dir=tmp_path / "round",
-        seed=0,
-        reflection_lm=lambda prompt: f"```\n{long_better}\n```",
-    )
+    result = round_on(adapter, ["Chat about it."], solvable, 16, long_better, tmp_path)
     assert [p.text for p in result.population] == ["Chat about it."]
     assert long_better not in engine.systems and adapter.over_budget_rows >= 4
 
