@@ -287,32 +287,32 @@ def initial_population(
     prompt over the budget is a ConfigError; population members over it are dropped (a stream
     stage may lower the budget its predecessor's population grew under)."""
     seed = [PromptRecord(cfg.fast.seed_prompt)]
+    members = cfg.fast.initial_population
+    if cfg.mode == "rl":
+        if members:
+            log.info(
+                "mode rl: fast.initialPopulation (%d prompts) is ignored; every rollout uses "
+                "fast.seedPrompt",
+                len(members),
+            )
+        return seed
     budget = cfg.fast.max_prompt_tokens
-    if cfg.mode != "rl" and budget is not None and count_tokens is not None:
+    if budget is not None and count_tokens is not None:
         n = count_tokens(cfg.fast.seed_prompt)
         if n > budget:
             raise ConfigError(
                 f"fast.seedPrompt is {n} tokens, over fast.maxPromptTokens ({budget})"
             )
-        fitting = [t for t in cfg.fast.initial_population if count_tokens(t) <= budget]
-        if len(fitting) < len(cfg.fast.initial_population):
+        members = [t for t in members if count_tokens(t) <= budget]
+        if len(members) < len(cfg.fast.initial_population):
             log.warning(
                 "fast.initialPopulation: %d of %d prompts are over fast.maxPromptTokens (%d) "
                 "and are dropped",
-                len(cfg.fast.initial_population) - len(fitting),
+                len(cfg.fast.initial_population) - len(members),
                 len(cfg.fast.initial_population),
                 budget,
             )
-        return [PromptRecord(t) for t in fitting] or seed
-    if cfg.mode == "rl":
-        if cfg.fast.initial_population:
-            log.info(
-                "mode rl: fast.initialPopulation (%d prompts) is ignored; every rollout uses "
-                "fast.seedPrompt",
-                len(cfg.fast.initial_population),
-            )
-        return seed
-    return [PromptRecord(t) for t in cfg.fast.initial_population] or seed
+    return [PromptRecord(t) for t in members] or seed
 
 
 def sharded(cfg: TrainConfig, world: World) -> bool:

@@ -157,12 +157,12 @@ class PolicyAdapter:
         else:
             todo = rows
         over = {s: self._over_budget(s) for s in {s for s, _ in todo}}
-        run = [(s, p) for s, p in todo if not over[s]]
-        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in run]
-        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in run]
+        sampled = [(s, p) for s, p in todo if not over[s]]
+        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in sampled]
+        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in sampled]
         rollouts = iter(self.engine.generate(prompts, self.params, generators) if prompts else [])
         self.metric_calls += len(prompts)
-        self.over_budget_rows += len(todo) - len(run)
+        self.over_budget_rows += len(todo) - len(sampled)
         fresh = []
         for s, p in todo:
             if over[s]:

@@ -10,6 +10,7 @@ import pytest
 
 import fst.loop
 from fst.config import validate_config
+from fst.model import load_tokenizer, prompt_tokens
 from tests.tiny_model import (  # noqa: F401 (fixtures)
     one_torch_thread,
     tiny_model_dir,
@@ -75,8 +76,6 @@ def test_fst_run_counts_the_budget_in_the_policys_tokens(tmp_path, tiny_model_di
     raw = tiny_run_config(tmp_path, tiny_model_dir, mode="fst", steps=2)
     raw["fast"]["seedPrompt"] = "Be brief."
     raw["fast"]["initialPopulation"] = ["Short.", "A prompt that is much longer than that. " * 4]
-    from fst.model import load_tokenizer, prompt_tokens
-
     cfg = validate_config(raw)
     tokens = [prompt_tokens(load_tokenizer(cfg.model), t) for t in raw["fast"]["initialPopulation"]]
     raw["fast"]["maxPromptTokens"] = budget = max(tokens[0], len("Be brief.")) + 1
