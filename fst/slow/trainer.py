@@ -7,8 +7,9 @@ batch of N rollouts (prompt ids, completion ids, sampler logprobs, advantage)
      (rows that share a system prompt share a micro-batch)
   -> forward, prompt shared: each DISTINCT prefix that several prompts share (a population's
      system prompt) runs once, then each DISTINCT prompt's rest on top of its prefix's KV
-     cache, then the completions on top of their prompt's; each cache, with its gradients,
-     copied to every row that uses it -> logits at completion positions only (B, C, V)
+     cache, then the completions on top of their prompt's (in buckets of similar length,
+     each padded to its own longest row); each cache, with its gradients, copied to every
+     row that uses it -> logits at completion positions only (B, C, V)
      -> log π_θ (B, C)
   -> loss (CISPO by default) / normaliser of the whole step, backward, accumulate
   -> clip the global grad norm, AdamW step, LR schedule step
@@ -236,9 +237,10 @@ def pack_shared(
     number of forwards per micro-batch, and C = 1 would skip the completions' forward.
 
     `split_prefixes`: run the distinct prompts' shared prefixes as a stage of their own (the
-    grouping is the rollout engine's, `shared_prefixes`). None: when some prefix is shared by
-    two or more prompts. True always (under FSDP, so that every rank runs three forwards):
-    a prompt in no group then has all but its last token as its "prefix"."""
+    grouping is the rollout engine's, `shared_prefixes`). None: when that saves more padded
+    tokens than a forward's fixed cost (`FORWARD_OVERHEAD_TOKENS`). True always (under FSDP,
+    so that every rank runs three forwards): a prompt in no group then has all but its last
+    token as its "prefix"."""
     from fst.rollout.hf import MIN_SHARED_PREFIX, left_padded, shared_prefixes
 
     distinct: dict[tuple[int, ...], int] = {}
@@ -248,7 +250,7 @@ def pack_shared(
     if split_prefixes is not False:
         group_of, cut = shared_prefixes(prompts, MIN_SHARED_PREFIX)
         if split_prefixes is None:
-            split_prefixes = len(set(group_of)) < len(prompts)
+            split_prefixes = _prefix_split_saves(prompts, group_of, cut) > FORWARD_OVERHEAD_TOKENS
     prefix_ids = prefix_attention = prefix_positions = prompt_prefix = None
     if split_prefixes:
         slot: dict[int, int] = {}  # group id -> its row among the distinct prefixes
@@ -295,6 +297,18 @@ def pack_shared(
     )
 
 
+def _prefix_split_saves(
+    prompts: Sequence[Sequence[int]], group_of: Sequence[int], cut: Sequence[int]
+) -> int:
+    """Padded tokens saved by running the prompts' shared prefixes as a forward of their own:
+    U whole prompts against the distinct prefixes plus U rests (each forward left-padded to
+    its longest row). Pure."""
+    whole = len(prompts) * max(len(p) for p in prompts)
+    prefix = {g: n for g, n in zip(group_of, cut, strict=True)}
+    rests = max(len(p) - n for p, n in zip(prompts, cut, strict=True))
+    return whole - (len(prefix) * max(prefix.values()) + len(prompts) * rests)
+
+
 def shared_prompt_logprobs(
     model: PreTrainedModel, batch: SharedPromptBatch, temperature: float, sharded: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,7 +338,7 @@ def shared_prompt_logprobs(
         cache = prefixes.cache
         if sharded:
             anchor = prefixes.logits.float().sum() * 0.0
-        _expand_rows(cache, batch.prompt_prefix)
+        _set_rows(cache, _layer_kv(cache), batch.prompt_prefix)
         prompt_mask = torch.cat(
             [batch.prefix_attention.index_select(0, batch.prompt_prefix), prompt_mask], dim=1
         )
@@ -344,34 +358,109 @@ def shared_prompt_logprobs(
         logp0 = logp0 + anchor
     if targets.shape[1] == 1:
         return logp0, ent0
-    _expand_rows(out.cache, rows)
-    # Completion tokens 0..C-2 predict tokens 1..C-1 (the last token predicts nothing).
-    attention = torch.cat(
-        [prompt_mask.index_select(0, rows), batch.completion_attention[:, :-1]], dim=1
-    )
-    rest = model(
-        input_ids=targets[:, :-1],
-        attention_mask=attention,
-        position_ids=batch.completion_positions[:, :-1],
-        cache=out.cache,
-        use_cache=True,
-    ).logits  # (B, C-1, V)
-    logp, ent = logp_entropy(rest, targets[:, 1:], temperature)
+    logp, ent = _completion_logprobs(model, batch, out.cache, prompt_mask, temperature, sharded)
     return torch.cat([logp0, logp], dim=1), torch.cat([ent0, ent], dim=1)
 
 
-def _expand_rows(cache: Cache, rows: torch.Tensor) -> None:
-    """Give every completion its prompt's KV cache, in place: each layer's keys and values go
-    from (U, H, P, D), one row per distinct prompt, to (B, H, P, D), row b = rows[b].
+def _completion_logprobs(
+    model: PreTrainedModel,
+    batch: SharedPromptBatch,
+    prompt_cache: Cache,
+    prompt_mask: torch.Tensor,
+    temperature: float,
+    sharded: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π_θ and entropy (B, C-1) of completion tokens 1..C-1, each predicted by the token
+    before it, on top of the prompts' cache (`prompt_cache`: U rows, masked by `prompt_mask`
+    (U, P)); 0 past a row's end.
 
-    index_select carries the gradient back to the shared prompt (summed over its rows). The
-    cache comes from the model's own forward (transformers' `cache` output); a layer that holds
-    no keys and values (e.g. a linear-attention state) is refused rather than silently skipped."""
+    The rows run in buckets of similar length, each forward padded to its own longest row
+    (`completion_buckets`): one forward padded to the batch's longest completion spent 2-3
+    padded tokens per real one on `mul` (completions of 20-128 tokens). Under FSDP every rank
+    runs one forward, over the longest completion (the ranks' collectives must match)."""
+    targets, rows = batch.completion_ids, batch.row_prompt
+    B, C1 = targets.shape[0], targets.shape[1] - 1
+    lengths = [max(int(n) - 1, 0) for n in batch.mask.sum(dim=1).tolist()]  # tokens fed in
+    if sharded:
+        buckets, lengths = [list(range(B))], [C1] * B
+    else:
+        buckets = completion_buckets(lengths, FORWARD_OVERHEAD_TOKENS)
+    prompt_kv = _layer_kv(prompt_cache)  # (U, H, P, D) per layer, shared by every bucket
+    logp = targets.new_zeros((B, C1), dtype=torch.float32)
+    ent = targets.new_zeros((B, C1), dtype=torch.float32)
+    for bucket in buckets:
+        n = max(lengths[b] for b in bucket)  # this bucket's columns
+        if n == 0:  # one-token completions: the prompt's last position predicted them
+            continue
+        idx = torch.tensor(bucket, device=targets.device)
+        prompt_of = rows.index_select(0, idx)
+        _set_rows(prompt_cache, prompt_kv, prompt_of)
+        logits = model(
+            input_ids=targets.index_select(0, idx)[:, :n],
+            attention_mask=torch.cat(
+                [
+                    prompt_mask.index_select(0, prompt_of),
+                    batch.completion_attention.index_select(0, idx)[:, :n],
+                ],
+                dim=1,
+            ),
+            position_ids=batch.completion_positions.index_select(0, idx)[:, :n],
+            cache=prompt_cache,
+            use_cache=True,
+        ).logits  # (b, n, V)
+        lp, en = logp_entropy(logits, targets.index_select(0, idx)[:, 1 : n + 1], temperature)
+        logp = logp.index_copy(0, idx, torch.nn.functional.pad(lp, (0, C1 - n)))
+        ent = ent.index_copy(0, idx, torch.nn.functional.pad(en, (0, C1 - n)))
+    return logp, ent
+
+
+# One more forward costs about as many tokens' work as this, whatever its size: its backward
+# computes and accumulates every weight's gradient once (SmolLM2, bf16 autocast, 2 cores: a
+# 1-token forward + backward took 227 ms, a 1024-token one 2.2 ms per token).
+FORWARD_OVERHEAD_TOKENS = 96
+
+
+def completion_buckets(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Rows (indices into `lengths`, each row's tokens in the completions' forward) grouped
+    into forwards, each padded to its longest row: the grouping with the fewest padded
+    tokens plus `overhead` per forward. Rows are taken by length and split where a split
+    pays (dynamic programming over the split points); rows of length 0 need no forward and
+    come as one bucket of their own, first. Pure."""
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    L = [lengths[i] for i in order]
+    best = [0.0] + [math.inf] * len(L)  # best[j]: the cost of the j shortest rows
+    cut = [0] * (len(L) + 1)  # best[j]'s last bucket: rows cut[j]..j-1
+    for j in range(1, len(L) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * L[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], len(L)
+    while j > 0:
+        buckets.append(order[cut[j] : j])
+        j = cut[j]
+    return ([empty] if empty else []) + buckets[::-1]
+
+
+def _layer_kv(cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's keys and values as they are now (refusing layers that hold none)."""
+    kv = []
     for layer in cache.layers:
         if not isinstance(layer, DynamicLayer) or layer.keys is None or layer.values is None:
             raise NotImplementedError(f"shared-prompt training: KV-cache layer {layer!r}")
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+        kv.append((layer.keys, layer.values))
+    return kv
+
+
+def _set_rows(
+    cache: Cache, kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
+) -> None:
+    """Point every layer of `cache` at rows `rows` of `kv` (one (U, H, P, D) pair per layer):
+    index_select carries the gradient back to the shared prompt, summed over its rows."""
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        assert isinstance(layer, DynamicLayer)  # as _layer_kv checked
+        layer.keys, layer.values = keys.index_select(0, rows), values.index_select(0, rows)
 
 
 def _fused_adamw_ok(params: Sequence[torch.Tensor]) -> bool | None:

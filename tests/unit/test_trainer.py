@@ -107,9 +107,16 @@ def assert_same_as_one_forward_per_row(model, shared, rs, adv):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6, rtol=1e-4)
 
 
-def test_shared_prompt_forward_equals_one_forward_per_row(model):
+# Overheads per completion forward: 0 runs each completion length in a forward of its own,
+# 10**6 all completions in one forward (as under FSDP).
+BUCKETINGS = [0, 10**6]
+
+
+@pytest.mark.parametrize("overhead", BUCKETINGS)
+def test_shared_prompt_forward_equals_one_forward_per_row(model, overhead, monkeypatch):
     """Running each distinct prompt once (KV cache copied to its rows) gives the same
     logprobs, and the same gradient, as running every row's prompt + completion."""
+    monkeypatch.setattr("fst.slow.trainer.FORWARD_OVERHEAD_TOKENS", overhead)
     from fst.slow.trainer import pack_shared
 
     prompts = [[1, 2, 3, 4], [5, 6], [1, 2, 3, 4], [5, 6], [7, 8, 9]]
@@ -127,10 +134,12 @@ SYSTEM_A = [30 + i % 19 for i in range(20)]  # two 20-token "system prompts", sh
 SYSTEM_B = [31 + i % 17 for i in range(18)]  # their problems (vocabulary: 50)
 
 
+@pytest.mark.parametrize("overhead", BUCKETINGS)
 @pytest.mark.parametrize("split", [None, True])  # auto (as some prefix is shared), forced (FSDP)
-def test_shared_prefix_forward_equals_one_forward_per_row(model, split):
+def test_shared_prefix_forward_equals_one_forward_per_row(model, split, overhead, monkeypatch):
     """Prompts that share a system prompt run it once, then their rests on top of it, then
     their completions: the same logprobs and the same gradient as one forward per row."""
+    monkeypatch.setattr("fst.slow.trainer.FORWARD_OVERHEAD_TOKENS", overhead)
     from fst.slow.trainer import pack_shared
 
     prompts = [
@@ -146,11 +155,27 @@ def test_shared_prefix_forward_equals_one_forward_per_row(model, split):
     adv = [1.0, -0.5, 0.25, 2.0, -1.0, 0.5]
 
     shared = pack_shared(rs, adv, pad_id=0, device=torch.device("cpu"), split_prefixes=split)
-    # A, B, and the unshared prompt's all-but-last token (a "prefix" of its own).
-    assert shared.prefix_ids is not None and shared.prefix_ids.shape[0] == 3
-    assert shared.prompt_ids.shape[0] == 5  # five distinct prompts, their rests only
-    assert shared.prompt_ids.shape[1] < len(SYSTEM_A)
+    # Split: 3 prefixes x 20 + 5 rests x 3 = 75 padded tokens against 5 x 23 whole prompts.
+    if split is None and overhead > 40:  # saving 40 tokens is not worth a forward
+        assert shared.prefix_ids is None and shared.prompt_ids.shape == (5, 23)
+    else:  # A, B, and the unshared prompt's all-but-last token (a "prefix" of its own)
+        assert shared.prefix_ids is not None and shared.prefix_ids.shape[0] == 3
+        assert shared.prompt_ids.shape[0] == 5  # five distinct prompts, their rests only
+        assert shared.prompt_ids.shape[1] < len(SYSTEM_A)
     assert_same_as_one_forward_per_row(model, shared, rs, adv)
+
+
+def test_completion_buckets_split_where_padding_costs_more_than_a_forward():
+    from fst.slow.trainer import completion_buckets
+
+    lengths = [0, 5, 100, 3, 98, 0]  # rows 0 and 5 need no forward
+    # One forward: 4 x 100 + 10 = 410; {3, 5} and {98, 100}: 2 x 5 + 2 x 100 + 20 = 230;
+    # three forwards: 238.
+    assert completion_buckets(lengths, 10) == [[0, 5], [3, 1], [4, 2]]
+    assert completion_buckets(lengths, 10**6) == [[0, 5], [3, 1, 4, 2]]
+    assert completion_buckets(lengths, 0) == [[0, 5], [3], [1], [4], [2]]
+    assert completion_buckets([7, 7, 7], 0) == [[0, 1, 2]]  # no padding to save
+    assert completion_buckets([], 5) == []
 
 
 def test_micro_batches_group_rows_by_system_prompt(model):
