@@ -417,7 +417,7 @@ def _completion_logprobs(
 # One more forward costs about as many tokens' work as this, whatever its size: its backward
 # computes and accumulates every weight's gradient once (SmolLM2, bf16 autocast, 2 cores: a
 # 1-token forward + backward took 227 ms, gradients allocated included, a 1024-token one 2.2 ms
-# per token; on 12 replayed steps of the overhead bench 96 did as well as 32 or better).
+# per token; on 12 replayed steps of the overhead bench, 8, 32 and 96 were alike within noise).
 FORWARD_OVERHEAD_TOKENS = 96
 
 
