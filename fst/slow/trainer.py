@@ -393,10 +393,11 @@ def _completion_logprobs(
         if n == 0:  # one-token completions: the prompt's last position predicted them
             continue
         idx = torch.tensor(bucket, device=targets.device)
+        tokens = targets.index_select(0, idx)  # (b, C)
         prompt_of = rows.index_select(0, idx)
         _set_rows(prompt_cache, prompt_kv, prompt_of)
         logits = model(
-            input_ids=targets.index_select(0, idx)[:, :n],
+            input_ids=tokens[:, :n],
             attention_mask=torch.cat(
                 [
                     prompt_mask.index_select(0, prompt_of),
@@ -408,7 +409,7 @@ def _completion_logprobs(
             cache=prompt_cache,
             use_cache=True,
         ).logits  # (b, n, V)
-        lp, en = logp_entropy(logits, targets.index_select(0, idx)[:, 1 : n + 1], temperature)
+        lp, en = logp_entropy(logits, tokens[:, 1 : n + 1], temperature)
         logp = logp.index_copy(0, idx, torch.nn.functional.pad(lp, (0, C1 - n)))
         ent = ent.index_copy(0, idx, torch.nn.functional.pad(en, (0, C1 - n)))
     return logp, ent

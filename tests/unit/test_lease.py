@@ -131,7 +131,7 @@ def test_training_stops_without_writing_once_another_writer_took_the_run(
                     # expired; one that lands between the reading and the update is not,
                     # and the attempt is refused (seen in 1 of ~4 suite runs): try again.
                     try:
-                        taken_by.append(other.acquire_run(cfg.run, cfg.mode, {}, 0.0).token)
+                        taken_by.append(other.acquire_run(cfg.run, cfg.mode, {}, lease_s=0.0).token)
                     except RunLockedError:
                         return False
                     return True
