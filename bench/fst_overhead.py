@@ -7,11 +7,14 @@ Worker processes build the same run (SmolLM2, the same problems in the same orde
 x G completions, the same sampling and optimizer settings): one with `mode: rl`, and one with
 `mode: fst` (K prompts, a GEPA round every T steps with the LLM-free digest reflector) per
 value of `fast.proposalsPerIteration` given, and one more with `fast.reuseStepRollouts` per
-value given to --reuse-step-rollouts. The orchestrator runs them one at a time, a cycle
-each in turn (the order rotates every cycle): a cycle is T RL steps, or, for FST, one GEPA
-round and T steps (the round runs before the step whose number is a multiple of T, as in `fst
-train`). The first cycle of each is a warm-up: FST's first round starts from the seed prompt
-alone, later ones from K prompts.
+value given to --reuse-step-rollouts (and, with --max-prompt-tokens, a twin of each under that
+budget; with --overlap-round, a twin of each reuse worker with `fast.overlapRound`, whose
+round's rows ride in the steps' engine calls: its "round" is then its own work before the
+steps of a cycle, and what its rows add shows in the steps' times). The orchestrator runs
+them one at a time, a cycle each in turn (the order rotates every cycle): a cycle is T RL
+steps, or, for FST, one GEPA round and T steps (the round runs before the step whose number is
+a multiple of T, as in `fst train`). The first cycle of each is a warm-up: FST's first round
+starts from the seed prompt alone, later ones from K prompts.
 
 Reported (medians over measured cycles): the RL step, the FST step without its round, the
 round, and the FST step with the round amortised over T, as a ratio to the RL step; and, over
@@ -40,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.learning.spec import TASKS as LEARNING_TASKS
 from bench.record import machine, started_at
@@ -66,40 +69,50 @@ class Settings:
     reuse_step_rollouts: tuple[int, ...] = ()
     # > 0: one more worker per reuse_step_rollouts value, with fast.maxPromptTokens this.
     max_prompt_tokens: int = 0
+    # True: every reuse worker has a twin with fast.overlapRound (and room for the round's
+    # rows in rollout.batchSize).
+    overlap_round: bool = False
     cycles: int = 3  # per mode; the first is a warm-up
     precision: str = "fp32"
     seed: int = 0
     threads: int = os.cpu_count() or 1
 
 
-def workers_of(s: Settings) -> dict[str, tuple[int, bool, int | None]]:
-    """Worker name -> (fast.proposalsPerIteration (0: the RL worker), fast.reuseStepRollouts,
-    fast.maxPromptTokens)."""
-    budget = s.max_prompt_tokens
-    workers: dict[str, tuple[int, bool, int | None]] = {"rl": (0, False, None)}
-    workers |= {f"fst p={n}": (n, False, None) for n in s.proposals_per_iteration}
-    workers |= {f"fst p={n} reuse": (n, True, None) for n in s.reuse_step_rollouts}
-    if budget > 0:
-        workers |= {
-            f"fst p={n} reuse max{budget}": (n, True, budget) for n in s.reuse_step_rollouts
+class Worker(NamedTuple):
+    proposals: int  # fast.proposalsPerIteration; 0: the RL worker
+    reuse: bool = False  # fast.reuseStepRollouts
+    budget: int | None = None  # fast.maxPromptTokens
+    overlap: bool = False  # fast.overlapRound
+
+
+def workers_of(s: Settings) -> dict[str, Worker]:
+    """Worker name -> its settings."""
+    workers = {"rl": Worker(0)}
+    workers |= {f"fst p={n}": Worker(n) for n in s.proposals_per_iteration}
+    reuse = {f"fst p={n} reuse": Worker(n, True) for n in s.reuse_step_rollouts}
+    if s.max_prompt_tokens > 0:
+        budget = s.max_prompt_tokens
+        reuse |= {
+            f"fst p={n} reuse max{budget}": Worker(n, True, budget) for n in s.reuse_step_rollouts
         }
-    return workers
+    if s.overlap_round:
+        reuse |= {f"{name} overlap": w._replace(overlap=True) for name, w in reuse.items()}
+    return workers | reuse
 
 
-def train_config(
-    s: Settings,
-    proposals: int,
-    output_dir: Path,
-    reuse: bool = False,
-    max_prompt_tokens: int | None = None,
-) -> Any:
+def train_config(s: Settings, worker: Worker, output_dir: Path) -> Any:
     from fst.config import TrainConfig
 
+    proposals, reuse, max_prompt_tokens, overlap = worker
     mode = "fst" if proposals else "rl"
+    # With fast.overlapRound a step's engine call carries a round's rows too (up to 30 here):
+    # room for them, or they would run as a second batch after the step's.
+    batch_size = s.problems_per_step * s.group_size * (2 if overlap else 1)
     return TrainConfig.model_validate(
         {
             "run": f"bench-overhead-{mode}-{proposals}{'-reuse' if reuse else ''}"
-            + (f"-max{max_prompt_tokens}" if max_prompt_tokens else ""),
+            + (f"-max{max_prompt_tokens}" if max_prompt_tokens else "")
+            + ("-overlap" if overlap else ""),
             "mode": mode,
             "steps": s.cycles * s.every,
             "seed": s.seed,
@@ -113,7 +126,7 @@ def train_config(
             "task": copy.deepcopy(LEARNING_TASKS["mul"]),
             "rollout": {
                 "maxNewTokens": s.max_new_tokens,
-                "batchSize": s.problems_per_step * s.group_size,
+                "batchSize": batch_size,
             },
             "slow": {
                 "problemsPerStep": s.problems_per_step,
@@ -131,6 +144,7 @@ def train_config(
                 "proposalsPerIteration": max(proposals, 1),
                 "reuseStepRollouts": reuse,
                 "maxPromptTokens": max_prompt_tokens,
+                "overlapRound": overlap,
             },
             "metrics": {"klPrompts": 0, "evalEvery": 0},
             "checkpoint": {"every": 10_000},
@@ -173,7 +187,7 @@ class EngineCalls:
 
 
 def serve(
-    worker: tuple[int, bool, int | None],
+    worker: Worker,
     settings_dict: dict[str, Any],
     conn: Connection,
     log_path: str,
@@ -190,13 +204,13 @@ def serve(
     from fst.fast import gepa_adapter
     from fst.model import prompt_tokens
 
-    proposals, reuse, budget = worker
+    proposals = worker.proposals
     s = Settings(**{**settings_dict, "proposals_per_iteration": (proposals,)})
     torch.set_num_threads(s.threads)
     out_dir = Path(tempfile.mkdtemp(prefix=f"fst-bench-overhead-{proposals}-"))
     try:
         t0 = time.perf_counter()
-        cfg = train_config(s, proposals, out_dir, reuse, budget)
+        cfg = train_config(s, worker, out_dir)
         run = loop.build_run(cfg, cfg.run_dir)
         calls = EngineCalls(run.engine)
         optimize = gepa_adapter.gepa.optimize
@@ -219,8 +233,18 @@ def serve(
         meter = StepMeter()
         while conn.recv() == "cycle":
             steps, rounds = [], []
+            # fast.overlapRound: the round's own work before every step of the cycle (its
+            # attempts; its rows ride in the steps' engine calls), summed as one round.
+            in_flight: dict[str, Any] = {"step_s": 0.0, "calls": []}
             for _ in range(s.every):
-                if proposals and run.step % s.every == 0:
+                if worker.overlap:
+                    calls.phase = "rescore"
+                    meter.start()
+                    due = run.step % s.every == 0
+                    metrics = loop.fast_channel(run, due, checkpoint_next=False)
+                    in_flight["step_s"] += meter.stop()["step_s"]
+                    in_flight |= {**metrics, "calls": in_flight["calls"] + calls.take()}
+                elif proposals and run.step % s.every == 0:
                     calls.phase = "rescore"
                     meter.start()
                     metrics = loop.gepa_round(run)
@@ -247,6 +271,8 @@ def serve(
                         "calls": calls.take(),
                     }
                 )
+            if worker.overlap:
+                rounds.append(in_flight)
             conn.send({"steps": steps, "rounds": rounds})
         run.sink.close()
     except BaseException as e:  # report, then die: the orchestrator must not hang
@@ -322,12 +348,13 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_reward": statistics.mean(x["reward_mean"] for x in fst_steps),
         "rl_prompt_tokens": prompt_tokens(rl_steps),
         "fst_prompt_tokens": prompt_tokens(fst_steps),
-        "round_metric_calls": statistics.median(r["gepa_metric_calls"] for r in rounds),
+        # (.get: a round in flight (fast.overlapRound) may end in the next cycle)
+        "round_metric_calls": statistics.median(r.get("gepa_metric_calls", 0) for r in rounds),
         "round_reused_rows": statistics.median(r.get("gepa_reused_rows", 0) for r in rounds),
         "round_over_budget_rows": statistics.median(
             r.get("gepa_over_budget_rows", 0) for r in rounds
         ),
-        "round_new_candidates": statistics.median(r["gepa_new_candidates"] for r in rounds),
+        "round_new_candidates": statistics.median(r.get("gepa_new_candidates", 0) for r in rounds),
         "round_breakdown": round_breakdown(rounds),
     }
 
@@ -345,6 +372,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, Path]:
             p.add_argument(flag, choices=("fp32", "bf16"), default=d.precision)
         elif f.name in ("proposals_per_iteration", "reuse_step_rollouts"):
             p.add_argument(flag, type=int, nargs="*", default=list(getattr(d, f.name)))
+        elif f.name == "overlap_round":
+            p.add_argument(flag, action="store_true")
         else:
             p.add_argument(flag, type=type(getattr(d, f.name)), default=getattr(d, f.name))
     p.add_argument(

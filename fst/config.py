@@ -341,6 +341,17 @@ class FastConfig(Schema):
         "the last T steps' policies rather than the current one, and the Pareto set is the "
         "recent training problems rather than the validation split.",
     )
+    overlap_round: bool = Field(
+        False,
+        description="Sample a GEPA round's rollouts beside the next training steps' (one "
+        "engine call per step) instead of pausing training for them: the round runs until it "
+        "needs rows, they ride along with the next step's, and it goes on from there. Its new "
+        "population is used from the step after its last rows (about two steps later with "
+        "reuseStepRollouts and the digest reflector), and its rows come from those steps' "
+        "policies. Cheapest when rollout.batchSize leaves room beyond problemsPerStep x "
+        "groupSize for a round's rows (a call over batchSize runs in several batches). A "
+        "round still in flight is finished alone before a checkpoint and before the next round.",
+    )
     max_prompt_tokens: int | None = Field(
         None,
         gt=0,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import logging
 import random
 import shutil
@@ -54,7 +55,14 @@ from fst.distributed import (
     shard,
     transformer_of,
 )
-from fst.fast.gepa_adapter import PolicyAdapter, StepSample, run_gepa_round
+from fst.fast.gepa_adapter import (
+    MemoisedLM,
+    PolicyAdapter,
+    RoundInFlight,
+    RoundResult,
+    StepSample,
+    run_gepa_round,
+)
 from fst.fast.population import PromptRecord
 from fst.fast.reflectors import DigestProposer, LocalReflector, OpenAIReflector
 from fst.metrics import MetricsSink, kl_to_base
@@ -68,7 +76,7 @@ from fst.model import (
     resolve_device,
     stop_token_ids,
 )
-from fst.rollout import Rollout, RolloutEngine, SamplingParams
+from fst.rollout import Generators, Rollout, RolloutEngine, SamplingParams
 from fst.rollout.hf import HFRolloutEngine
 from fst.run_state import read_checkpoint_files, write_checkpoint_files
 from fst.signals import Terminated
@@ -164,6 +172,7 @@ class StepRollouts:
     prompt_ids: list[int]  # P*G: index into the population of the prompt each rollout used
     rewards: torch.Tensor  # (P, G)
     feedback: list[str]  # P*G
+    alongside: list[Rollout] = field(default_factory=list)  # a GEPA round's rows (Run.rollout)
 
 
 @dataclass
@@ -196,6 +205,9 @@ class Run:
     # fast.reuseStepRollouts (rank 0): the rollouts sampled since the last GEPA round, under
     # the population that round left; the next round starts from them. Checkpointed.
     step_samples: list[StepSample] = field(default_factory=list)
+    # fast.overlapRound (rank 0): the GEPA round whose rows ride along with the steps', and
+    # its index. Never in a checkpoint: finished before every save.
+    round_in_flight: tuple[RoundInFlight, int] | None = None
 
     def sync_sampler(self) -> None:
         """After the weights changed: the sampler must see the new ones."""
@@ -218,10 +230,16 @@ class Run:
         return SamplingParams(r.temperature, r.top_p, r.max_new_tokens)
 
     def rollout(
-        self, problems: list[Problem], population: list[PromptRecord], first: int = 0
+        self,
+        problems: list[Problem],
+        population: list[PromptRecord],
+        first: int = 0,
+        alongside: tuple[list[list[int]], list[torch.Generator]] | None = None,
     ) -> StepRollouts:
         """G rollouts of each problem; `first` is the index of problems[0] in the step's batch
-        (a rank's share starts there), so prompts rotate as they would in one process."""
+        (a rank's share starts there), so prompts rotate as they would in one process.
+        `alongside` (fast.overlapRound): a GEPA round's rows (prompts, one generator each),
+        sampled in the same engine call; their rollouts come back in `StepRollouts.alongside`."""
         G, K = self.cfg.slow.group_size, len(population)
         slots = prompt_assignment(G, K)
         prompts, used = [], []
@@ -230,8 +248,12 @@ class Run:
                 k = (slots[g] + p_idx) % K  # rotate so every prompt is used when K > G
                 used.append(k)
                 prompts.append(chat_prompt_ids(self.tokenizer, population[k].text, problem.prompt))
+        extra, extra_generators = alongside or ([], [])
+        generators: Generators = self.generator
+        if extra:  # the step's rows draw from the run's generator, the round's from their own
+            generators = [self.generator] * len(prompts) + extra_generators
         try:
-            rollouts = self.engine.generate(prompts, self.sampling, self.generator)
+            rollouts = self.engine.generate(prompts + extra, self.sampling, generators)
         except (RuntimeError, IndexError, ValueError) as e:
             # NaN/Inf logits surface in the sampler as index or probability errors: say so.
             if not outputs_finite(self.policy, prompts[0]):
@@ -241,13 +263,19 @@ class Run:
                     "older version); start from an earlier checkpoint"
                 ) from e
             raise
+        rollouts, round_rows = rollouts[: len(prompts)], rollouts[len(prompts) :]
         rewards, feedback = [], []
         for i, r in enumerate(rollouts):
             score = self.task.score(problems[i // G], r.text)
             rewards.append(score.reward)
             feedback.append(score.feedback)
         return StepRollouts(
-            problems, rollouts, used, torch.tensor(rewards).view(len(problems), G), feedback
+            problems,
+            rollouts,
+            used,
+            torch.tensor(rewards).view(len(problems), G),
+            feedback,
+            round_rows,
         )
 
 
@@ -448,14 +476,32 @@ def make_reflector(cfg: TrainConfig, tokenizer: Any, base_model: Any) -> Any:
 
 def gepa_round(run: Run) -> dict[str, Any]:
     """One GEPA round before step `run.step + 1`; returns the round's metrics."""
+    adapter, attempt, round_idx = _prepare_round(run, deferred=False)
+    return _install_round(run, round_idx, adapter, attempt())
+
+
+def _prepare_round(
+    run: Run, deferred: bool
+) -> tuple[PolicyAdapter, Callable[[], RoundResult], int]:
+    """The round due before step `run.step + 1`: its adapter, the call that runs it (again,
+    when deferred: RoundInFlight), and its index. Takes the step samples it starts from."""
     cfg = run.cfg
     round_idx = run.step // cfg.fast.every_steps
     samples, run.step_samples = run.step_samples, []  # the population changes now
     val, train = run.task.problems("val")[: cfg.fast.pareto_size], run.task.problems("train")
     if samples:  # fast.reuseStepRollouts: the Pareto set and minibatches are the recent problems
         by_id = {p.id: p for p in train}
-        recent = list(dict.fromkeys(s["problem_id"] for s in samples))[-cfg.fast.pareto_size :]
-        val = train = [by_id[i] for i in recent]
+        recent = list(dict.fromkeys(s["problem_id"] for s in samples))
+        if deferred:
+            # The last round ended within the last T steps, so the problems before that lack
+            # its new prompts' rollouts: sampling those would cost a step's wait before GEPA
+            # could start. The problems every population prompt wrote for, if there are any.
+            wrote: dict[str, set[str]] = {}
+            for s in samples:
+                wrote.setdefault(s["problem_id"], set()).add(s["system"])
+            prompts = {rec.text for rec in run.population}
+            recent = [i for i in recent if prompts <= wrote[i]] or recent
+        val = train = [by_id[i] for i in recent[-cfg.fast.pareto_size :]]
     adapter = PolicyAdapter(
         run.engine,
         run.tokenizer,
@@ -464,9 +510,14 @@ def gepa_round(run: Run) -> dict[str, Any]:
         seed=cfg.seed * 1000 + round_idx,
         step_samples=samples,
         max_prompt_tokens=cfg.fast.max_prompt_tokens,
+        deferred=deferred,
     )
     is_proposer = isinstance(run.reflector, DigestProposer)
-    result = run_gepa_round(
+    reflection_lm = None if is_proposer else run.reflector
+    if deferred and reflection_lm is not None:
+        reflection_lm = MemoisedLM(reflection_lm)  # a replayed round asks the same questions
+    attempt = functools.partial(
+        run_gepa_round,
         population=run.population,
         adapter=adapter,
         val_problems=val,
@@ -477,10 +528,18 @@ def gepa_round(run: Run) -> dict[str, Any]:
         minibatch_size=cfg.fast.minibatch_size,
         round_dir=cfg.run_dir / "gepa" / f"round-{round_idx:04d}",
         seed=cfg.seed * 1000 + round_idx,
-        reflection_lm=None if is_proposer else run.reflector,
+        reflection_lm=reflection_lm,
         proposer=run.reflector if is_proposer else None,
         proposals_per_iteration=cfg.fast.proposals_per_iteration,
     )
+    return adapter, attempt, round_idx
+
+
+def _install_round(
+    run: Run, round_idx: int, adapter: PolicyAdapter, result: RoundResult
+) -> dict[str, Any]:
+    """The round's population becomes the run's, before step `run.step + 1`; its record is
+    written and its metrics returned."""
     run.population = result.population
     run.fast_s += result.seconds
     # Recorded under the step it precedes (run.step + 1): a checkpoint at run.step was saved
@@ -512,6 +571,58 @@ def gepa_round(run: Run) -> dict[str, Any]:
     }
 
 
+def saves_checkpoint(cfg: TrainConfig, step: int) -> bool:
+    """Whether the loop saves a checkpoint after step `step`."""
+    return step % cfg.checkpoint.every == 0 or step == cfg.final_step
+
+
+def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
+    """Rank 0, before step `run.step + 1`: the GEPA round's work. Returns the metrics of a
+    round that ended here, or {}.
+
+    Without fast.overlapRound: the round due (`due`) runs whole. With it: a round due starts
+    (the one before it, if still in flight, is finished alone first), and a round in flight
+    runs up to the rows it needs next, which the step then samples beside its own. Before a
+    step that ends in a checkpoint (`checkpoint_next`) a round in flight is finished alone: a
+    checkpoint never holds one, and the round's record (under the step it precedes) is kept
+    by a resume from that checkpoint."""
+    if not run.cfg.fast.overlap_round:
+        return gepa_round(run) if due else {}
+    ended = finish_round(run) if due else {}
+    if due:
+        adapter, attempt, round_idx = _prepare_round(run, deferred=True)
+        run.round_in_flight = (RoundInFlight(adapter, attempt), round_idx)
+    if run.round_in_flight is None:
+        return ended
+    if checkpoint_next:
+        return finish_round(run) or ended
+    in_flight, round_idx = run.round_in_flight
+    result = in_flight.advance()
+    if result is None:
+        return ended
+    run.round_in_flight = None
+    return _overlap_metrics(in_flight, _install_round(run, round_idx, in_flight.adapter, result))
+
+
+def finish_round(run: Run) -> dict[str, Any]:
+    """fast.overlapRound: the round in flight (if any) run to its end now, its rows sampled
+    alone; the metrics of that round, or {}."""
+    if run.round_in_flight is None:
+        return {}
+    in_flight, round_idx = run.round_in_flight
+    result = in_flight.finish()
+    run.round_in_flight = None
+    return _overlap_metrics(in_flight, _install_round(run, round_idx, in_flight.adapter, result))
+
+
+def _overlap_metrics(in_flight: RoundInFlight, metrics: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **metrics,
+        "gepa_attempts": in_flight.attempts,
+        "gepa_rows_alongside_steps": in_flight.rows_alongside,
+    }
+
+
 def rl_step(run: Run) -> dict[str, Any]:
     """One RL step: sample, score, advantages, optimizer step. Returns the step's metrics."""
     cfg = run.cfg
@@ -521,7 +632,11 @@ def rl_step(run: Run) -> dict[str, Any]:
     share = local_share(len(idx), run.world)  # all of them with one process
     problems = [train[i] for i in idx[share]]
 
-    out = run.rollout(problems, run.population, first=share.start)
+    in_flight = run.round_in_flight[0] if run.round_in_flight is not None else None
+    alongside = in_flight.requests() if in_flight is not None else None
+    out = run.rollout(problems, run.population, first=share.start, alongside=alongside)
+    if in_flight is not None:
+        in_flight.fill(out.alongside)
     if cfg.mode != "rl" and cfg.fast.reuse_step_rollouts:
         keep_for_next_round(run, out)
     distill = distill_batch(run, problems) if cfg.mode == "fst-distill" else None
@@ -570,6 +685,8 @@ def rl_step(run: Run) -> dict[str, Any]:
         "gen_s": t_gen,
         "train_s": t_train,
     }
+    if out.alongside:  # fast.overlapRound: a GEPA round's rows shared this step's engine call
+        record["gen_round_rows"] = len(out.alongside)
     if cfg.metrics.kl_prompts > 0 and run.step % cfg.metrics.kl_every == 0:
         t2 = time.perf_counter()
         record["kl"] = kl_to_base(
@@ -1027,10 +1144,12 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
     while run.step < cfg.final_step:
         run.ensure_writer()  # the step boundary: stop here once the lease is lost
         round_metrics: dict[str, Any] = {}
-        if cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0:
+        due = cfg.mode != "rl" and run.step % cfg.fast.every_steps == 0
+        # With fast.overlapRound a round can end before any step: rank 0 decides, every step.
+        if due or (cfg.mode != "rl" and cfg.fast.overlap_round):
             bar.set_description(f"{cfg.run} [{cfg.mode}] GEPA round")
-            if main:
-                round_metrics = gepa_round(run)  # checks the lease before writing its record
+            if main:  # (checks the lease before the round's record)
+                round_metrics = fast_channel(run, due, saves_checkpoint(cfg, run.step + 1))
             # The other ranks wait here for rank 0's new population.
             run.population, run.fast_s = broadcast((run.population, run.fast_s), world)
             bar.set_description(f"{cfg.run} [{cfg.mode}]")
@@ -1054,7 +1173,7 @@ def _loop(run: Run, progress: bool, db: RunDB | None) -> None:
             shown["gepa"] = f"r{last_round['round']} +{last_round['gepa_new_candidates']}"
             shown["best_val"] = f"{last_round['population_best_val']:.2f}"
         bar.set_postfix(shown)
-        if run.step % cfg.checkpoint.every == 0 or run.step == cfg.final_step:
+        if saves_checkpoint(cfg, run.step):
             run.ensure_writer()  # never write a checkpoint after losing the run
             uri = save_checkpoint(run)
             if uri:

@@ -19,10 +19,11 @@ children are sampled (docs/performance.md, round 2 item 4).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypedDict
@@ -37,7 +38,7 @@ from gepa.strategies.proposal_sampling import IndependentSampling
 
 from fst.fast.population import PromptRecord, top_k_by_coverage
 from fst.model import chat_prompt_ids, prompt_tokens
-from fst.rollout import RolloutEngine, SamplingParams
+from fst.rollout import Rollout, RolloutEngine, SamplingParams
 from fst.tasks import Problem, Task
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,14 @@ class StepSample(TypedDict):
     feedback: str
 
 
+class RowsNeeded(BaseException):
+    """A deferred adapter's round needs rows sampled (they are in `adapter.pending`).
+
+    A BaseException, not an Exception: GEPA catches Exception around its proposal and
+    evaluation steps (to log it, or to go on without the proposal); this must unwind the
+    whole `gepa.optimize` call instead."""
+
+
 class _Scored(NamedTuple):
     completion: str
     reward: float
@@ -94,6 +103,12 @@ class PolicyAdapter:
     and only the children (new prompts) are sampled. What this gives up: those scores come
     from the policies of the last T steps, not the current one, and from G/K rollouts on
     shared noise with no child (common random numbers hold among the children only).
+
+    `deferred` (fast.overlapRound, driven by RoundInFlight): rows are never sampled here; a
+    call that needs some leaves them in `pending` and raises RowsNeeded, and the caller hands
+    their rollouts back through `fill`. Every sampled row is remembered (as step samples are):
+    a row's generator is seeded by its problem, so sampling a known pair again would only
+    repeat it.
     """
 
     # Proposals come from GEPA's reflection_lm or a custom proposer, not from the adapter.
@@ -108,6 +123,7 @@ class PolicyAdapter:
         seed: int,
         step_samples: Sequence[StepSample] = (),
         max_prompt_tokens: int | None = None,
+        deferred: bool = False,
     ) -> None:
         self.engine, self.tokenizer, self.task, self.params, self.seed = (
             engine,
@@ -126,7 +142,6 @@ class PolicyAdapter:
         # With step samples: (system prompt, problem id) -> every rollout known for it, first
         # the steps', then each row this round samples. A row samples from a generator seeded
         # by (round seed, problem), so sampling a known pair again would only repeat it.
-        self.reuse = bool(step_samples)
         self.known: dict[tuple[str, str], list[_Scored]] = {}
         for s in step_samples:
             key = (s["system"], s["problem_id"])
@@ -134,6 +149,16 @@ class PolicyAdapter:
                 _Scored(s["completion"], s["reward"], s["feedback"])
             )
         self.from_steps = set(self.known)
+        # fast.overlapRound: rows are not sampled but left here for the caller (see
+        # batch_evaluate); every sampled row is then remembered, as with step samples.
+        self.deferred = deferred
+        self.pending: list[tuple[str, Problem]] = []
+        self.asked: list[list[tuple[str, str]]] = []  # every call's rows, in order
+
+    @property
+    def remembers(self) -> bool:
+        """Whether rows are looked up in `known` before they are sampled."""
+        return bool(self.from_steps) or self.deferred
 
     def evaluate(
         self, batch: list[Problem], candidate: dict[str, str], capture_traces: bool = False
@@ -145,43 +170,47 @@ class PolicyAdapter:
 
     def batch_evaluate(self, items: list[tuple[dict[str, str], list[Problem]]]) -> list[Evaluation]:
         """Each (candidate, problems) pair's evaluation, with trajectories, from one engine call
-        over every pair's rows (with step samples: every pair not known yet, once).
+        over every pair's rows (with step samples, or deferred: every pair not known yet, once).
 
         A row's score is the mean reward of its rollouts (one when sampled here, G/K from the
-        steps) and its trajectory the worst of them: reflection learns from failures."""
+        steps) and its trajectory the worst of them: reflection learns from failures.
+
+        Deferred (fast.overlapRound): rows that would need the engine are not sampled here;
+        they are left in `pending` and RowsNeeded is raised (the caller samples them beside
+        a training step, hands them back through `fill`, and runs the round again)."""
         rows = [(c[COMPONENT], p) for c, batch in items for p in batch]
-        if self.reuse:
-            unknown = {(s, p.id): (s, p) for s, p in rows if (s, p.id) not in self.known}
-            todo = list(unknown.values())  # each pair once
+        self.asked.append([(s, p.id) for s, p in rows])
+        over = {s: self._over_budget(s) for s in {s for s, _ in rows}}
+        self.over_budget_rows += sum(bool(over[s]) for s, _ in rows)
+        if self.remembers:
             self.reused_rows += sum((s, p.id) in self.from_steps for s, p in rows)
+            unknown = {
+                (s, p.id): (s, p) for s, p in rows if not over[s] and (s, p.id) not in self.known
+            }
+            todo = list(unknown.values())  # each pair once
         else:
-            todo = rows
-        over = {s: self._over_budget(s) for s in {s for s, _ in todo}}
-        sampled = [(s, p) for s, p in todo if not over[s]]
-        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in sampled]
-        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in sampled]
-        rollouts = iter(self.engine.generate(prompts, self.params, generators) if prompts else [])
-        self.metric_calls += len(prompts)
-        self.over_budget_rows += len(todo) - len(sampled)
-        fresh = []
-        for s, p in todo:
+            todo = [(s, p) for s, p in rows if not over[s]]
+        if todo and self.deferred:
+            self.pending = todo
+            raise RowsNeeded(len(todo))
+        fresh = iter(self._scored(todo, self._sample(todo)) if todo else [])
+        if self.remembers:
+            self.fill_known(todo, list(fresh))
+
+        def rollouts_of(s: str, p: Problem) -> list[_Scored]:
             if over[s]:
-                fresh.append([_Scored("", 0.0, over[s])])
-                continue
-            r = next(rollouts)
-            score = self.task.score(p, r.text)
-            fresh.append([_Scored(r.text, score.reward, score.feedback)])
-        if self.reuse:
-            self.known.update({(s, p.id): f for (s, p), f in zip(todo, fresh, strict=True)})
-            fresh = [self.known[(s, p.id)] for s, p in rows]
+                return [_Scored("", 0.0, over[s])]
+            return self.known[(s, p.id)] if self.remembers else [next(fresh)]
+
+        scored = [rollouts_of(s, p) for s, p in rows]
         out, i = [], 0
         for _, batch in items:
-            mine, i = fresh[i : i + len(batch)], i + len(batch)
-            worst = [min(scored, key=lambda x: x.reward) for scored in mine]
+            mine, i = scored[i : i + len(batch)], i + len(batch)
+            worst = [min(x, key=lambda x: x.reward) for x in mine]
             out.append(
                 EvaluationBatch(
                     outputs=[w.completion for w in worst],
-                    scores=[sum(x.reward for x in scored) / len(scored) for scored in mine],
+                    scores=[sum(x.reward for x in row) / len(row) for row in mine],
                     trajectories=[
                         Trajectory(
                             problem=p, completion=w.completion, feedback=w.feedback, reward=w.reward
@@ -190,6 +219,38 @@ class PolicyAdapter:
                     ],
                 )
             )
+        return out
+
+    def requests(
+        self, rows: Sequence[tuple[str, Problem]]
+    ) -> tuple[list[list[int]], list[torch.Generator]]:
+        """The engine's inputs for `rows` (system prompt, problem): prompt ids and one
+        generator per row, seeded by (round seed, problem)."""
+        prompts = [chat_prompt_ids(self.tokenizer, s, p.prompt) for s, p in rows]
+        generators = [torch.Generator().manual_seed(self._row_seed(p)) for _, p in rows]
+        return prompts, generators
+
+    def fill(self, rollouts: Sequence[Rollout]) -> None:
+        """Deferred: `rollouts` of the `pending` rows (in order), sampled by the caller."""
+        rows, self.pending = self.pending, []
+        self.metric_calls += len(rows)
+        self.fill_known(rows, self._scored(rows, rollouts))
+
+    def fill_known(self, rows: Sequence[tuple[str, Problem]], scored: Sequence[_Scored]) -> None:
+        self.known.update({(s, p.id): [x] for (s, p), x in zip(rows, scored, strict=True)})
+
+    def _sample(self, rows: Sequence[tuple[str, Problem]]) -> list[Rollout]:
+        prompts, generators = self.requests(rows)
+        self.metric_calls += len(rows)
+        return self.engine.generate(prompts, self.params, generators)
+
+    def _scored(
+        self, rows: Sequence[tuple[str, Problem]], rollouts: Sequence[Rollout]
+    ) -> list[_Scored]:
+        out = []
+        for (_, p), r in zip(rows, rollouts, strict=True):
+            score = self.task.score(p, r.text)
+            out.append(_Scored(r.text, score.reward, score.feedback))
         return out
 
     def _over_budget(self, system: str) -> str:
@@ -366,3 +427,92 @@ def run_gepa_round(
         seconds=time.perf_counter() - t0,
         proposed_accepted=len(candidates) - len(population),
     )
+
+
+class MemoisedLM:
+    """A reflection LM that gives a prompt it was asked before its first answer: a round that
+    runs again (RoundInFlight) asks its reflector the same questions and must get the same
+    proposals, without paying for them twice."""
+
+    def __init__(self, lm: LanguageModel) -> None:
+        self.lm = lm
+        self.answers: dict[str, str] = {}
+
+    def __call__(self, prompt: str | list[dict[str, Any]]) -> str:
+        key = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        if key not in self.answers:
+            self.answers[key] = self.lm(prompt)
+        return self.answers[key]
+
+
+class RoundInFlight:
+    """fast.overlapRound: a GEPA round whose rollouts are sampled beside training steps'.
+
+    A round is a function of its inputs and of the rows it samples: every row's generator is
+    seeded by (round, problem), GEPA's choices by the round's seed, and the reflection LM's
+    answers are memoised (MemoisedLM). So `advance` runs the round from its start until it
+    needs rows the engine has not sampled yet (RowsNeeded); the caller samples those in the
+    next training step's engine call and hands them back (`fill`); the next `advance` replays
+    the round, served from what is known (GEPA's bookkeeping, ~30 ms), up to the next rows
+    it needs, or to its end. `finish` samples what is still needed alone.
+
+    Why: a decoding step's cost grows slowly with its rows (on the 2-core CPU in bf16, 32
+    rows ~45 ms, 16 ~42 ms), so a round's two engine calls of 16-30 rows, each as long as its
+    longest completion, cost almost a training step's decoding each when run alone and a
+    fraction of it beside one (docs/performance.md, round 2 item 4). What it changes: the
+    population a round leaves is used from the step after its last rows were sampled (two
+    steps later with the digest reflector and fast.reuseStepRollouts), and its rows come
+    from the policies of those steps rather than the one it started on.
+    """
+
+    def __init__(self, adapter: PolicyAdapter, attempt: Callable[[], RoundResult]) -> None:
+        adapter.deferred = True
+        self.adapter, self.attempt = adapter, attempt
+        self.seconds = 0.0  # the round's own time: its attempts and the rows it sampled alone
+        self.attempts = 0
+        self.rows_alongside = 0  # rows sampled in training steps' engine calls
+
+    def advance(self) -> RoundResult | None:
+        """Run the round from its start: its result, or None when it needs rows (`requests`)."""
+        t0 = time.perf_counter()
+        self.attempts += 1
+        adapter = self.adapter
+        before, adapter.asked = adapter.asked, []
+        adapter.reused_rows = adapter.over_budget_rows = 0  # counted by each attempt
+        try:
+            result = self.attempt()
+        except RowsNeeded:
+            result = None
+        finally:
+            self.seconds += time.perf_counter() - t0
+        # A replay asks for what the attempt before it asked, then more. If it does not (a
+        # reflector whose answers change, a proposer with its own randomness), the round
+        # would never end: each attempt would need rows for new candidates.
+        if adapter.asked[: len(before)] != before:
+            raise RuntimeError(
+                "a GEPA round in flight (fast.overlapRound) did not replay as it ran: its "
+                "evaluations changed between attempts, so its reflector or proposer is not "
+                "deterministic; run it without fast.overlapRound"
+            )
+        if result is not None:
+            result.metric_calls, result.seconds = adapter.metric_calls, self.seconds
+        return result
+
+    def requests(self) -> tuple[list[list[int]], list[torch.Generator]]:
+        """The engine's inputs for the rows the last attempt needs (none when it finished)."""
+        return self.adapter.requests(self.adapter.pending)
+
+    def fill(self, rollouts: Sequence[Rollout]) -> None:
+        """The needed rows' rollouts, sampled in a training step's engine call."""
+        self.rows_alongside += len(rollouts)
+        self.adapter.fill(rollouts)
+
+    def finish(self) -> RoundResult:
+        """Run the round to its end, sampling the rows it still needs alone."""
+        while (result := self.advance()) is None:
+            t0 = time.perf_counter()
+            prompts, generators = self.requests()
+            rollouts = self.adapter.engine.generate(prompts, self.adapter.params, generators)
+            self.adapter.fill(rollouts)
+            self.seconds += time.perf_counter() - t0
+        return result

@@ -75,7 +75,9 @@ def signal_after_checkpoint(
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("mode", ["rl", "fst", "fst-distill", "fst-bf16", "fst-reuse"])
+@pytest.mark.parametrize(
+    "mode", ["rl", "fst", "fst-distill", "fst-bf16", "fst-reuse", "fst-overlap"]
+)
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, mode):  # noqa: F811
     # fst-distill: a population without the seed prompt, so that its best prompt differs from
     # the student's context from step 1 and the distill term runs on every step.
@@ -93,10 +95,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         # Round 1 starts from the rollouts of steps 1-2, which only the checkpoint of step 2
         # carries across the kill.
         "fst-reuse": {"fast.reuseStepRollouts": True},
+        # Rounds in flight across steps (their rows sampled beside the steps'), each finished
+        # before the checkpoint of step 2 and the end.
+        "fst-overlap": {"fast.reuseStepRollouts": True, "fast.overlapRound": True},
     }
     extra = extras.get(mode, {})
-    bf16, reuse = mode == "fst-bf16", mode == "fst-reuse"
-    mode = "fst" if mode in ("fst-bf16", "fst-reuse") else mode
+    bf16, reuse, overlap = mode == "fst-bf16", mode == "fst-reuse", mode == "fst-overlap"
+    mode = "fst" if mode in ("fst-bf16", "fst-reuse", "fst-overlap") else mode
     straight = tiny_run_config(tmp_path / "a", tiny_model_dir, mode=mode, **extra)
     killed = tiny_run_config(tmp_path / "b", tiny_model_dir, mode=mode, **extra)
     if bf16:  # at the tiny model's lr of 1e-2, in bf16 it collapses to one completion per
@@ -150,6 +155,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir,
         assert pop_a[1]["members"] == pop_b[1]["members"]  # scores too: the resumed policy's
         assert pop_a[1]["members"] != pop_a[0]["members"], "round 1 scores the trained policy"
         by_step = {m["step"]: m for m in metrics_b if "reward_mean" in m}
+        if overlap:  # each round ends at a step of its own (its record names it), by step 2, 4
+            ended = [m for m in by_step.values() if "population_size" in m]
+            assert [m["round"] for m in ended] == [0, 1] and ended[0]["step"] <= 2, ended
+            # Round 0 re-scores the seed prompt: rows sampled beside step 1's.
+            assert by_step[1]["gen_round_rows"] > 0 and ended[0]["gepa_rows_alongside_steps"] > 0
+            assert ended[1]["gepa_reused_rows"] > 0, ended[1]
+            return
         assert "population_size" in by_step[1] and "population_size" in by_step[3]
         # Round 0 has no steps to reuse; round 1 re-scores the population from steps 1-2.
         assert by_step[1]["gepa_reused_rows"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.fst_overhead import Settings, summary, train_config, workers_of
+from bench.fst_overhead import Settings, Worker, summary, train_config, workers_of
 
 
 def cycle(steps, rounds=()):
@@ -64,25 +64,36 @@ def test_the_round_is_amortised_over_t_steps_and_broken_down_by_stage():
 def test_one_fst_worker_per_proposals_setting_on_the_same_run():
     s = Settings(proposals_per_iteration=(1, 4), reuse_step_rollouts=(4,))
     assert workers_of(s) == {
-        "rl": (0, False, None),
-        "fst p=1": (1, False, None),
-        "fst p=4": (4, False, None),
-        "fst p=4 reuse": (4, True, None),
+        "rl": Worker(0),
+        "fst p=1": Worker(1),
+        "fst p=4": Worker(4),
+        "fst p=4 reuse": Worker(4, reuse=True),
     }
-    budgeted = workers_of(
-        Settings(proposals_per_iteration=(), reuse_step_rollouts=(4,), max_prompt_tokens=96)
+    twins = workers_of(
+        Settings(
+            proposals_per_iteration=(),
+            reuse_step_rollouts=(4,),
+            max_prompt_tokens=96,
+            overlap_round=True,
+        )
     )
-    assert budgeted == {
-        "rl": (0, False, None),
-        "fst p=4 reuse": (4, True, None),
-        "fst p=4 reuse max96": (4, True, 96),
+    assert twins == {
+        "rl": Worker(0),
+        "fst p=4 reuse": Worker(4, True),
+        "fst p=4 reuse max96": Worker(4, True, 96),
+        "fst p=4 reuse overlap": Worker(4, True, None, True),
+        "fst p=4 reuse max96 overlap": Worker(4, True, 96, True),
     }
-    assert train_config(s, 4, "/tmp/x", True, 96).fast.max_prompt_tokens == 96
-    rl, fst = train_config(s, 0, "/tmp/x"), train_config(s, 4, "/tmp/x")
-    reuse = train_config(s, 4, "/tmp/x", reuse=True)
+    assert train_config(s, Worker(4, True, 96), "/tmp/x").fast.max_prompt_tokens == 96
+    rl, fst = train_config(s, Worker(0), "/tmp/x"), train_config(s, Worker(4), "/tmp/x")
+    reuse = train_config(s, Worker(4, True), "/tmp/x")
     assert (rl.mode, fst.mode, fst.fast.proposals_per_iteration) == ("rl", "fst", 4)
     assert (fst.fast.reuse_step_rollouts, reuse.fast.reuse_step_rollouts) == (False, True)
     assert reuse.fast.model_copy(update={"reuse_step_rollouts": False}) == fst.fast
-    assert fst.fast.max_prompt_tokens is None
+    assert fst.fast.max_prompt_tokens is None and not reuse.fast.overlap_round
     same = ("slow", "rollout", "task", "model", "seed")
     assert all(getattr(rl, k) == getattr(fst, k) == getattr(reuse, k) for k in same)
+    # The overlap twin differs in fast.overlapRound and in room for a round's rows.
+    overlap = train_config(s, Worker(4, True, None, True), "/tmp/x")
+    assert overlap.fast.model_copy(update={"overlap_round": False}) == reuse.fast
+    assert overlap.rollout.batch_size == 2 * reuse.rollout.batch_size == 64

@@ -7,13 +7,22 @@ whose answers depend on the system prompt, so that prompt quality is known exact
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
 import torch
 
 from fst.config import ConfigError, TaskConfig, TrainConfig, validate_config
-from fst.fast.gepa_adapter import COMPONENT, PolicyAdapter, StepSample, run_gepa_round
+from fst.fast.gepa_adapter import (
+    COMPONENT,
+    MemoisedLM,
+    PolicyAdapter,
+    RoundInFlight,
+    RowsNeeded,
+    StepSample,
+    run_gepa_round,
+)
 from fst.fast.population import PromptRecord, pareto_front, prompt_id, top_k_by_coverage
 from fst.fast.reflectors import (
     EXAMPLES_HEADER,
@@ -381,6 +390,129 @@ def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     # The child: its minibatch, then the rest of the Pareto set; no problem twice.
     assert len(engine.systems) == len(recent) == result.metric_calls
     assert adapter.reused_rows >= 2 * len(recent)  # the re-scoring, at least
+
+
+def in_flight_round(task, tmp_path, deferred, samples, problems, proposals):
+    """Round 1 from two prompts on `problems` (the Pareto set and the minibatch pool) with the
+    noisy policy, run at once or (deferred) as a RoundInFlight whose rows the test samples
+    between attempts. Its reflector answers by how often it was asked: only a memo makes a
+    replayed round hear the same answers. Returns (result, adapter, RoundInFlight or None)."""
+    engine = NoisyEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=samples
+    )
+    asked: list[str] = []
+
+    def reflection_lm(prompt: str) -> str:
+        asked.append(prompt)
+        return f"```\nSolve it. Write the result BOXED: inside \\boxed{{}}. ({len(asked)})\n```"
+
+    attempt = functools.partial(
+        run_gepa_round,
+        population=[PromptRecord("Chat about it."), PromptRecord("You are a helpful assistant.")],
+        adapter=adapter,
+        val_problems=problems,
+        train_problems=problems,
+        round_idx=1,
+        top_k=3,
+        metric_calls=24,
+        minibatch_size=4,
+        round_dir=tmp_path / ("deferred" if deferred else "at-once"),
+        seed=0,
+        reflection_lm=MemoisedLM(reflection_lm) if deferred else reflection_lm,
+        proposals_per_iteration=proposals,
+    )
+    if not deferred:
+        return attempt(), adapter, None
+    in_flight = RoundInFlight(adapter, attempt)
+    while (result := in_flight.advance()) is None:
+        prompts, generators = in_flight.requests()
+        assert prompts and engine.calls == in_flight.attempts - 1  # only the caller samples
+        in_flight.fill(engine.generate(prompts, SamplingParams(), generators))
+    assert not in_flight.requests()[0]
+    return result, adapter, in_flight
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "reuse"])
+@pytest.mark.parametrize("proposals", [1, 2])
+def test_a_round_in_flight_ends_as_the_round_run_at_once(task, tmp_path, reuse, proposals):
+    """fast.overlapRound: a round that stops where it needs rows, gets them sampled by its
+    caller and runs again from its start ends exactly as the round run at once: the same
+    candidates, scores and population. Every row it samples is sampled once."""
+    problems = [p for p in task.problems("train") if eval(expression(p)) % 3][:8]
+    samples = step_samples(problems, "Chat about it.", (1.0, 0.0)) if reuse else []
+    at_once, adapter_a, _ = in_flight_round(task, tmp_path, False, samples, problems, proposals)
+    deferred, adapter_d, in_flight = in_flight_round(
+        task, tmp_path, True, samples, problems, proposals
+    )
+    assert [c.text for c in deferred.candidates] == [c.text for c in at_once.candidates]
+    assert [c.val_scores for c in deferred.candidates] == [c.val_scores for c in at_once.candidates]
+    assert [p.text for p in deferred.population] == [p.text for p in at_once.population]
+    assert deferred.proposed_accepted == at_once.proposed_accepted >= 1
+    assert in_flight.attempts >= 3  # re-scoring, children, accepted children's Pareto set
+    assert in_flight.rows_alongside == adapter_d.metric_calls == deferred.metric_calls
+    # The same rows, each once: at once, GEPA's re-evaluations of a known pair are sampled
+    # again (the same sample: a row's generator is seeded by its problem) unless remembered.
+    assert len(adapter_d.known) - len(adapter_d.from_steps) == deferred.metric_calls
+    assert deferred.metric_calls <= at_once.metric_calls
+    if reuse:
+        assert deferred.metric_calls == at_once.metric_calls
+        assert adapter_d.reused_rows == adapter_a.reused_rows > 0  # counted by the last attempt
+
+
+def test_a_round_in_flight_finishes_alone(task, tmp_path):
+    """RoundInFlight.finish: the rows still needed are sampled alone (a checkpoint, or the
+    next round, is due); the round ends as it does at once. A reflector whose answers change
+    between replays is an error, not a round that never ends."""
+    problems = [p for p in task.problems("train") if eval(expression(p)) % 3][:8]
+    at_once, *_ = in_flight_round(task, tmp_path, False, [], problems, 1)
+    engine = NoisyEngine()
+    adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0, deferred=True)
+    with pytest.raises(RowsNeeded):
+        adapter.batch_evaluate([({COMPONENT: "Chat."}, problems[:2])])
+    assert [p.id for _, p in adapter.pending] == [problems[0].id, problems[1].id]
+    assert engine.calls == 0
+    asked: list[str] = []
+
+    def reflection_lm(prompt: str) -> str:
+        asked.append(prompt)
+        return f"```\nSolve it. Write the result BOXED: inside \\boxed{{}}. ({len(asked)})\n```"
+
+    def in_flight(lm) -> RoundInFlight:
+        adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0)
+        return RoundInFlight(
+            adapter,
+            functools.partial(
+                run_gepa_round,
+                population=[
+                    PromptRecord("Chat about it."),
+                    PromptRecord("You are a helpful assistant."),
+                ],
+                adapter=adapter,
+                val_problems=problems,
+                train_problems=problems,
+                round_idx=1,
+                top_k=3,
+                metric_calls=24,
+                minibatch_size=4,
+                round_dir=tmp_path / "alone",
+                seed=0,
+                reflection_lm=lm,
+            ),
+        )
+
+    memo = MemoisedLM(reflection_lm)
+    alone = in_flight(memo)
+    result = alone.finish()
+    assert [c.text for c in result.candidates] == [c.text for c in at_once.candidates]
+    assert [p.text for p in result.population] == [p.text for p in at_once.population]
+    assert alone.rows_alongside == 0 and engine.calls == alone.attempts - 1 >= 2
+    assert len(asked) == len(memo.answers)  # each question once, however often it replayed
+
+    # Without the memo the replays hear new answers, propose new children and would need rows
+    # for ever: a replay that asks for other rows than the attempt before it is an error.
+    with pytest.raises(RuntimeError, match="did not replay as it ran"):
+        in_flight(reflection_lm).finish()
 
 
 # ----------------------------------------------------------------------------- one advantage group

@@ -164,6 +164,7 @@ def test_nested_overrides_merge_key_by_key(tmp_path):
         "paretoSize": 8,
         "proposalsPerIteration": 1,
         "reuseStepRollouts": False,
+        "overlapRound": False,
         "maxPromptTokens": None,
         "reflector": {
             "kind": "openai",
