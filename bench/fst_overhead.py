@@ -8,9 +8,9 @@ x G completions, the same sampling and optimizer settings): one with `mode: rl`,
 `mode: fst` (K prompts, a GEPA round every T steps with the LLM-free digest reflector) per
 value of `fast.proposalsPerIteration` given, and one more with `fast.reuseStepRollouts` per
 value given to --reuse-step-rollouts (and, with --max-prompt-tokens, a twin of each under that
-budget; with --overlap-round, a twin of each reuse worker with `fast.overlapRound`, whose
-round's rows ride in the steps' engine calls: its "round" is then its own work before the
-steps of a cycle, and what its rows add shows in the steps' times). The orchestrator runs
+budget; with --overlap-round, those reuse workers run with `fast.overlapRound`: a round's rows
+ride in the steps' engine calls, its "round" is its own work before the steps of a cycle, and
+what its rows add shows in the steps' times). The orchestrator runs
 them one at a time, a cycle each in turn (the order rotates every cycle): a cycle is T RL
 steps, or, for FST, one GEPA round and T steps (the round runs before the step whose number is
 a multiple of T, as in `fst train`). The first cycle of each is a warm-up: FST's first round
@@ -69,8 +69,9 @@ class Settings:
     reuse_step_rollouts: tuple[int, ...] = ()
     # > 0: one more worker per reuse_step_rollouts value, with fast.maxPromptTokens this.
     max_prompt_tokens: int = 0
-    # True: every reuse worker has a twin with fast.overlapRound (and room for the round's
-    # rows in rollout.batchSize).
+    # True: the reuse workers run with fast.overlapRound (and room for the round's rows in
+    # rollout.batchSize). Not twins beside them: five workers of SmolLM2 with AdamW (~5 GB
+    # each at their peak) did not fit in this machine's 24 GB (one was OOM-killed).
     overlap_round: bool = False
     cycles: int = 3  # per mode; the first is a warm-up
     precision: str = "fp32"
@@ -96,7 +97,7 @@ def workers_of(s: Settings) -> dict[str, Worker]:
             f"fst p={n} reuse max{budget}": Worker(n, True, budget) for n in s.reuse_step_rollouts
         }
     if s.overlap_round:
-        reuse |= {f"{name} overlap": w._replace(overlap=True) for name, w in reuse.items()}
+        reuse = {f"{name} overlap": w._replace(overlap=True) for name, w in reuse.items()}
     return workers | reuse
 
 

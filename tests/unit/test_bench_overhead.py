@@ -69,7 +69,7 @@ def test_one_fst_worker_per_proposals_setting_on_the_same_run():
         "fst p=4": Worker(4),
         "fst p=4 reuse": Worker(4, reuse=True),
     }
-    twins = workers_of(
+    overlapping = workers_of(
         Settings(
             proposals_per_iteration=(),
             reuse_step_rollouts=(4,),
@@ -77,10 +77,8 @@ def test_one_fst_worker_per_proposals_setting_on_the_same_run():
             overlap_round=True,
         )
     )
-    assert twins == {
+    assert overlapping == {
         "rl": Worker(0),
-        "fst p=4 reuse": Worker(4, True),
-        "fst p=4 reuse max96": Worker(4, True, 96),
         "fst p=4 reuse overlap": Worker(4, True, None, True),
         "fst p=4 reuse max96 overlap": Worker(4, True, 96, True),
     }
