@@ -208,6 +208,7 @@ class Run:
     # fast.overlapRound (rank 0): the GEPA round whose rows ride along with the steps', and
     # its index. Never in a checkpoint: finished before every save.
     round_in_flight: tuple[RoundInFlight, int] | None = None
+    round_waiting: bool = False  # a round is due and starts once the one in flight ends
 
     def sync_sampler(self) -> None:
         """After the weights changed: the sampler must see the new ones."""
@@ -577,42 +578,35 @@ def saves_checkpoint(cfg: TrainConfig, step: int) -> bool:
 
 
 def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
-    """Rank 0, before step `run.step + 1`: the GEPA round's work. Returns the metrics of a
-    round that ended here, or {}.
+    """Rank 0, before step `run.step + 1`: the GEPA round's work. Returns the metrics of the
+    last round that ended here, or {}.
 
-    Without fast.overlapRound: the round due (`due`) runs whole. With it: a round due starts
-    (the one before it, if still in flight, is finished alone first), and a round in flight
-    runs up to the rows it needs next, which the step then samples beside its own. Before a
-    step that ends in a checkpoint (`checkpoint_next`) a round in flight is finished alone: a
-    checkpoint never holds one, and the round's record (under the step it precedes) is kept
-    by a resume from that checkpoint."""
+    Without fast.overlapRound: the round due (`due`) runs whole. With it, a round runs up to
+    the rows it needs next, which the step then samples beside its own; at the next boundary
+    it goes on from there. A round due while another is in flight waits for that one to end
+    and starts at the boundary where it does (rounds may then come later than every T steps,
+    never two at once; running the one in flight to its end alone instead cost a step's
+    decoding on this CPU). Before a step that ends in a checkpoint (`checkpoint_next`) both
+    are finished alone: a checkpoint never holds a round in flight, and each round's record
+    (under the step it precedes) is kept by a resume from that checkpoint."""
     if not run.cfg.fast.overlap_round:
         return gepa_round(run) if due else {}
-    ended = finish_round(run) if due else {}
-    if due:
-        adapter, attempt, round_idx = _prepare_round(run, deferred=True)
-        run.round_in_flight = (RoundInFlight(adapter, attempt), round_idx)
-    if run.round_in_flight is None:
-        return ended
-    if checkpoint_next:
-        return finish_round(run) or ended
-    in_flight, round_idx = run.round_in_flight
-    result = in_flight.advance()
-    if result is None:
-        return ended
-    run.round_in_flight = None
-    return _overlap_metrics(in_flight, _install_round(run, round_idx, in_flight.adapter, result))
-
-
-def finish_round(run: Run) -> dict[str, Any]:
-    """fast.overlapRound: the round in flight (if any) run to its end now, its rows sampled
-    alone; the metrics of that round, or {}."""
-    if run.round_in_flight is None:
-        return {}
-    in_flight, round_idx = run.round_in_flight
-    result = in_flight.finish()
-    run.round_in_flight = None
-    return _overlap_metrics(in_flight, _install_round(run, round_idx, in_flight.adapter, result))
+    run.round_waiting = run.round_waiting or due
+    ended: dict[str, Any] = {}
+    while True:
+        if run.round_in_flight is None:
+            if not run.round_waiting:
+                return ended
+            run.round_waiting = False
+            adapter, attempt, round_idx = _prepare_round(run, deferred=True)
+            run.round_in_flight = (RoundInFlight(adapter, attempt), round_idx)
+        in_flight, round_idx = run.round_in_flight
+        result = in_flight.finish() if checkpoint_next else in_flight.advance()
+        if result is None:
+            return ended  # it needs rows: this step samples them
+        run.round_in_flight = None
+        metrics = _install_round(run, round_idx, in_flight.adapter, result)
+        ended = _overlap_metrics(in_flight, metrics)
 
 
 def _overlap_metrics(in_flight: RoundInFlight, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -37,6 +37,12 @@ from fst.rollout import Rollout, SamplingParams
 from fst.slow.advantages import group_advantages
 from fst.tasks import build_task
 from fst.tasks.arithmetic import score_value
+from tests.tiny_model import (  # noqa: F401 (fixtures)
+    one_torch_thread,
+    tiny_model_dir,
+    tiny_run_config,
+    varied_reward,
+)
 
 
 class CharTokenizer:
@@ -657,3 +663,51 @@ def test_initial_population_under_a_budget():
     ]
     with pytest.raises(ConfigError, match="maxPromptTokens"):
         validate_config({"task": {"name": "arithmetic"}, "fast": {"maxPromptTokens": 0}})
+
+
+# ----------------------------------------------------------------------------- rounds in flight
+
+
+@pytest.mark.usefixtures("one_torch_thread", "varied_reward")
+def test_rounds_in_flight_wait_for_each_other_and_end_before_checkpoints(
+    tmp_path,
+    tiny_model_dir,  # noqa: F811
+):
+    """fast.overlapRound in the training loop (the tiny model, a round due before every step):
+    a round's rows ride in the steps' engine calls; a round due while another is in flight
+    waits for it, so rounds never overlap and come less often than due; before a step that
+    ends in a checkpoint every round is finished alone, so none rides in that step."""
+    import json
+
+    from fst.loop import train
+
+    overrides = {
+        "mode": "fst",
+        "steps": 6,
+        "fast.everySteps": 1,
+        "fast.reuseStepRollouts": True,
+        "fast.overlapRound": True,
+        "checkpoint.every": 3,
+    }
+    cfg = validate_config(tiny_run_config(tmp_path, tiny_model_dir, **overrides))
+    train(cfg, progress=False)
+
+    def jsonl(name: str) -> list[dict]:
+        return [json.loads(x) for x in (cfg.run_dir / name).read_text().splitlines()]
+
+    steps = {m["step"]: m for m in jsonl("metrics.jsonl") if "reward_mean" in m}
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    ended = [m for m in steps.values() if "round" in m]
+    populations = jsonl("population.jsonl")
+    # A round's records are under the step it precedes, in the metrics (the last round that
+    # ended before a step) and the population records alike; indices grow (a waiting round
+    # takes the index of the step it starts at).
+    assert ended and {(m["step"], m["round"]) for m in ended} <= {
+        (r["step"], r["round"]) for r in populations
+    }
+    rounds = [r["round"] for r in populations]
+    assert rounds == sorted(set(rounds)) and 2 <= len(rounds) < 6, rounds
+    assert any(m["gepa_rows_alongside_steps"] > 0 for m in ended)
+    riding = [s for s, m in steps.items() if m.get("gen_round_rows", 0) > 0]
+    assert riding and not {3, 6} & set(riding), riding  # finished before the checkpoints
+    assert {3, 6} <= {r["step"] for r in populations}  # those rounds ended right before
