@@ -350,8 +350,9 @@ class FastConfig(Schema):
         "reuseStepRollouts and the digest reflector), and its rows come from those steps' "
         "policies. Cheapest when rollout.batchSize leaves room beyond problemsPerStep x "
         "groupSize for a round's rows (a call over batchSize runs in several batches). A "
-        "round due while another is in flight starts when that one ends; before a step that "
-        "ends in a checkpoint every round is finished alone (a checkpoint never holds one).",
+        "round due while another is in flight starts a step after that one ends; before a "
+        "step that ends in a checkpoint every round is finished alone (a checkpoint never "
+        "holds one).",
     )
     max_prompt_tokens: int | None = Field(
         None,

@@ -584,9 +584,9 @@ def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
     Without fast.overlapRound: the round due (`due`) runs whole. With it, a round runs up to
     the rows it needs next, which the step then samples beside its own; at the next boundary
     it goes on from there. A round due while another is in flight waits for that one to end
-    and starts at the boundary where it does (rounds may then come later than every T steps,
-    never two at once; running the one in flight to its end alone instead cost a step's
-    decoding on this CPU). Before a step that ends in a checkpoint (`checkpoint_next`) both
+    and starts at the next boundary (rounds may then come later than every T steps, never two
+    at once; running the one in flight to its end alone instead cost a step's decoding on
+    this CPU). Before a step that ends in a checkpoint (`checkpoint_next`) both
     are finished alone: a checkpoint never holds a round in flight, and each round's record
     (under the step it precedes) is kept by a resume from that checkpoint."""
     if not run.cfg.fast.overlap_round:
@@ -595,7 +595,10 @@ def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
     ended: dict[str, Any] = {}
     while True:
         if run.round_in_flight is None:
-            if not run.round_waiting:
+            # A round does not start where one ended (unless a checkpoint is next): the
+            # population that one left has no step rollouts yet, and every member would be
+            # sampled again for the re-scoring (fast.reuseStepRollouts).
+            if not run.round_waiting or (ended and not checkpoint_next):
                 return ended
             run.round_waiting = False
             adapter, attempt, round_idx = _prepare_round(run, deferred=True)
