@@ -398,22 +398,24 @@ def test_a_round_from_step_samples_samples_only_its_children(task, tmp_path):
     assert adapter.reused_rows >= 2 * len(recent)  # the re-scoring, at least
 
 
-def in_flight_round(task, tmp_path, deferred, samples, problems, proposals):
-    """Round 1 from two prompts on `problems` (the Pareto set and the minibatch pool) with the
-    noisy policy, run at once or (deferred) as a RoundInFlight whose rows the test samples
-    between attempts. Its reflector answers by how often it was asked: only a memo makes a
-    replayed round hear the same answers. Returns (result, adapter, RoundInFlight or None)."""
-    engine = NoisyEngine()
-    adapter = PolicyAdapter(
-        engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=samples
-    )
-    asked: list[str] = []
+class CountingReflector:
+    """A reflection LM whose answer says how often it was asked: only a memo (MemoisedLM) makes
+    a replayed round hear the same answers."""
 
-    def reflection_lm(prompt: str) -> str:
-        asked.append(prompt)
-        return f"```\nSolve it. Write the result BOXED: inside \\boxed{{}}. ({len(asked)})\n```"
+    def __init__(self) -> None:
+        self.asked: list[str] = []
 
-    attempt = functools.partial(
+    def __call__(self, prompt: str) -> str:
+        self.asked.append(prompt)
+        return (
+            f"```\nSolve it. Write the result BOXED: inside \\boxed{{}}. ({len(self.asked)})\n```"
+        )
+
+
+def two_prompt_round(adapter, problems, round_dir, reflection_lm, proposals=1):
+    """Round 1 of `adapter` from two prompts, `problems` as the Pareto set and the minibatch
+    pool: the call that runs it (once, or again and again under a RoundInFlight)."""
+    return functools.partial(
         run_gepa_round,
         population=[PromptRecord("Chat about it."), PromptRecord("You are a helpful assistant.")],
         adapter=adapter,
@@ -423,10 +425,28 @@ def in_flight_round(task, tmp_path, deferred, samples, problems, proposals):
         top_k=3,
         metric_calls=24,
         minibatch_size=4,
-        round_dir=tmp_path / ("deferred" if deferred else "at-once"),
+        round_dir=round_dir,
         seed=0,
-        reflection_lm=MemoisedLM(reflection_lm) if deferred else reflection_lm,
+        reflection_lm=reflection_lm,
         proposals_per_iteration=proposals,
+    )
+
+
+def in_flight_round(task, tmp_path, deferred, samples, problems, proposals):
+    """`two_prompt_round` with the noisy policy, run at once or (deferred) as a RoundInFlight
+    whose rows the test samples between attempts. Returns (result, adapter, RoundInFlight or
+    None)."""
+    engine = NoisyEngine()
+    adapter = PolicyAdapter(
+        engine, CharTokenizer(), task, SamplingParams(), seed=0, step_samples=samples
+    )
+    reflector = CountingReflector()
+    attempt = two_prompt_round(
+        adapter,
+        problems,
+        tmp_path / ("deferred" if deferred else "at-once"),
+        MemoisedLM(reflector) if deferred else reflector,
+        proposals,
     )
     if not deferred:
         return attempt(), adapter, None
@@ -478,47 +498,24 @@ def test_a_round_in_flight_finishes_alone(task, tmp_path):
         adapter.batch_evaluate([({COMPONENT: "Chat."}, problems[:2])])
     assert [p.id for _, p in adapter.pending] == [problems[0].id, problems[1].id]
     assert engine.calls == 0
-    asked: list[str] = []
-
-    def reflection_lm(prompt: str) -> str:
-        asked.append(prompt)
-        return f"```\nSolve it. Write the result BOXED: inside \\boxed{{}}. ({len(asked)})\n```"
+    reflector = CountingReflector()
 
     def in_flight(lm) -> RoundInFlight:
         adapter = PolicyAdapter(engine, CharTokenizer(), task, SamplingParams(), seed=0)
-        return RoundInFlight(
-            adapter,
-            functools.partial(
-                run_gepa_round,
-                population=[
-                    PromptRecord("Chat about it."),
-                    PromptRecord("You are a helpful assistant."),
-                ],
-                adapter=adapter,
-                val_problems=problems,
-                train_problems=problems,
-                round_idx=1,
-                top_k=3,
-                metric_calls=24,
-                minibatch_size=4,
-                round_dir=tmp_path / "alone",
-                seed=0,
-                reflection_lm=lm,
-            ),
-        )
+        return RoundInFlight(adapter, two_prompt_round(adapter, problems, tmp_path / "alone", lm))
 
-    memo = MemoisedLM(reflection_lm)
+    memo = MemoisedLM(reflector)
     alone = in_flight(memo)
     result = alone.finish()
     assert [c.text for c in result.candidates] == [c.text for c in at_once.candidates]
     assert [p.text for p in result.population] == [p.text for p in at_once.population]
     assert alone.rows_alongside == 0 and engine.calls == alone.attempts - 1 >= 2
-    assert len(asked) == len(memo.answers)  # each question once, however often it replayed
+    assert len(reflector.asked) == len(memo.answers)  # each question once, however it replayed
 
     # Without the memo the replays hear new answers, propose new children and would need rows
     # for ever: a replay that asks for other rows than the attempt before it is an error.
     with pytest.raises(RuntimeError, match="did not replay as it ran"):
-        in_flight(reflection_lm).finish()
+        in_flight(reflector).finish()
 
 
 # ----------------------------------------------------------------------------- one advantage group
