@@ -460,9 +460,10 @@ class RoundInFlight:
     rows ~45 ms, 16 ~42 ms), so a round's two engine calls of 16-30 rows, each as long as its
     longest completion, cost almost a training step's decoding each when run alone and a
     fraction of it beside one (docs/performance.md, round 2 item 4). What it changes: the
-    population a round leaves is used from the step after its last rows were sampled (two
-    steps later with the digest reflector and fast.reuseStepRollouts), and its rows come
-    from the policies of those steps rather than the one it started on.
+    population a round leaves is used from the step after its last rows were sampled (two to
+    four steps after it started, with the digest reflector and fast.reuseStepRollouts, in that
+    document's runs), and its rows come from the policies of those steps rather than the one
+    it started on.
     """
 
     def __init__(self, adapter: PolicyAdapter, attempt: Callable[[], RoundResult]) -> None:
