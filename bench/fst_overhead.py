@@ -10,11 +10,11 @@ value of `fast.proposalsPerIteration` given, and one more with `fast.reuseStepRo
 value given to --reuse-step-rollouts (and, with --max-prompt-tokens, a twin of each under that
 budget; with --overlap-round, those reuse workers run with `fast.overlapRound`: a round's rows
 ride in the steps' engine calls, its "round" is its own work before the steps of a cycle, and
-what its rows add shows in the steps' times). The orchestrator runs
-them one at a time, a cycle each in turn (the order rotates every cycle): a cycle is T RL
-steps, or, for FST, one GEPA round and T steps (the round runs before the step whose number is
-a multiple of T, as in `fst train`). The first cycle of each is a warm-up: FST's first round
-starts from the seed prompt alone, later ones from K prompts.
+what its rows add shows in the steps' times). The orchestrator runs them one at a time, a
+cycle each in turn (the order rotates every cycle): a cycle is T RL steps, or, for FST, one
+GEPA round and T steps (the round runs before the step whose number is a multiple of T, as in
+`fst train`). The first cycle of each is a warm-up: FST's first round starts from the seed
+prompt alone, later ones from K prompts.
 
 Reported (medians over measured cycles): the RL step, the FST step without its round, the
 round, and the FST step with the round amortised over T, as a ratio to the RL step; and, over
@@ -106,8 +106,9 @@ def train_config(s: Settings, worker: Worker, output_dir: Path) -> Any:
 
     proposals, reuse, max_prompt_tokens, overlap = worker
     mode = "fst" if proposals else "rl"
-    # With fast.overlapRound a step's engine call carries a round's rows too (up to 30 here):
-    # room for them, or they would run as a second batch after the step's.
+    # With fast.overlapRound a step's engine call carries a round's rows too (0-36 beside the
+    # step's 32 in docs/performance.md's runs): room for them, or they would run as a second
+    # batch after the step's.
     batch_size = s.problems_per_step * s.group_size * (2 if overlap else 1)
     return TrainConfig.model_validate(
         {
