@@ -608,16 +608,11 @@ def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
         if result is None:
             return ended  # it needs rows: this step samples them
         run.round_in_flight = None
-        metrics = _install_round(run, round_idx, in_flight.adapter, result)
-        ended = _overlap_metrics(in_flight, metrics)
-
-
-def _overlap_metrics(in_flight: RoundInFlight, metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **metrics,
-        "gepa_attempts": in_flight.attempts,
-        "gepa_rows_alongside_steps": in_flight.rows_alongside,
-    }
+        ended = {
+            **_install_round(run, round_idx, in_flight.adapter, result),
+            "gepa_attempts": in_flight.attempts,
+            "gepa_rows_alongside_steps": in_flight.rows_alongside,
+        }
 
 
 def rl_step(run: Run) -> dict[str, Any]:
