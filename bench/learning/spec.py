@@ -25,6 +25,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # The same, with the population's prompts held to 96 tokens (fast.maxPromptTokens): the
     # seed prompt, one worked example and a lesson or two (docs/performance.md, item 4).
     "fst-reuse-max96": ("fst", {"reuseStepRollouts": True, "maxPromptTokens": 96}),
+    # The same, with a round's rollouts riding in the next steps' engine calls
+    # (fast.overlapRound): the settings under which FST's overhead met its target
+    # (docs/performance.md, round 2 item 4, ninth pass). Its population comes in a few steps
+    # later than a round run at once, so the training rollouts between use the one before.
+    "fst-reuse-max96-overlap": (
+        "fst",
+        {"reuseStepRollouts": True, "maxPromptTokens": 96, "overlapRound": True},
+    ),
 }
 SEEDS = (0, 1, 2)
 STEPS = 20
