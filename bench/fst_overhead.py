@@ -10,7 +10,8 @@ value of `fast.proposalsPerIteration` given, and one more with `fast.reuseStepRo
 value given to --reuse-step-rollouts (and, with --max-prompt-tokens, a twin of each under that
 budget; with --overlap-round, those reuse workers run with `fast.overlapRound`: a round's rows
 ride in the steps' engine calls, its "round" is its own work before the steps of a cycle, and
-what its rows add shows in the steps' times). The orchestrator runs them one at a time, a
+what its rows add shows in the steps' times; a round's counts (rows, candidates) are those of
+each round that ended in a measured cycle). The orchestrator runs them one at a time, a
 cycle each in turn (the order rotates every cycle): a cycle is T RL steps, or, for FST, one
 GEPA round and T steps (the round runs before the step whose number is a multiple of T, as in
 `fst train`). The first cycle of each is a warm-up: FST's first round starts from the seed
@@ -235,9 +236,10 @@ def serve(
         meter = StepMeter()
         while conn.recv() == "cycle":
             steps, rounds = [], []
-            # fast.overlapRound: the round's own work before every step of the cycle (its
-            # attempts; its rows ride in the steps' engine calls), summed as one round.
-            in_flight: dict[str, Any] = {"step_s": 0.0, "calls": []}
+            # fast.overlapRound: the rounds' own work before every step of the cycle (their
+            # attempts; their rows ride in the steps' engine calls), timed as one entry; the
+            # metrics of each round that ended in the cycle kept apart under "ended".
+            in_flight: dict[str, Any] = {"step_s": 0.0, "calls": [], "ended": []}
             for _ in range(s.every):
                 if worker.overlap:
                     calls.phase = "rescore"
@@ -245,7 +247,9 @@ def serve(
                     due = run.step % s.every == 0
                     metrics = loop.fast_channel(run, due, checkpoint_next=False)
                     in_flight["step_s"] += meter.stop()["step_s"]
-                    in_flight |= {**metrics, "calls": in_flight["calls"] + calls.take()}
+                    in_flight["calls"] += calls.take()
+                    if metrics:
+                        in_flight["ended"].append(metrics)
                 elif proposals and run.step % s.every == 0:
                     calls.phase = "rescore"
                     meter.start()
@@ -310,11 +314,20 @@ def round_breakdown(rounds: list[dict[str, Any]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
+def _median_of(rounds: list[dict[str, Any]], key: str) -> float:
+    """The median of one metric over the rounds that ended (0 if none did: a round in flight
+    may end only after the last measured cycle)."""
+    return statistics.median(r.get(key, 0) for r in rounds) if rounds else 0.0
+
+
 def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], every: int) -> dict:
     """Medians over measured cycles of one FST worker against the RL worker."""
     rl_steps = [st for c in rl_cycles for st in c["steps"]]
     fst_steps = [st for c in fst_cycles for st in c["steps"]]
     rounds = [r for c in fst_cycles for r in c["rounds"]]
+    # The metrics of each round that ended: a round run at once is its own entry; an entry of
+    # fast.overlapRound's holds those that ended in its cycle (none, one, or two).
+    ended = [m for r in rounds for m in r.get("ended", [r])]
     rl = statistics.median(x["step_s"] for x in rl_steps)
     fst = statistics.median(x["step_s"] for x in fst_steps)
     # Per cycle: (T steps + its round) / T, the FST step with its round amortised.
@@ -350,13 +363,12 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_reward": statistics.mean(x["reward_mean"] for x in fst_steps),
         "rl_prompt_tokens": prompt_tokens(rl_steps),
         "fst_prompt_tokens": prompt_tokens(fst_steps),
-        # (.get: a round in flight (fast.overlapRound) may end in the next cycle)
-        "round_metric_calls": statistics.median(r.get("gepa_metric_calls", 0) for r in rounds),
-        "round_reused_rows": statistics.median(r.get("gepa_reused_rows", 0) for r in rounds),
-        "round_over_budget_rows": statistics.median(
-            r.get("gepa_over_budget_rows", 0) for r in rounds
-        ),
-        "round_new_candidates": statistics.median(r.get("gepa_new_candidates", 0) for r in rounds),
+        "rounds_ended": len(ended),
+        "round_metric_calls": _median_of(ended, "gepa_metric_calls"),
+        "round_reused_rows": _median_of(ended, "gepa_reused_rows"),
+        "round_over_budget_rows": _median_of(ended, "gepa_over_budget_rows"),
+        "round_new_candidates": _median_of(ended, "gepa_new_candidates"),
+        "round_rows_alongside_steps": _median_of(ended, "gepa_rows_alongside_steps"),
         "round_breakdown": round_breakdown(rounds),
     }
 
@@ -442,7 +454,9 @@ def table(s: Settings, results: dict[str, dict[str, Any]]) -> str:
         "{:.0f}",
     )
     row("mean reward of the steps", f"{first['rl_reward']:.3f}", "fst_reward", "{:.3f}")
+    row("rounds that ended in the measured cycles", "-", "rounds_ended", "{:d}")
     row("round: rollouts sampled", "-", "round_metric_calls", "{:.0f}")
+    row("round: rollouts sampled in the steps' calls", "-", "round_rows_alongside_steps", "{:.0f}")
     row("round: rollouts served from the steps", "-", "round_reused_rows", "{:.0f}")
     row("round: candidates' rows over the prompt budget", "-", "round_over_budget_rows", "{:.0f}")
     row("round: new candidates", "-", "round_new_candidates", "{:.0f}")

@@ -61,6 +61,26 @@ def test_the_round_is_amortised_over_t_steps_and_broken_down_by_stage():
     assert r["round_metric_calls"] == 112
 
 
+def test_an_overlap_cycle_is_timed_whole_and_each_round_that_ended_in_it_counted():
+    rl = [cycle([10, 10, 10, 10]), cycle([10, 10, 10, 10])]
+    call = {"phase": "rescore", "rows": 0, "s": 0.1}
+
+    def overlap_cycle(total, *ended):
+        return cycle([12, 12, 12, 12], [{"step_s": total, "calls": [call], "ended": list(ended)}])
+
+    first = {"gepa_metric_calls": 20, "gepa_new_candidates": 1, "gepa_rows_alongside_steps": 20}
+    second = {"gepa_metric_calls": 40, "gepa_new_candidates": 3, "gepa_rows_alongside_steps": 36}
+    # The first cycle's round ends in the second, with the one after it.
+    r = summary(rl, [overlap_cycle(0.4), overlap_cycle(0.8, first, second)], every=4)
+    assert r["round_s"] == pytest.approx(0.6)  # per cycle: (4 x 12 + 0.4) / 4, (48 + 0.8) / 4
+    assert r["fst_amortised_step_s"] == pytest.approx(12.15)
+    assert r["rounds_ended"] == 2
+    assert (r["round_metric_calls"], r["round_new_candidates"]) == (30, 2)
+    assert r["round_rows_alongside_steps"] == 28
+    nothing_ended = summary(rl, [overlap_cycle(0.4)], every=4)
+    assert (nothing_ended["rounds_ended"], nothing_ended["round_metric_calls"]) == (0, 0.0)
+
+
 def test_one_fst_worker_per_proposals_setting_on_the_same_run():
     s = Settings(proposals_per_iteration=(1, 4), reuse_step_rollouts=(4,))
     assert workers_of(s) == {
