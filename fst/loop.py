@@ -205,9 +205,9 @@ class Run:
     # fast.reuseStepRollouts (rank 0): the rollouts sampled since the last GEPA round, under
     # the population that round left; the next round starts from them. Checkpointed.
     step_samples: list[StepSample] = field(default_factory=list)
-    # fast.overlapRound (rank 0): the GEPA round whose rows ride along with the steps', and
-    # its index. Never in a checkpoint: finished before every save.
-    round_in_flight: tuple[RoundInFlight, int] | None = None
+    # fast.overlapRound (rank 0): the GEPA round whose rows ride along with the steps'.
+    # Never in a checkpoint: finished before every save.
+    round_in_flight: RoundInFlight | None = None
     round_waiting: bool = False  # a round is due and starts once the one in flight ends
 
     def sync_sampler(self) -> None:
@@ -602,14 +602,14 @@ def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
                 return ended
             run.round_waiting = False
             adapter, attempt, round_idx = _prepare_round(run, deferred=True)
-            run.round_in_flight = (RoundInFlight(adapter, attempt), round_idx)
-        in_flight, round_idx = run.round_in_flight
+            run.round_in_flight = RoundInFlight(adapter, attempt, round_idx)
+        in_flight = run.round_in_flight
         result = in_flight.finish() if checkpoint_next else in_flight.advance()
         if result is None:
             return ended  # it needs rows: this step samples them
         run.round_in_flight = None
         ended = {
-            **_install_round(run, round_idx, in_flight.adapter, result),
+            **_install_round(run, in_flight.index, in_flight.adapter, result),
             "gepa_attempts": in_flight.attempts,
             "gepa_rows_alongside_steps": in_flight.rows_alongside,
         }
@@ -624,7 +624,7 @@ def rl_step(run: Run) -> dict[str, Any]:
     share = local_share(len(idx), run.world)  # all of them with one process
     problems = [train[i] for i in idx[share]]
 
-    in_flight = run.round_in_flight[0] if run.round_in_flight is not None else None
+    in_flight = run.round_in_flight
     alongside = in_flight.requests() if in_flight is not None else None
     out = run.rollout(problems, run.population, first=share.start, alongside=alongside)
     if in_flight is not None:

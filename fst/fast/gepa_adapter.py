@@ -466,9 +466,12 @@ class RoundInFlight:
     it started on.
     """
 
-    def __init__(self, adapter: PolicyAdapter, attempt: Callable[[], RoundResult]) -> None:
+    def __init__(
+        self, adapter: PolicyAdapter, attempt: Callable[[], RoundResult], index: int = 0
+    ) -> None:
         adapter.deferred = True
         self.adapter, self.attempt = adapter, attempt
+        self.index = index  # the run's round number (its record's folder, its seed)
         self.seconds = 0.0  # the round's own time: its attempts and the rows it sampled alone
         self.attempts = 0
         self.rows_alongside = 0  # rows sampled in training steps' engine calls
