@@ -363,7 +363,7 @@ def summary(rl_cycles: list[dict[str, Any]], fst_cycles: list[dict[str, Any]], e
         "fst_reward": statistics.mean(x["reward_mean"] for x in fst_steps),
         "rl_prompt_tokens": prompt_tokens(rl_steps),
         "fst_prompt_tokens": prompt_tokens(fst_steps),
-        "rounds_ended": len(ended),
+        "rounds_ended": sum(m.get("gepa_rounds_ended", 1) for m in ended),
         "round_metric_calls": _median_of(ended, "gepa_metric_calls"),
         "round_reused_rows": _median_of(ended, "gepa_reused_rows"),
         "round_over_budget_rows": _median_of(ended, "gepa_over_budget_rows"),

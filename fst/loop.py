@@ -447,6 +447,13 @@ def build_run(
             cfg.fast.top_k,
             run.reflector.label,
         )
+        if cfg.fast.overlap_round and cfg.fast.proposals_per_iteration == 1:
+            log.warning(
+                "fast.overlapRound with fast.proposalsPerIteration 1: each evaluation GEPA's "
+                "sequential search waits on costs a training step, so a round's population "
+                "comes many steps late (a 32-call round was still in flight after 9 steps); "
+                "set proposalsPerIteration to 4 or so"
+            )
     held_out = task.problems("test")[: cfg.metrics.kl_prompts]
     run.kl_prompts = [chat_prompt_ids(tokenizer, cfg.fast.seed_prompt, p.prompt) for p in held_out]
     return run
@@ -608,11 +615,34 @@ def fast_channel(run: Run, due: bool, checkpoint_next: bool) -> dict[str, Any]:
         if result is None:
             return ended  # it needs rows: this step samples them
         run.round_in_flight = None
-        ended = {
+        this_round = {
             **_install_round(run, in_flight.index, in_flight.adapter, result),
             "gepa_attempts": in_flight.attempts,
             "gepa_rows_alongside_steps": in_flight.rows_alongside,
+            "gepa_rounds_ended": 1,
         }
+        ended = merge_round_metrics(ended, this_round) if ended else this_round
+
+
+# What two rounds that end at one step boundary (fast.overlapRound: the one in flight, then
+# the waiting one finished alone before a checkpoint) did together; the rest is the later
+# round's (the population it left).
+_ADDED_OVER_ROUNDS = (
+    "gepa_new_candidates",
+    "gepa_metric_calls",
+    "gepa_reused_rows",
+    "gepa_over_budget_rows",
+    "gepa_s",
+    "gepa_attempts",
+    "gepa_rows_alongside_steps",
+    "gepa_rounds_ended",
+)
+
+
+def merge_round_metrics(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """The step record of two rounds ended before one step: their counts and seconds added,
+    the population's state the later one's. Pure."""
+    return {**later, **{k: earlier[k] + later[k] for k in _ADDED_OVER_ROUNDS}}
 
 
 def rl_step(run: Run) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def load_run(run_dir: Path, partial: bool = False) -> dict[str, Any] | None:
         "gepa_metric_calls": sum(m.get("gepa_metric_calls", 0) for m in steps),
         "gepa_reused_rows": sum(m.get("gepa_reused_rows", 0) for m in steps),
         "gepa_s": sum(m.get("gepa_s", 0) for m in steps),
-        "rounds": sum(1 for m in steps if "gepa_s" in m),
+        # (fast.overlapRound: two rounds may end before one step, in one record)
+        "rounds": sum(m.get("gepa_rounds_ended", 1) for m in steps if "gepa_s" in m),
         "gen_tokens": sum(m.get("gen_tokens", 0) for m in steps),
         "rollouts": len(steps) * COMMON["slow"]["problemsPerStep"] * COMMON["slow"]["groupSize"],
         "optimizer_steps": sum(1 for m in steps if m.get("updated", 1.0) and "loss" in m),

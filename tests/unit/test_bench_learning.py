@@ -50,7 +50,7 @@ def test_the_probe_trains_a_then_a_fresh_rl_run_on_b_without_the_population(tmp_
 
 def test_the_probe_is_planned_after_the_rest_unless_switched_off(tmp_path):
     names = [j.name for j in plan(tmp_path, (0,), 4, streams=False)]
-    assert names[-10:] == [
+    assert names[-12:] == [
         "plasticity-base-s0",
         "plasticity-rl-s0",
         "plasticity-fst-s0",
@@ -58,10 +58,12 @@ def test_the_probe_is_planned_after_the_rest_unless_switched_off(tmp_path):
         # The variants come last: they are compared with everything before them.
         "mul-fst-reuse-s0",
         "mul-fst-reuse-max96-s0",
-        "mul-fst-reuse-max96-overlap-s0",
+        "mul-fst-p4-reuse-max96-s0",
+        "mul-fst-p4-reuse-max96-overlap-s0",
         "house-fst-reuse-s0",
         "house-fst-reuse-max96-s0",
-        "house-fst-reuse-max96-overlap-s0",
+        "house-fst-p4-reuse-max96-s0",
+        "house-fst-p4-reuse-max96-overlap-s0",
     ]
     assert not any("plasticity" in j.name for j in plan(tmp_path, (0,), 4, False, plasticity=False))
 
