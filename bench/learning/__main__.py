@@ -1,4 +1,4 @@
-"""python -m bench.learning run|analyze [options] — see bench/learning/README.md."""
+"""python -m bench.learning run|analyze|compare [options] — see bench/learning/README.md."""
 
 from __future__ import annotations
 
@@ -39,6 +39,14 @@ def main() -> None:
     a.add_argument(
         "--partial", action="store_true", help="also analyse running runs, up to their last step"
     )
+    c = sub.add_parser(
+        "compare",
+        help="two modes or variants of one record, paired by task and seed: a markdown table",
+    )
+    c.add_argument("a", help="a mode or variant, e.g. fst-p4-reuse-max96-overlap")
+    c.add_argument("b", help="the one it is compared with, e.g. fst-p4-reuse-max96")
+    c.add_argument("--record", type=Path, default=RECORD)
+    c.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     args = p.parse_args()
     if args.cmd == "run":
         run_all(
@@ -51,6 +59,10 @@ def main() -> None:
             not args.no_plasticity,
             None if args.no_record else args.record,
         )
+    elif args.cmd == "compare":
+        from bench.learning.analyze import compare
+
+        print(compare(args.record, args.a, args.b, tuple(args.seeds)))
     else:
         from bench.learning.analyze import analyze
 

@@ -412,6 +412,68 @@ def variant_differences(
     return out
 
 
+def round_lateness(run_dir: Path, every: int) -> list[int]:
+    """Per GEPA round of a run: how many steps after it was due its population came in (0 for
+    a round run at once). Round i is due before step i*T + 1 (a round that waited for another
+    takes the index of the step it started at) and its population record is under the step
+    it precedes."""
+    return [r["step"] - (r["round"] * every + 1) for r in _read_jsonl(run_dir / "population.jsonl")]
+
+
+def compare(record: Path, a: str, b: str, seeds: tuple[int, ...] = SEEDS) -> str:
+    """Two modes or variants of one record, paired by (task, seed): a markdown table of the
+    final held-out pass rates, `a` − `b` over the seeds both finished (paired bootstrap over
+    seeds x problems), the mean of each run's evals, and what the rounds cost and how late
+    their populations came in."""
+    rows = [
+        f"| task | final held-out, {a} (per seed) | {b} | {a} − {b} | out-of-domain, "
+        f"{a} − {b} | mean of the evals: {a} / {b} | rollouts sampled per round: {a} / {b} "
+        f"| steps late per round: {a} / {b} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in TASKS:
+        dirs = {s: [record / "runs" / f"{task}-{m}-s{s}" for m in (a, b)] for s in seeds}
+        loaded = {s: [load_run(d) for d in ds] for s, ds in dirs.items()}
+        paired = [s for s, rs in loaded.items() if None not in rs]
+        if paired:
+            rows.append(_compare_row(task, paired, loaded, dirs))
+    return "\n".join(rows)
+
+
+def _compare_row(
+    task: str,
+    seeds: list[int],
+    runs: dict[int, list[Any]],  # seed -> [run of a, run of b]
+    dirs: dict[int, list[Path]],
+) -> str:
+    def each(i: int) -> list[dict[str, Any]]:
+        return [runs[s][i] for s in seeds]
+
+    def per_seed(i: int) -> str:
+        return " / ".join(_fmt(r["eval"][-1]) for r in each(i))
+
+    def sampled(i: int) -> str:
+        return _fmt(
+            sum(r["gepa_metric_calls"] for r in each(i)) / sum(r["rounds"] for r in each(i)), 0
+        )
+
+    def late(i: int) -> str:
+        every = COMMON["fast"]["everySteps"]
+        steps = [x for s in seeds for x in round_lateness(dirs[s][i], every)]
+        return _fmt(mean(steps), 1) if steps else "–"
+
+    final, ood = (
+        _last_eval_diff([(_outcomes(runs[s][0], k), _outcomes(runs[s][1], k)) for s in seeds])
+        for k in ("eval_passed", "ood_passed")
+    )
+    mean_a, mean_b = (_fmt(mean(mean(r["eval"]) for r in each(i))) for i in (0, 1))
+    return (
+        f"| `{task}` (seeds {', '.join(map(str, seeds))}) | {per_seed(0)} | {per_seed(1)} | "
+        f"{_ci(final, signed=True)} | {_ci(ood, signed=True)} | {mean_a} / {mean_b} | "
+        f"{sampled(0)} / {sampled(1)} | {late(0)} / {late(1)} |"
+    )
+
+
 def differences(runs: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
     """Every mode against rl, over the seeds both ran, each with a 95% bootstrap interval:
     final held-out and out-of-domain pass rate (paired over seeds x problems), the

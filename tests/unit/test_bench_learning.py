@@ -11,6 +11,7 @@ import pytest
 from bench.learning.analyze import analyze_plasticity, tables
 from bench.learning.run import plan
 from bench.learning.spec import (
+    COMMON,
     PLASTICITY_STEPS_B,
     STEPS,
     RunSpec,
@@ -291,3 +292,31 @@ def test_a_finished_job_is_recorded_without_weights_and_restored_into_an_empty_w
     assert restored.read_text() == '{"step": 0, "eval_pass_rate": 0.5}\n'
     # A job that is done in the workspace is left as it is.
     assert restore_recorded(jobs, empty, record) == []
+
+
+def test_compare_pairs_two_variants_by_seed_and_says_how_late_their_rounds_came(tmp_path):
+    from bench.learning.analyze import compare
+
+    every = COMMON["fast"]["everySteps"]
+    for seed in (0, 1):
+        write_run(tmp_path, f"mul-late-s{seed}", ["11000000", "11111100"], 1.0, 0.01)
+        write_run(tmp_path, f"mul-now-s{seed}", ["11000000", "11110000"], 1.0, 0.01)
+        for variant, late in (("late", 3), ("now", 0)):
+            # Rounds 0 and 1, due before steps 1 and T + 1, recorded `late` steps after.
+            rounds = [
+                {"round": i, "step": i * every + 1 + late, "members": [{"text": "a prompt"}]}
+                for i in (0, 1)
+            ]
+            path = tmp_path / "runs" / f"mul-{variant}-s{seed}" / "population.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in rounds))
+            metrics = path.parent / "metrics.jsonl"
+            with metrics.open("a") as f:  # one round's record: 10 rollouts sampled
+                f.write(json.dumps({"step": 1, "gepa_s": 1.0, "gepa_metric_calls": 10}) + "\n")
+    write_run(tmp_path, "mul-late-s2", ["11000000", "11111111"], 1.0, 0.01)  # no pair: left out
+    table = compare(tmp_path, "late", "now", seeds=(0, 1, 2)).splitlines()
+    assert len(table) == 3 and "house" not in table[2]  # header, rule, the one task both ran
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[0] == "`mul` (seeds 0, 1)"
+    assert cells[1] == "0.750 / 0.750" and cells[2] == "0.500 / 0.500"
+    assert cells[3].startswith("+0.250 [")  # 6/8 - 4/8 on the last eval of both seeds
+    assert cells[6] == "10 / 10" and cells[7] == "3.0 / 0.0"
