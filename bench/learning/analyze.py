@@ -370,6 +370,11 @@ def _peak_ratio(rl_run: dict[str, Any], run: dict[str, Any]) -> float | None:
     return steps_to_peak(rl["eval_steps"], rl["eval"], c["eval_steps"], c["eval"]).ratio
 
 
+def _per_round(runs: list[dict[str, Any]], key: str) -> float:
+    """A GEPA count (or seconds) of some runs per round, over all their rounds."""
+    return sum(r[key] for r in runs) / sum(r["rounds"] for r in runs)
+
+
 def variant_differences(
     runs: dict[tuple[str, int], dict[str, Any]], variants: dict[tuple[str, int], dict[str, Any]]
 ) -> dict[str, Any]:
@@ -403,10 +408,9 @@ def variant_differences(
                 bootstrap_mean([x for x in ratios if x is not None])
             )
             row[f"{who}_peak_reached"] = sum(x is not None for x in ratios)
-            rounds = sum(r["rounds"] for r in own)
-            row[f"{who}_sampled_per_round"] = sum(r["gepa_metric_calls"] for r in own) / rounds
-            row[f"{who}_reused_per_round"] = sum(r["gepa_reused_rows"] for r in own) / rounds
-            row[f"{who}_round_s"] = sum(r["gepa_s"] for r in own) / rounds
+            row[f"{who}_sampled_per_round"] = _per_round(own, "gepa_metric_calls")
+            row[f"{who}_reused_per_round"] = _per_round(own, "gepa_reused_rows")
+            row[f"{who}_round_s"] = _per_round(own, "gepa_s")
             row[f"{who}_final"] = mean(r["eval"][-1] for r in own)
         out[variant] = row
     return out
@@ -453,9 +457,7 @@ def _compare_row(
         return " / ".join(_fmt(r["eval"][-1]) for r in each(i))
 
     def sampled(i: int) -> str:
-        return _fmt(
-            sum(r["gepa_metric_calls"] for r in each(i)) / sum(r["rounds"] for r in each(i)), 0
-        )
+        return _fmt(_per_round(each(i), "gepa_metric_calls"), 0)
 
     def late(i: int) -> str:
         every = COMMON["fast"]["everySteps"]

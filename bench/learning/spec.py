@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODES = ("rl", "fst", "fst-distill", "gepa")
+# The `fast` settings two variants below share.
 _P4_REUSE_MAX96 = {"proposalsPerIteration": 4, "reuseStepRollouts": True, "maxPromptTokens": 96}
 # Settings on trial before any becomes a default: a variant runs its base mode with these
 # `fast` settings on the same tasks and seeds (job <task>-<variant>-s<seed>), and `analyze`
@@ -30,7 +31,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # item 4, ninth pass): GEPA's proposals 4 at a time, reuse, the budget, and a round's
     # rollouts riding in the next steps' engine calls (fast.overlapRound: its population comes
     # in a few steps later than a round run at once). And the same without the overlap.
-    "fst-p4-reuse-max96": ("fst", {**_P4_REUSE_MAX96}),
+    "fst-p4-reuse-max96": ("fst", _P4_REUSE_MAX96),
     "fst-p4-reuse-max96-overlap": ("fst", {**_P4_REUSE_MAX96, "overlapRound": True}),
 }
 SEEDS = (0, 1, 2)
