@@ -5,6 +5,7 @@
   dropped, seccomp RuntimeDefault) runs: `id` says uid=10001, writing to `/` fails with the
   kernel's "Read-only file system", and its log comes back through the apiserver (which
   reaches the kubelet on the node's address with its client certificate);
+- an imported image keeps its unpacked snapshot, not its layer blobs (one copy on disk);
 - the memory limit is the kernel's: a container over its 32Mi limit is OOM-killed (137);
 - the pod gets an address from the CNI bridge and reaches the host at the node's address.
 """
@@ -118,6 +119,17 @@ def test_a_restricted_pod_runs_as_10001_and_cannot_write_its_root(
     assert "Read-only file system" in log and "touch-exit=1" in log
     assert pod.status.pod_ip and pod.status.pod_ip.startswith("10.88.")
     assert pod.status.container_statuses[0].image == tools
+
+
+def test_an_imported_image_keeps_its_snapshot_not_its_layer_blobs(
+    k8s_real_node: RealNode, tools: str
+):
+    """The pods of these tests start from the unpacked snapshots alone: `import_image` deleted
+    the layer blobs, which would otherwise hold a second copy of every image (6.6 GB for the
+    trainer's)."""
+    layers = k8s_real_node.image_layers(tools)
+    assert layers
+    assert not set(layers) & k8s_real_node.content_digests()
 
 
 def test_a_container_over_its_memory_limit_is_oom_killed(
