@@ -21,6 +21,7 @@ The split of work (fst/loop.py):
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import os
 from dataclasses import dataclass
@@ -102,9 +103,26 @@ def init_world(device: torch.device) -> World:
     return world
 
 
-def close_world(world: World) -> None:
-    if world.distributed and dist.is_initialized():
-        dist.destroy_process_group()
+# How long a rank that finished waits at the end for the others (rank 0 still writes its
+# database records after the last checkpoint).
+LEAVE_TIMEOUT_S = 600
+
+
+def close_world(world: World, finished: bool = False) -> None:
+    """Leave the process group. After a run that `finished` on this rank, first wait for every
+    rank to finish too, so that no rank tears down its connections while a peer still holds
+    them: in CI a worker that left while rank 0 was still writing its records once died at
+    exit with SIGABRT ("terminate called without an active exception", gloo, torch 2.15).
+    After an error nobody waits: torchrun stops the other ranks."""
+    if not (world.distributed and dist.is_initialized()):
+        return
+    if finished:
+        timeout = datetime.timedelta(seconds=LEAVE_TIMEOUT_S)
+        if dist.get_backend() == "gloo":  # names the rank that did not come, if one does not
+            dist.monitored_barrier(timeout=timeout)
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- collectives

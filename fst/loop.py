@@ -1025,14 +1025,17 @@ def train(
     the others only train (fst/distributed.py)."""
     task = preflight(cfg)
     world = init_world(resolve_device(cfg.model.device))
+    finished = False
     try:
         check_parallel(cfg, world)
-        if not world.main:
+        if world.main:
+            _train_main(cfg, resume, progress, on_start, task, world)
+        else:
             _train_worker(cfg, resume, task, world)
-            return cfg.run_dir
-        return _train_main(cfg, resume, progress, on_start, task, world)
+        finished = True
+        return cfg.run_dir
     finally:
-        close_world(world)
+        close_world(world, finished)
 
 
 def _train_worker(cfg: TrainConfig, resume: bool, task: Task, world: World) -> None:
