@@ -121,7 +121,7 @@ def close_world(world: World, finished: bool = False) -> None:
         if dist.get_backend() == "gloo":  # names the rank that did not come, if one does not
             dist.monitored_barrier(timeout=timeout)
         else:
-            dist.barrier()
+            barrier(world)
     dist.destroy_process_group()
 
 
